@@ -1,0 +1,54 @@
+"""Error types a user can act on.
+
+Every message says what was found, what was expected and how to fix it. The CLI turns these
+into one line on stderr and a non-zero exit code, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class RlsparseError(Exception):
+    """Base class for errors caused by user input (files, options), not by bugs."""
+
+    exit_code = 2
+
+
+class CheckpointError(RlsparseError):
+    """A checkpoint path is missing, unreadable, truncated or not in a known layout."""
+
+
+class MismatchError(RlsparseError):
+    """Two inputs that must describe the same model do not (names, shapes, dtypes)."""
+
+
+class MaskError(RlsparseError):
+    """A mask file is not ours, is corrupt, or does not fit the model it is applied to."""
+
+
+class OutputError(RlsparseError):
+    """An output path cannot be written."""
+
+
+class UsageError(RlsparseError):
+    """Options that contradict each other or are out of range."""
+
+
+class MissingDependencyError(RlsparseError):
+    """An optional dependency is not installed; the message carries the install hint."""
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or fail with the exact install hint.
+
+    Example:
+        >>> trl = require("trl", "train")
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(
+            f"{module} is not installed (needed here: {exc}); install it with "
+            f"`pip install 'rlsparse[{extra}]'`"
+        ) from None
