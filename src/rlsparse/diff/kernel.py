@@ -26,7 +26,9 @@ FP8_BLOCK = 128
 
 def hist_edges() -> np.ndarray:
     """Lower edge of every histogram bin (float32 values, bin k = bits [k << 20, (k+1) << 20))."""
-    return (np.arange(HIST_BINS + 1, dtype=np.uint64) << 20).astype(np.uint32).view(np.float32).astype(np.float64)
+    bits = (np.arange(HIST_BINS + 1, dtype=np.uint64) << 20).astype(np.uint32)
+    with np.errstate(invalid="ignore"):  # the top bins are Inf/NaN patterns
+        return bits.view(np.float32).astype(np.float64)
 
 
 def float32_threshold(t: float) -> np.float32:

@@ -147,6 +147,10 @@ class StreamingSafetensorsWriter:
 
     def write(self, name: str, data) -> None:
         """Append bytes of tensor ``name``; tensors come in layout order, each possibly in pieces."""
+        # empty tensors need no bytes: step over them
+        while (self._next < len(self._order) and self._order[self._next] != name
+               and self._sizes[self._order[self._next]] == 0 and self._written_in_current == 0):
+            self._next += 1
         if self._next >= len(self._order) or self._order[self._next] != name:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
             raise RuntimeError(f"writer expected {expected}, got {name}")
@@ -158,8 +162,6 @@ class StreamingSafetensorsWriter:
         if self._written_in_current == self._sizes[name]:
             self._next += 1
             self._written_in_current = 0
-            while self._next < len(self._order) and self._sizes[self._order[self._next]] == 0:
-                self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

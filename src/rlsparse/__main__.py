@@ -1,0 +1,5 @@
+import sys
+
+from rlsparse.cli.main import main
+
+sys.exit(main())

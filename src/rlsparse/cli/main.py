@@ -1,0 +1,58 @@
+"""The ``rlsparse`` command: parse, validate, one library call, print.
+
+User errors (``RlsparseError``) become one line on stderr and exit code 2, without a
+traceback. Heavy imports stay inside each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlsparse import __version__
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from rlsparse.cli import diff_cmd
+
+    parser = argparse.ArgumentParser(
+        prog="rlsparse",
+        description="Measure, compare, train and ship the sparse subnetworks that RL finetuning updates.")
+    parser.add_argument("--version", action="version", version=f"rlsparse {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    diff_cmd.add_parser(sub)
+    for module_name in ("analysis_cmd", "train_cmd", "lab_cmd"):
+        _add_optional(sub, module_name)
+    return parser
+
+
+def _add_optional(sub, module_name: str) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"rlsparse.cli.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"rlsparse.cli.{module_name}":
+            raise
+        return
+    module.add_parsers(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlsparse.errors import RlsparseError
+
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RlsparseError as exc:
+        print(f"rlsparse {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"rlsparse {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
