@@ -56,7 +56,9 @@ def test_counts_and_mask_equal_brute_force(code, n, density, seed, mask_t):
     a, b = _random_pair(rng, code, n, density)
     acc = Accumulator(ntol=len(TOLS))
     thr = np.array([float32_threshold(t) for t in TOLS], dtype=np.float32)
-    packed = compare_chunk(a, b, ChunkSpec(code, code), thr, acc, float32_threshold(mask_t))
+    res = compare_chunk(a, b, ChunkSpec(code, code), thr, float32_threshold(mask_t))
+    acc.add(res)
+    packed = res.packed
     ta, tb = _torch_view(a, code), _torch_view(b, code)
     for j, t in enumerate(TOLS):
         assert acc.changed[j] == int(brute_changed(ta, tb, t).sum()), (code, t)
@@ -73,7 +75,9 @@ def test_zero_signs_and_nans_are_unchanged_nan_on_one_side_is_changed():
     b = np.array([0x8000, 0x7FC1, 0x3F80, 0x7FC0, 0x3F81, 0x7F80], dtype=np.uint16)
     acc = Accumulator(ntol=2)
     thr = np.array([float32_threshold(0.0), float32_threshold(1.0)], dtype=np.float32)
-    packed = compare_chunk(a, b, ChunkSpec(code, code), thr, acc, float32_threshold(0.0))
+    res = compare_chunk(a, b, ChunkSpec(code, code), thr, float32_threshold(0.0))
+    acc.add(res)
+    packed = res.packed
     # -0/+0 equal; NaN/NaN equal; NaN vs 1 changed both ways at any tolerance; 1 ulp changed at 0 only
     assert list(np.unpackbits(packed, count=6, bitorder="little")) == [0, 0, 1, 1, 1, 0]
     assert list(acc.changed) == [3, 2]

@@ -40,6 +40,21 @@ def float32_threshold(t: float) -> np.float32:
 
 
 @dataclass
+class ChunkResult:
+    """Counts for one chunk (merged into an ``Accumulator`` in chunk order)."""
+
+    numel: int
+    bit_changed: int | None
+    changed: np.ndarray
+    hist: np.ndarray | None
+    nan_base: int
+    nan_finetuned: int
+    inf_base: int
+    inf_finetuned: int
+    packed: np.ndarray | None = None
+
+
+@dataclass
 class Accumulator:
     """Running counts for one tensor."""
 
@@ -56,6 +71,17 @@ class Accumulator:
     def __post_init__(self) -> None:
         self.changed = np.zeros(self.ntol, dtype=np.int64)
         self.hist = np.zeros(HIST_BINS, dtype=np.int64)
+
+    def add(self, r: ChunkResult) -> None:
+        self.numel += r.numel
+        self.bit_changed = None if self.bit_changed is None or r.bit_changed is None else self.bit_changed + r.bit_changed
+        self.changed += r.changed
+        if r.hist is not None:
+            self.hist += r.hist
+        self.nan_base += r.nan_base
+        self.nan_finetuned += r.nan_finetuned
+        self.inf_base += r.inf_base
+        self.inf_finetuned += r.inf_finetuned
 
 
 @dataclass(frozen=True)
@@ -84,40 +110,39 @@ def _values(raw: np.ndarray, code: str, scale: np.ndarray | None, cols: int, com
     return vals
 
 
-def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.ndarray, acc: Accumulator,
+def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.ndarray,
                   mask_threshold: np.float32 | None = None, scale_a: np.ndarray | None = None,
-                  scale_b: np.ndarray | None = None) -> np.ndarray | None:
-    """Compare one chunk; update ``acc``; return the packed mask bits when asked.
+                  scale_b: np.ndarray | None = None) -> ChunkResult:
+    """Compare one chunk: counts at every threshold, |delta| histogram, packed mask when asked.
 
     ``a`` and ``b`` are raw bits (unsigned ints of each dtype's width) of the same elements.
-    ``thresholds`` are float32 thresholds from ``float32_threshold``.
+    ``thresholds`` are float32 thresholds from ``float32_threshold``. Pure function of its
+    inputs (no shared state), so chunks can be compared on several threads.
     """
     n = a.size
-    acc.numel += n
-    nan, inf = dtypes.nonfinite_counts(a, spec.code_a)
-    acc.nan_base += nan
-    acc.inf_base += inf
-    nan, inf = dtypes.nonfinite_counts(b, spec.code_b)
-    acc.nan_finetuned += nan
-    acc.inf_finetuned += inf
+    nan_a, inf_a = dtypes.nonfinite_counts(a, spec.code_a)
+    nan_b, inf_b = dtypes.nonfinite_counts(b, spec.code_b)
+    changed = np.zeros(thresholds.size, dtype=np.int64)
+
+    def result(nbits, hist, packed):
+        return ChunkResult(n, nbits, changed, hist, nan_a, nan_b, inf_a, inf_b, packed)
 
     same_dtype = spec.code_a == spec.code_b
     if scale_a is None or scale_b is None:
         scales_equal = scale_a is None and scale_b is None
     else:
         scales_equal = scale_a.shape == scale_b.shape and np.array_equal(scale_a.view(np.uint32), scale_b.view(np.uint32))
+    nbits = None
     if same_dtype:
         neq_bits = a != b
         nbits = int(np.count_nonzero(neq_bits))
-        acc.bit_changed = None if acc.bit_changed is None else acc.bit_changed + nbits
-    else:
-        acc.bit_changed = None
 
     if same_dtype and scales_equal and spec.compare_code is None:
         # fast path: equal bits mean equal values, so only look at positions whose bits differ
         if nbits == 0:
-            return _pack_empty(n) if mask_threshold is not None else None
+            return result(0, None, _pack_empty(n) if mask_threshold is not None else None)
         idx = np.flatnonzero(neq_bits)
+        del neq_bits
         fa = _values(a, spec.code_a, scale_a, spec.cols, None, idx)
         fb = _values(b, spec.code_b, scale_b, spec.cols, None, idx)
     else:
@@ -125,8 +150,7 @@ def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.
         fa = _values(a, spec.code_a, scale_a, spec.cols, spec.compare_code)
         fb = _values(b, spec.code_b, scale_b, spec.cols, spec.compare_code)
 
-    equal = (fa == fb) | (np.isnan(fa) & np.isnan(fb))
-    keep = ~equal
+    keep = (fa != fb) & ~(np.isnan(fa) & np.isnan(fb))
     if idx is None:
         idx = np.flatnonzero(keep)
         d = np.abs(fb[idx] - fa[idx])
@@ -137,15 +161,27 @@ def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.
     d = d.astype(np.float32, copy=False)
 
     total = d.size
+    unchanged_at_mask = None
     for j, thr in enumerate(thresholds):
-        acc.changed[j] += total if thr == 0 else total - int(np.count_nonzero(d <= thr))
-    if total:
-        acc.hist += np.bincount((d.view(np.uint32) & 0x7FFFFFFF) >> 20, minlength=HIST_BINS)
-    if mask_threshold is None:
-        return None
-    bits = np.zeros(n, dtype=bool)
-    bits[idx if mask_threshold == 0 else idx[~(d <= mask_threshold)]] = True
-    return np.packbits(bits, bitorder="little")
+        if thr == 0:
+            changed[j] = total
+            continue
+        le = d <= thr
+        changed[j] = total - int(np.count_nonzero(le))
+        if mask_threshold is not None and thr == mask_threshold:
+            unchanged_at_mask = le
+    hist = np.bincount((d.view(np.uint32) & 0x7FFFFFFF) >> 20, minlength=HIST_BINS) if total else None
+    packed = None
+    if mask_threshold is not None:
+        bits = np.zeros(n, dtype=bool)
+        if mask_threshold == 0:
+            bits[idx] = True
+        else:
+            if unchanged_at_mask is None:
+                unchanged_at_mask = d <= mask_threshold
+            bits[idx[~unchanged_at_mask]] = True
+        packed = np.packbits(bits, bitorder="little")
+    return result(nbits, hist, packed)
 
 
 def _pack_empty(n: int) -> np.ndarray:
@@ -160,7 +196,5 @@ def changed_bits(a: np.ndarray, b: np.ndarray, code: str, tolerance: float = 0.0
         >>> changed_bits(base_bits, ft_bits, "BF16", 1e-5).mean()
     """
     spec = ChunkSpec(code, code_b or code)
-    acc = Accumulator(ntol=0)
-    thr = float32_threshold(tolerance)
-    packed = compare_chunk(a, b, spec, np.zeros(0, dtype=np.float32), acc, mask_threshold=thr)
-    return np.unpackbits(packed, count=a.size, bitorder="little").view(bool)
+    r = compare_chunk(a, b, spec, np.zeros(0, dtype=np.float32), mask_threshold=float32_threshold(tolerance))
+    return np.unpackbits(r.packed, count=a.size, bitorder="little").view(bool)

@@ -68,7 +68,7 @@ def parse_user_dtype(text: str) -> str:
 def widen(raw: np.ndarray, code: str) -> np.ndarray:
     """Stored values (as their unsigned bit pattern) -> float32 (float64 for F64), exactly."""
     if code == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
     if code == "F32":
         return raw.view(np.float32)
     if code == "F16":
