@@ -1,0 +1,136 @@
+"""Helpers shared by the analyses: pairing checkpoints, chunking, grouping, choosing matrices."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from rlsparse.errors import UsageError
+from rlsparse.io.checkpoint import Checkpoint, TensorInfo
+from rlsparse.io.naming import layer_of, type_of, type_sort_key
+
+SCHEMA_VERSION = 1
+PAPER_TOLERANCE = 1e-5
+CHUNK_ELEMENTS = 256 * 1024  # whole bytes of a packed mask, working set in L2 (as the diff engine)
+_EMBEDDING_TYPES = ("embed", "pos_embed", "lm_head")
+
+try:
+    _bitwise_count = np.bitwise_count
+except AttributeError:  # numpy < 2
+    _LUT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+    def _bitwise_count(x: np.ndarray) -> np.ndarray:
+        return _LUT[x]
+
+
+def popcount(packed: np.ndarray) -> int:
+    """Number of set bits in a uint8 array."""
+    return int(_bitwise_count(packed).sum(dtype=np.int64))
+
+
+def open_checkpoint(source: str | os.PathLike | Checkpoint) -> Checkpoint:
+    return source if isinstance(source, Checkpoint) else Checkpoint.open(source)
+
+
+def pair_tensors(base: Checkpoint, other: Checkpoint) -> dict[str, tuple[TensorInfo, TensorInfo]]:
+    """Tensors of two checkpoints matched by clean name; MismatchError (all problems at once)
+    when names or shapes differ. Ordered as stored (file, offset) so reads stay sequential."""
+    from rlsparse.diff.plan import plan
+
+    p = plan(base, other)
+    return {pair.name: (pair.base, pair.finetuned) for pair in p.pairs}
+
+
+def changed(a_raw: np.ndarray, b_raw: np.ndarray, code_a: str, code_b: str, tolerance: float) -> np.ndarray:
+    """Element changed at ``tolerance`` (the diff engine's definition), as a bool array."""
+    from rlsparse.diff.kernel import changed_bits
+
+    return changed_bits(a_raw, b_raw, code_a, tolerance, code_b=code_b)
+
+
+def chunks(numel: int, size: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
+    """(start, count) ranges covering ``numel`` elements; ``size`` is rounded to a multiple of 8."""
+    size = max(8, size // 8 * 8)
+    for start in range(0, numel, size):
+        yield start, min(size, numel - start)
+
+
+def layer_key(name: str) -> str:
+    """JSON key of a tensor's layer: the block index, or "none" outside the blocks."""
+    layer = layer_of(name)
+    return "none" if layer is None else str(layer)
+
+
+def sorted_layers(keys) -> list[str]:
+    return sorted(keys, key=lambda k: (k == "none", int(k) if k != "none" else 0))
+
+
+def sorted_types(keys) -> list[str]:
+    return sorted(keys, key=type_sort_key)
+
+
+def check_tolerance(t: float, what: str = "--tolerance") -> float:
+    try:
+        v = float(t)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} {t!r} is not a number; use e.g. 1e-5") from None
+    if not (v >= 0) or v == float("inf"):
+        raise UsageError(f"{what} {t!r} must be a finite number >= 0 (0 means value inequality)")
+    return v
+
+
+def select_matrices(pairs: dict[str, tuple[TensorInfo, TensorInfo]], *, include_embeddings: bool = False,
+                    layers: Sequence[int] | None = None, max_matrices: int | None = None) -> tuple[list[str], list[str]]:
+    """The 2-D float matrices to analyse, in (layer, type) order, and notes on what was left out.
+
+    ``max_matrices`` keeps that many, evenly spaced over the ordered list (deterministic).
+    """
+    from rlsparse.io.dtypes import FLOAT_CODES
+
+    notes = []
+    names = [n for n, (a, _) in pairs.items() if len(a.shape) == 2 and a.dtype in FLOAT_CODES]
+    skipped_1d = len(pairs) - len(names)
+    if skipped_1d:
+        notes.append(f"skipped {skipped_1d} tensor(s) that are not 2-D float matrices (norms, biases)")
+    if not include_embeddings:
+        emb = [n for n in names if type_of(n) in _EMBEDDING_TYPES]
+        if emb:
+            names = [n for n in names if n not in emb]
+            notes.append(f"skipped {len(emb)} embedding/lm_head matrices; pass --include-embeddings to add them")
+    if layers is not None:
+        wanted = set(layers)
+        names = [n for n in names if layer_of(n) in wanted]
+        notes.append(f"only layers {','.join(str(x) for x in sorted(wanted))}")
+    names.sort(key=lambda n: (layer_of(n) is None, layer_of(n) or 0, type_sort_key(type_of(n)), n))
+    if max_matrices is not None:
+        if max_matrices < 1:
+            raise UsageError(f"--max-matrices {max_matrices}: must be at least 1")
+        if len(names) > max_matrices:
+            idx = np.unique(np.round(np.linspace(0, len(names) - 1, max_matrices)).astype(int))
+            notes.append(f"sampled {len(idx)} of {len(names)} matrices, evenly spaced (--max-matrices)")
+            names = [names[i] for i in idx]
+    if not names:
+        raise UsageError("no 2-D matrices left to analyse; check --layers / --include-embeddings")
+    return names, notes
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` or, when None, "cuda" if a GPU is present else "cpu"; UsageError if unusable."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {device}: not usable ({str(exc).splitlines()[0]}); use cpu or cuda") from None
+    return device
+
+
+def ratio(num: int | float, den: int | float) -> float | None:
+    """num / den, or None when den is 0 (the quantity is undefined)."""
+    return num / den if den else None

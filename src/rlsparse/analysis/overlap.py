@@ -1,0 +1,346 @@
+"""How much two subnetworks share (the paper's section 5, Table 4, Appendix E).
+
+For subnetworks I1 and I2 (index sets of updated elements) of models with sparsities s1, s2:
+``o1 = |I1 ∩ I2| / |I1|`` (how much of I1 that I2 covers), ``o2 = |I1 ∩ I2| / |I2|``, and
+Jaccard ``|I1 ∩ I2| / |I1 ∪ I2|``. The random-guessing baseline (Appendix E) draws a subnetwork
+of the same size uniformly at random: its expected one-sided overlap with the other mask is the
+other mask's density, so ``o1_random = |I2| / n = 1 - s2`` and ``o2_random = 1 - s1``.
+
+Counting streams packed mask bytes (or, from checkpoints, changed bits) tensor by tensor and
+chunk by chunk: ``popcount(a & b)`` on bytes, never unpacking a whole model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from rlsparse.analysis._common import (CHUNK_ELEMENTS, PAPER_TOLERANCE, SCHEMA_VERSION, changed, check_tolerance,
+                                       chunks, layer_key, open_checkpoint, pair_tensors, popcount, ratio,
+                                       sorted_layers, sorted_types)
+from rlsparse.errors import MismatchError, UsageError
+from rlsparse.io.checkpoint import Checkpoint, TensorInfo
+from rlsparse.io.naming import type_of
+from rlsparse.io.reader import TensorReader
+from rlsparse.io.safetensors_format import read_header
+from rlsparse.masks import Mask
+
+
+@dataclass(frozen=True)
+class OverlapStats:
+    """Counts for one pair over a set of elements (the model, a layer or a matrix type)."""
+
+    numel: int
+    changed_a: int
+    changed_b: int
+    both: int
+
+    @property
+    def sparsity_a(self) -> float:
+        return 1 - self.changed_a / self.numel if self.numel else 0.0
+
+    @property
+    def sparsity_b(self) -> float:
+        return 1 - self.changed_b / self.numel if self.numel else 0.0
+
+    @property
+    def o1(self) -> float | None:
+        """Share of A's subnetwork that B's covers; None when A changed nothing."""
+        return ratio(self.both, self.changed_a)
+
+    @property
+    def o2(self) -> float | None:
+        """Share of B's subnetwork that A's covers; None when B changed nothing."""
+        return ratio(self.both, self.changed_b)
+
+    @property
+    def jaccard(self) -> float | None:
+        return ratio(self.both, self.changed_a + self.changed_b - self.both)
+
+    @property
+    def o1_random(self) -> float | None:
+        """Expected o1 if B's subnetwork were drawn uniformly at random: B's density."""
+        return ratio(self.changed_b, self.numel)
+
+    @property
+    def o2_random(self) -> float | None:
+        return ratio(self.changed_a, self.numel)
+
+    @property
+    def o1_ratio(self) -> float | None:
+        """Observed o1 over its random baseline."""
+        return None if self.o1 is None or not self.o1_random else self.o1 / self.o1_random
+
+    @property
+    def o2_ratio(self) -> float | None:
+        return None if self.o2 is None or not self.o2_random else self.o2 / self.o2_random
+
+    def to_json(self) -> dict:
+        return {"numel": self.numel, "changed_a": self.changed_a, "changed_b": self.changed_b,
+                "intersection": self.both, "sparsity_a": self.sparsity_a, "sparsity_b": self.sparsity_b,
+                "o1": self.o1, "o2": self.o2, "jaccard": self.jaccard, "o1_random": self.o1_random,
+                "o2_random": self.o2_random, "o1_ratio": self.o1_ratio, "o2_ratio": self.o2_ratio}
+
+
+@dataclass
+class PairOverlap:
+    """One pair of subnetworks: model totals and per-layer / per-type breakdowns."""
+
+    a: str
+    b: str
+    total: OverlapStats
+    by_layer: dict[str, OverlapStats]
+    by_type: dict[str, OverlapStats]
+
+    def to_json(self) -> dict:
+        return {"a": self.a, "b": self.b, **self.total.to_json(),
+                "by_layer": {k: v.to_json() for k, v in self.by_layer.items()},
+                "by_type": {k: v.to_json() for k, v in self.by_type.items()}}
+
+
+@dataclass
+class OverlapResult:
+    """Pairwise overlaps of k subnetworks.
+
+    ``counts[name][i, j]`` is ``|I_i ∩ I_j|`` within tensor ``name`` (the diagonal: ``|I_i|``).
+
+    Example:
+        >>> r = overlap(["seed42.mask.safetensors", "seed123.mask.safetensors"])
+        >>> r.pairs[0].total.o1, r.pairs[0].total.o1_random
+    """
+
+    labels: list[str]
+    numel: dict[str, int]
+    counts: dict[str, np.ndarray]
+    source: str = "masks"
+    tolerance: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def _stats(self, i: int, j: int, names) -> OverlapStats:
+        n = a = b = both = 0
+        for name in names:
+            c = self.counts[name]
+            n += self.numel[name]
+            a += int(c[i, i])
+            b += int(c[j, j])
+            both += int(c[i, j])
+        return OverlapStats(n, a, b, both)
+
+    def pair(self, i: int, j: int) -> PairOverlap:
+        """Overlap of subnetwork ``i`` (A) with subnetwork ``j`` (B)."""
+        layers: dict[str, list[str]] = {}
+        types: dict[str, list[str]] = {}
+        for name in self.numel:
+            layers.setdefault(layer_key(name), []).append(name)
+            types.setdefault(type_of(name), []).append(name)
+        return PairOverlap(
+            self.labels[i], self.labels[j], self._stats(i, j, self.numel),
+            {k: self._stats(i, j, layers[k]) for k in sorted_layers(layers)},
+            {k: self._stats(i, j, types[k]) for k in sorted_types(types)})
+
+    @property
+    def pairs(self) -> list[PairOverlap]:
+        k = len(self.labels)
+        return [self.pair(i, j) for i in range(k) for j in range(i + 1, k)]
+
+    def matrix(self) -> np.ndarray:
+        """``M[i, j] = |I_i ∩ I_j| / |I_i|``: how much of subnetwork i that j covers (NaN if i is empty)."""
+        total = sum(self.counts.values()) if self.counts else np.zeros((len(self.labels),) * 2, np.int64)
+        diag = np.diag(total).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(diag[:, None] > 0, total / np.where(diag > 0, diag, 1)[:, None], np.nan)
+
+    def to_json(self) -> dict:
+        from rlsparse import __version__
+
+        numel = sum(self.numel.values())
+        total = sum(self.counts.values()) if self.counts else np.zeros((len(self.labels),) * 2, np.int64)
+        m = self.matrix()
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "overlap",
+            "tool": {"name": "rlsparse", "version": __version__},
+            "definitions": {
+                "o1": "|I_a ∩ I_b| / |I_a|: share of a's subnetwork that b's covers",
+                "o2": "|I_a ∩ I_b| / |I_b|", "jaccard": "|I_a ∩ I_b| / |I_a ∪ I_b|",
+                "o1_random": "expected o1 for a uniformly random subnetwork of b's size: b's density",
+                "o2_random": "a's density", "ratio": "observed / random",
+                "null": "the fraction is undefined (an empty subnetwork)",
+            },
+            "source": self.source,
+            "tolerance": self.tolerance,
+            "notes": list(self.notes),
+            "masks": [{"label": lab, "numel": numel, "changed": int(total[i, i]),
+                       "sparsity": 1 - int(total[i, i]) / numel if numel else 0.0} for i, lab in enumerate(self.labels)],
+            "pairs": [p.to_json() for p in self.pairs],
+            "matrix": {"labels": list(self.labels), "definition": "row i, column j: |I_i ∩ I_j| / |I_i|",
+                       "overlap": [[None if np.isnan(x) else float(x) for x in row] for row in m]},
+        }
+
+
+def overlap(masks: Sequence[str | os.PathLike | Mask], labels: Sequence[str] | None = None, *,
+            progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS) -> OverlapResult:
+    """Pairwise overlaps of two or more subnetwork masks, streamed from their packed bytes.
+
+    Args:
+        masks: Mask files (rlsparse mask format) or in-memory ``Mask`` objects.
+        labels: Names for the masks in the result (default: the paths).
+        progress: Show a progress bar on stderr.
+        chunk_elements: Elements per chunk (memory bound).
+
+    Returns:
+        OverlapResult.
+
+    Raises:
+        MismatchError: the masks do not cover the same tensors with the same shapes.
+
+    Example:
+        >>> r = overlap(["dpo.mask.safetensors", "prime.mask.safetensors"])
+        >>> print(f"o1 = {r.pairs[0].total.o1:.1%} (random {r.pairs[0].total.o1_random:.1%})")
+    """
+    from rlsparse.report.progress import progress_bar
+
+    if len(masks) < 2:
+        raise UsageError(f"overlap needs at least two masks, got {len(masks)}")
+    loaded = [m if isinstance(m, Mask) else Mask.load(m) for m in masks]
+    labels = list(labels) if labels is not None else [str(m.path) if m.path else f"mask{i}"
+                                                      for i, m in enumerate(loaded)]
+    if len(labels) != len(loaded):
+        raise UsageError(f"{len(labels)} labels for {len(loaded)} masks; give one label per mask")
+    for i, m in enumerate(loaded[1:], start=1):
+        loaded[0].check_compatible(m, what=f"masks {labels[0]} and {labels[i]}")
+    names = loaded[0].names
+    k = len(loaded)
+    numel = {n: int(np.prod(loaded[0].shape(n), dtype=np.int64)) for n in names}
+    counts: dict[str, np.ndarray] = {}
+    sources = [_PackedSource(m) for m in loaded]
+    step = max(1, chunk_elements // 8)
+    try:
+        with progress_bar(sum(numel.values()), "overlap", unit="elements", enabled=progress) as advance:
+            for name in names:
+                c = np.zeros((k, k), dtype=np.int64)
+                nbytes = (numel[name] + 7) // 8
+                for start in range(0, nbytes, step):
+                    count = min(step, nbytes - start)
+                    parts = [s.read(name, start, count) for s in sources]
+                    tail = numel[name] % 8
+                    if start + count == nbytes and tail:
+                        for p in parts:  # padding bits past the last element never count
+                            p[-1] &= np.uint8((1 << tail) - 1)
+                    for i in range(k):
+                        c[i, i] += popcount(parts[i])
+                        for j in range(i + 1, k):
+                            c[i, j] += popcount(np.bitwise_and(parts[i], parts[j]))
+                    advance(min(count * 8, numel[name] - start * 8))
+                counts[name] = c + np.triu(c, 1).T
+    finally:
+        for s in sources:
+            s.close()
+    tol = {m.meta.tolerance for m in loaded}
+    notes = [] if len(tol) <= 1 else [f"the masks were made at different tolerances ({sorted(map(str, tol))})"]
+    return OverlapResult(labels, numel, counts, source="masks", tolerance=tol.pop() if len(tol) == 1 else None,
+                         notes=notes)
+
+
+class _PackedSource:
+    """Reads byte ranges of a mask's packed tensors: from its file in chunks, or from memory."""
+
+    def __init__(self, mask: Mask):
+        self.mask = mask
+        self._index = _packed_index(mask.path) if mask.path is not None else None
+        self._reader = TensorReader() if mask.path is not None else None
+        self._buf: np.ndarray | None = None
+        self._packed: tuple[str, np.ndarray] | None = None
+
+    def read(self, name: str, start: int, count: int) -> np.ndarray:
+        if self._reader is None:
+            if self._packed is None or self._packed[0] != name:
+                self._packed = (name, self.mask.packed(name))
+            return self._packed[1][start:start + count].copy()
+        if self._buf is None or self._buf.size < count:
+            self._buf = np.empty(count, dtype=np.uint8)
+        return self._reader.read(self._index[name], start, count, self._buf)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def _packed_index(path) -> dict[str, TensorInfo]:
+    # a mask file is safetensors whatever its extension; Mask.load has validated it
+    entries, _ = read_header(path)
+    return {n: TensorInfo(n, e.dtype, e.shape, path, e.offset, e.nbytes) for n, e in entries.items()}
+
+
+def overlap_from_checkpoints(base_a: str | os.PathLike | Checkpoint, finetuned_a: str | os.PathLike | Checkpoint,
+                             base_b: str | os.PathLike | Checkpoint, finetuned_b: str | os.PathLike | Checkpoint, *,
+                             tolerance: float = PAPER_TOLERANCE, labels: Sequence[str] | None = None,
+                             progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS) -> OverlapResult:
+    """Overlap of the subnetworks of two finetuning runs, straight from their checkpoints.
+
+    Streams the four checkpoints chunk by chunk, finds the changed elements of each run at
+    ``tolerance`` (the diff engine's definition) and counts intersections; no mask is written.
+
+    Args:
+        base_a, finetuned_a: Run A's checkpoints before and after finetuning.
+        base_b, finetuned_b: Run B's (its base must be the same model as A's: same tensors and shapes).
+        tolerance: ``|new - old| > tolerance`` counts as changed (paper: 1e-5).
+        labels: Names of the two runs (default: the finetuned paths).
+
+    Example:
+        >>> r = overlap_from_checkpoints("sft", "dpo_seed42", "sft", "dpo_seed123")
+        >>> r.pairs[0].total.jaccard
+    """
+    from rlsparse.report.progress import progress_bar
+
+    tolerance = check_tolerance(tolerance)
+    cks = [open_checkpoint(c) for c in (base_a, finetuned_a, base_b, finetuned_b)]
+    run_a = pair_tensors(cks[0], cks[1])
+    run_b = pair_tensors(cks[2], cks[3])
+    _check_same_model(run_a, run_b, cks[0].source, cks[2].source)
+    labels = list(labels) if labels is not None else [cks[1].source, cks[3].source]
+    numel: dict[str, int] = {}
+    counts: dict[str, np.ndarray] = {}
+    readers = [TensorReader() for _ in range(4)]
+    try:
+        with progress_bar(sum(a.numel for a, _ in run_a.values()), "overlap", unit="elements",
+                          enabled=progress) as advance:
+            for name, (ia0, ia1) in run_a.items():
+                ib0, ib1 = run_b[name]
+                c = np.zeros((2, 2), dtype=np.int64)
+                for start, count in chunks(ia0.numel, chunk_elements):
+                    raws = [r.read(info, start, count) for r, info in zip(readers, (ia0, ia1, ib0, ib1))]
+                    ca = changed(raws[0], raws[1], ia0.dtype, ia1.dtype, tolerance)
+                    cb = changed(raws[2], raws[3], ib0.dtype, ib1.dtype, tolerance)
+                    c[0, 0] += int(np.count_nonzero(ca))
+                    c[1, 1] += int(np.count_nonzero(cb))
+                    c[0, 1] += int(np.count_nonzero(ca & cb))
+                    advance(count)
+                c[1, 0] = c[0, 1]
+                numel[name] = ia0.numel
+                counts[name] = c
+    finally:
+        for r in readers:
+            r.close()
+    return OverlapResult(labels, numel, counts, source="checkpoints", tolerance=tolerance)
+
+
+def _check_same_model(run_a: dict, run_b: dict, src_a: str, src_b: str) -> None:
+    only_a = sorted(set(run_a) - set(run_b))
+    only_b = sorted(set(run_b) - set(run_a))
+    shapes = sorted(n for n in set(run_a) & set(run_b) if run_a[n][0].shape != run_b[n][0].shape)
+    if only_a or only_b or shapes:
+        parts = []
+        if only_a:
+            parts.append(f"{len(only_a)} tensor(s) only in {src_a} (e.g. {only_a[:3]})")
+        if only_b:
+            parts.append(f"{len(only_b)} tensor(s) only in {src_b} (e.g. {only_b[:3]})")
+        if shapes:
+            n = shapes[0]
+            parts.append(f"{len(shapes)} shape(s) differ (e.g. {n}: {list(run_a[n][0].shape)} vs "
+                         f"{list(run_b[n][0].shape)})")
+        raise MismatchError("the two runs do not start from the same base model: " + "; ".join(parts)
+                            + "; compare runs finetuned from the same base model")
