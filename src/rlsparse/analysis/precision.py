@@ -1,0 +1,251 @@
+"""What the stored dtype's grid hides: update sizes in units in the last place (ULP).
+
+A bf16 value near 0.02 can only move in steps of about 1e-4, so small updates are rounded away
+and a tolerance below the local spacing cannot change what counts as "changed". Per tensor
+and in total, on stored bits (both sides must share a float dtype):
+
+- *ULP distance* between base and finetuned values: the difference of their positions in the
+  ordered integer representation of the dtype (sign-magnitude bits mapped onto a line, so
+  -0.0 and +0.0 share position 0 and adjacent floats differ by 1). Changed elements (distance
+  > 0, both finite) are counted by distance 1, 2 and 3+; elements whose bits differ with a
+  NaN/Inf on either side (and not NaN on both) are counted apart as ``nonfinite_changed``.
+- *spacing* at the base value: the smallest nonzero move the dtype allows from it,
+  ``min(next_up - x, x - next_down)`` (half the upward ULP at powers of two). For each
+  tolerance t, the fraction of all elements with spacing > t: there any change exceeds t, so
+  changed-at-t equals changed-at-0 and the tolerance cannot matter.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from rlsparse.analysis._common import (CHUNK_ELEMENTS, SCHEMA_VERSION, check_tolerance, chunks, layer_key,
+                                       open_checkpoint, pair_tensors, sorted_layers, sorted_types)
+from rlsparse.errors import MismatchError
+from rlsparse.io import dtypes
+from rlsparse.io.naming import type_of
+from rlsparse.io.reader import TensorReader
+
+DEFAULT_TOLERANCES = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+_SATURATE = np.uint64(1 << 62)
+
+
+@dataclass
+class PrecisionStats:
+    """ULP histogram and spacing counts for one tensor or a group of tensors."""
+
+    numel: int = 0
+    changed: int = 0  # finite on both sides, ULP distance > 0
+    ulp1: int = 0
+    ulp2: int = 0
+    ulp3_plus: int = 0
+    nonfinite_changed: int = 0
+    spacing_above: dict[str, int] = field(default_factory=dict)  # tolerance label -> elements
+
+    def add(self, other: "PrecisionStats") -> None:
+        self.numel += other.numel
+        self.changed += other.changed
+        self.ulp1 += other.ulp1
+        self.ulp2 += other.ulp2
+        self.ulp3_plus += other.ulp3_plus
+        self.nonfinite_changed += other.nonfinite_changed
+        for k, v in other.spacing_above.items():
+            self.spacing_above[k] = self.spacing_above.get(k, 0) + v
+
+    def to_json(self) -> dict:
+        n = self.numel or 1
+        c = self.changed or 1
+        return {"numel": self.numel, "changed": self.changed, "ulp_1": self.ulp1, "ulp_2": self.ulp2,
+                "ulp_3_plus": self.ulp3_plus, "nonfinite_changed": self.nonfinite_changed,
+                "ulp_1_share_of_changed": self.ulp1 / c if self.changed else None,
+                "ulp_2_share_of_changed": self.ulp2 / c if self.changed else None,
+                "ulp_3_plus_share_of_changed": self.ulp3_plus / c if self.changed else None,
+                "spacing_above": {k: {"count": v, "fraction": v / n} for k, v in self.spacing_above.items()}}
+
+
+@dataclass
+class PrecisionResult:
+    """Per-tensor and aggregate precision view.
+
+    Example:
+        >>> r = precision("sft", "dpo")
+        >>> r.total.ulp1 / r.total.changed, r.total.spacing_above["1e-05"] / r.total.numel
+    """
+
+    base: str
+    finetuned: str
+    labels: list[str]
+    tolerances: list[float]
+    tensors: dict[str, PrecisionStats]
+    dtypes: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+    def _group(self, key, order) -> dict[str, PrecisionStats]:
+        out: dict[str, PrecisionStats] = {}
+        for name, s in self.tensors.items():
+            out.setdefault(key(name), PrecisionStats()).add(s)
+        return {k: out[k] for k in order(out)}
+
+    @property
+    def total(self) -> PrecisionStats:
+        t = PrecisionStats()
+        for s in self.tensors.values():
+            t.add(s)
+        return t
+
+    def by_type(self) -> dict[str, PrecisionStats]:
+        return self._group(type_of, sorted_types)
+
+    def by_layer(self) -> dict[str, PrecisionStats]:
+        return self._group(layer_key, sorted_layers)
+
+    def to_json(self) -> dict:
+        from rlsparse import __version__
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "precision",
+            "tool": {"name": "rlsparse", "version": __version__},
+            "definitions": {
+                "ulp_distance": "difference of positions in the ordered integer representation of the stored "
+                                "dtype (-0.0 and +0.0 share one position)",
+                "changed": "both values finite and ULP distance > 0",
+                "nonfinite_changed": "bits differ and a side is NaN/Inf (NaN on both sides is unchanged)",
+                "spacing": "min(next_up(x) - x, x - next_down(x)) at the base value x in its stored dtype",
+                "spacing_above": "elements whose spacing exceeds the tolerance: any change there exceeds it",
+            },
+            "base": self.base,
+            "finetuned": self.finetuned,
+            "tolerances": list(self.labels),
+            "notes": list(self.notes),
+            "dtypes": dict(sorted(self.dtypes.items())),
+            "total": self.total.to_json(),
+            "by_type": {k: v.to_json() for k, v in self.by_type().items()},
+            "by_layer": {k: v.to_json() for k, v in self.by_layer().items()},
+            "tensors": {k: {"dtype": self.dtypes[k], **v.to_json()} for k, v in self.tensors.items()},
+        }
+
+
+def ordered_position(raw: np.ndarray, code: str) -> tuple[np.ndarray, np.ndarray]:
+    """(magnitude bits as uint64, sign as bool): a float's position on the ordered line is
+    ``-magnitude`` when the sign is set, else ``magnitude`` (so -0.0 and +0.0 coincide)."""
+    width = 8 * dtypes.itemsize(code)
+    bits = raw.astype(np.uint64)
+    sign_bit = np.uint64(1 << (width - 1))
+    return bits & (sign_bit - np.uint64(1)), (bits & sign_bit) != 0
+
+
+def ulp_distance(a_raw: np.ndarray, b_raw: np.ndarray, code: str) -> np.ndarray:
+    """|position(b) - position(a)| as uint64 (saturated far above 3 when signs differ).
+
+    Example:
+        >>> ulp_distance(np.array([0x3F80], np.uint16), np.array([0x3F81], np.uint16), "BF16")
+        array([1], dtype=uint64)
+    """
+    ma, sa = ordered_position(a_raw, code)
+    mb, sb = ordered_position(b_raw, code)
+    same = np.where(ma >= mb, ma - mb, mb - ma)
+    across = np.minimum(ma, _SATURATE) + np.minimum(mb, _SATURATE)  # exact below 2**62, never wraps
+    return np.where(sa == sb, same, across)
+
+
+def spacing(raw: np.ndarray, code: str) -> np.ndarray:
+    """Smallest nonzero move from each stored value, as float64 (inf/nan for non-finite values)."""
+    width = 8 * dtypes.itemsize(code)
+    sign_bit = np.uint64(1 << (width - 1))
+    mag, neg = ordered_position(raw, code)
+    pos = np.where(neg, -mag.astype(np.int64), mag.astype(np.int64))
+
+    def at(p: np.ndarray) -> np.ndarray:
+        bits = np.where(p < 0, (-p).astype(np.uint64) | sign_bit, p.astype(np.uint64))
+        return dtypes.widen(bits.astype(dtypes.uint_view(code)), code).astype(np.float64)
+
+    with np.errstate(invalid="ignore"):  # neighbours of NaN/Inf patterns are NaN
+        x = dtypes.widen(raw, code).astype(np.float64)
+        up = np.abs(at(pos + 1) - x)
+        down = np.abs(x - at(pos - 1))
+    return np.fmin(up, down)
+
+
+def precision(base: str | os.PathLike, finetuned: str | os.PathLike, *,
+              tolerances: Sequence[float] = DEFAULT_TOLERANCES, progress: bool = False,
+              chunk_elements: int = CHUNK_ELEMENTS) -> PrecisionResult:
+    """ULP distances of the changed elements and where each tolerance cannot matter, streamed.
+
+    Args:
+        base: Checkpoint before finetuning.
+        finetuned: Checkpoint after finetuning (same float dtype per tensor as the base).
+        tolerances: Tolerances to compare with the grid spacing at the base values.
+        progress: Show a progress bar on stderr.
+        chunk_elements: Elements per chunk (memory bound).
+
+    Returns:
+        PrecisionResult.
+
+    Example:
+        >>> r = precision("sft", "dpo", tolerances=[1e-5])
+        >>> print(f"{r.total.ulp1 / r.total.changed:.0%} of changes are one ULP")
+    """
+    from rlsparse.diff.result import tolerance_label
+    from rlsparse.report.progress import progress_bar
+
+    values = [check_tolerance(t, "tolerance") for t in tolerances]
+    labels = [tolerance_label(t) for t in tolerances]
+    a, b = open_checkpoint(base), open_checkpoint(finetuned)
+    pairs = pair_tensors(a, b)
+    bad = [f"{n} ({ia.dtype} vs {ib.dtype})" for n, (ia, ib) in pairs.items() if ia.dtype != ib.dtype]
+    if bad:
+        raise MismatchError(f"{a.source} vs {b.source}: stored dtypes differ for {len(bad)} tensor(s) "
+                            f"(e.g. {', '.join(bad[:3])}); ULP distances need one dtype: compare checkpoints "
+                            "saved in the same dtype")
+    notes = []
+    skipped = [n for n, (ia, _) in pairs.items() if ia.dtype not in dtypes.FLOAT_CODES]
+    if skipped:
+        notes.append(f"skipped {len(skipped)} non-float tensor(s) (e.g. {skipped[0]})")
+    thresholds = np.array(values, dtype=np.float64)
+    out: dict[str, PrecisionStats] = {}
+    kinds: dict[str, str] = {}
+    readers = (TensorReader(), TensorReader())
+    todo = [n for n in pairs if n not in skipped]
+    try:
+        with progress_bar(sum(pairs[n][0].numel for n in todo), "precision", unit="elements",
+                          enabled=progress) as advance:
+            for name in todo:
+                ia, ib = pairs[name]
+                s = PrecisionStats(spacing_above={lab: 0 for lab in labels})
+                for start, count in chunks(ia.numel, chunk_elements):
+                    ra = readers[0].read(ia, start, count)
+                    rb = readers[1].read(ib, start, count)
+                    _count_chunk(ra, rb, ia.dtype, thresholds, labels, s)
+                    advance(count)
+                out[name] = s
+                kinds[name] = ia.dtype
+    finally:
+        for r in readers:
+            r.close()
+    return PrecisionResult(a.source, b.source, labels, values, out, kinds, notes)
+
+
+def _count_chunk(ra: np.ndarray, rb: np.ndarray, code: str, thresholds: np.ndarray, labels: list[str],
+                 s: PrecisionStats) -> None:
+    s.numel += ra.size
+    sp = spacing(ra, code)
+    for lab, t in zip(labels, thresholds):
+        s.spacing_above[lab] += int(np.count_nonzero(sp > t))  # NaN spacing (non-finite base) never counts
+    idx = np.flatnonzero(ra != rb)
+    if not idx.size:
+        return
+    a, b = ra[idx], rb[idx]
+    fa, fb = dtypes.widen(a, code), dtypes.widen(b, code)
+    finite = np.isfinite(fa) & np.isfinite(fb)
+    both_nan = np.isnan(fa) & np.isnan(fb)
+    s.nonfinite_changed += int(np.count_nonzero(~finite & ~both_nan))
+    d = ulp_distance(a[finite], b[finite], code)
+    s.changed += int(np.count_nonzero(d))
+    s.ulp1 += int(np.count_nonzero(d == 1))
+    s.ulp2 += int(np.count_nonzero(d == 2))
+    s.ulp3_plus += int(np.count_nonzero(d >= 3))
