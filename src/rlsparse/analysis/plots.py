@@ -92,12 +92,13 @@ def series_plot(result, path: str | os.PathLike) -> None:
              ("final subnetwork", result.final_subnetwork, "tab:blue")]
     left = 0.0
     for label, frac, color in parts:
-        d.barh([0], [100 * frac], left=[left], color=color, label=f"{label} {100 * frac:.1f}%")
+        d.barh([0], [100 * frac], height=0.5, left=[left], color=color, label=f"{label} {100 * frac:.1f}%")
         left += 100 * frac
     d.set_xlim(0, 100)
+    d.set_ylim(-0.5, 1.2)
     d.set_yticks([])
     d.set_title("Every parameter, over the whole run (%)")
-    d.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, -0.6))
+    d.legend(fontsize=8, loc="upper center", ncol=3)
     fig.suptitle(f"tolerance {result.tolerance:g}", fontsize=9)
     _save(fig, path)
 

@@ -22,8 +22,7 @@ def _overlap_rows(table: Table, groups: dict) -> None:
 
 def _overlap_table(title: str, first: str) -> Table:
     t = Table(title=title)
-    for col in (first, "params", "sparsity a %", "sparsity b %", "o1 %", "o1 random %", "o2 %", "o2 random %",
-                "jaccard %"):
+    for col in (first, "params", "sp a %", "sp b %", "o1 %", "o1 rnd %", "o2 %", "o2 rnd %", "jacc %"):
         t.add_column(col, justify="left" if col == first else "right")
     return t
 
@@ -33,7 +32,9 @@ def overlap_tables(result, console: Console, *, per_layer: bool = True) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     pairs = result.pairs
-    t = _overlap_table("Subnetwork overlap (o1: share of a's subnetwork in b's; random: Appendix E)", "a | b")
+    console.print("o1: share of a's subnetwork inside b's; o2: the reverse; rnd: random-guessing baseline "
+                  "(Appendix E); sp: sparsity")
+    t = _overlap_table("Subnetwork overlap", "a | b")
     for p in pairs:
         _overlap_rows(t, {f"{p.a} | {p.b}": p.total})
     console.print(t)
@@ -121,17 +122,21 @@ def spectral_tables(result, console: Console, *, per_layer: bool = True) -> None
 def precision_tables(result, console: Console, *, per_tensor: bool = False) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
-    t = Table(title="Changed elements by distance in units in the last place (stored dtype)")
-    cols = ["", "params", "changed", "1 ULP %", "2 ULP %", "3+ ULP %", "non-finite"]
-    cols += [f"spacing > {lab} %" for lab in result.labels]
-    for c in cols:
-        t.add_column(c, justify="left" if not c else "right")
     groups = {"all": result.total, **result.by_type()}
     if per_tensor:
         groups.update(result.tensors)
+    t = Table(title="Changed elements by distance in units in the last place of the stored dtype")
+    for c in ("", "params", "changed", "1 ULP %", "2 ULP %", "3+ ULP %", "non-finite"):
+        t.add_column(c, justify="left" if not c else "right")
     for key, s in groups.items():
         c = s.changed
         t.add_row(str(key), f"{s.numel:,}", f"{c:,}", _pct(s.ulp1 / c if c else None), _pct(s.ulp2 / c if c else None),
-                  _pct(s.ulp3_plus / c if c else None), f"{s.nonfinite_changed:,}",
-                  *[_pct(s.spacing_above[lab] / s.numel if s.numel else None) for lab in result.labels])
+                  _pct(s.ulp3_plus / c if c else None), f"{s.nonfinite_changed:,}")
     console.print(t)
+    sp = Table(title="% of elements whose grid spacing exceeds the tolerance (there it cannot matter)")
+    sp.add_column("")
+    for lab in result.labels:
+        sp.add_column(f"> {lab}", justify="right")
+    for key, s in groups.items():
+        sp.add_row(str(key), *[_pct(s.spacing_above[lab] / s.numel if s.numel else None) for lab in result.labels])
+    console.print(sp)
