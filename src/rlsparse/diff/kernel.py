@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from rlsparse.io import dtypes
 
@@ -104,9 +103,8 @@ def _values(raw: np.ndarray, code: str, scale: np.ndarray | None, cols: int, com
             vals = (vals.reshape(rows, cols) * s).reshape(-1)
         else:
             vals = vals * scale[(idx // cols) // FP8_BLOCK, (idx % cols) // FP8_BLOCK]
-    if compare_code is not None and compare_code != "F32":
-        t = torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32))
-        vals = t.to(dtypes.torch_dtype(compare_code)).to(torch.float32).numpy()
+    if compare_code is not None:
+        vals = dtypes.round_to(vals.astype(np.float32, copy=False), compare_code)
     return vals
 
 
