@@ -122,25 +122,35 @@ def widen(raw: np.ndarray, code: str) -> np.ndarray:
 
 
 def nonfinite_counts(raw: np.ndarray, code: str) -> tuple[int, int]:
-    """(NaN count, Inf count) of stored values, from their bits where that is cheap."""
-    if code == "BF16":
-        exp_all = (raw & 0x7F80) == 0x7F80
-        n = int(np.count_nonzero(exp_all))
-        if not n:
+    """(NaN count, Inf count) of stored values, from their bits where that is cheap.
+
+    A single masked max first answers "are there any?" (almost always no); counting happens
+    only when there are.
+    """
+    spec = _NONFINITE.get(code)
+    if spec is not None:
+        magnitude, exp_all = spec
+        if raw.size == 0:
             return 0, 0
-        inf = int(np.count_nonzero((raw & 0x7FFF) == 0x7F80))
-        return n - inf, inf
-    if code == "F32":
-        exp_all = (raw & 0x7F800000) == 0x7F800000
-        n = int(np.count_nonzero(exp_all))
-        if not n:
+        mag = np.bitwise_and(raw, magnitude)
+        if mag.max() < exp_all:
             return 0, 0
-        inf = int(np.count_nonzero((raw & 0x7FFFFFFF) == 0x7F800000))
-        return n - inf, inf
-    if code == "F8_E4M3":  # e4m3fn: no infinities, NaN is S.1111.111
-        return int(np.count_nonzero((raw & 0x7F) == 0x7F)), 0
+        nonfinite = int(np.count_nonzero(mag >= exp_all))
+        inf = int(np.count_nonzero(mag == exp_all)) if code != "F8_E4M3" else 0
+        return nonfinite - inf, inf
     if code in FLOAT_CODES:
         v = widen(raw, code)
         nan = int(np.count_nonzero(np.isnan(v)))
         return nan, int(np.count_nonzero(np.isinf(v)))
     return 0, 0
+
+
+# code -> (mask of the magnitude bits, smallest magnitude with all exponent bits set);
+# e4m3fn has no infinities and one NaN magnitude (0x7F)
+_NONFINITE = {
+    "BF16": (0x7FFF, 0x7F80),
+    "F16": (0x7FFF, 0x7C00),
+    "F32": (0x7FFFFFFF, 0x7F800000),
+    "F8_E4M3": (0x7F, 0x7F),
+    "F8_E5M2": (0x7F, 0x7C),
+}
