@@ -203,3 +203,16 @@ def test_chunk_size_does_not_change_results(tiny_pair):
     for k in ("total", "by_type", "tensors", "abs_delta_hist"):
         assert big[k] == small[k]
     assert np.isclose(big["total"]["sparsity"]["0"], small["total"]["sparsity"]["0"])
+
+
+def test_hub_id_offline_fails_clearly_and_bin_folder_works(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="hub"):
+        rlsparse.diff("some-org/some-model-that-is-not-local", "some-org/other")
+    m = tiny_llama()
+    (tmp_path / "bin").mkdir()
+    torch.save(m.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    save(m, tmp_path / "st")
+    r = rlsparse.diff(tmp_path / "bin", tmp_path / "st")
+    assert r.inputs["base"]["layout"] == "pytorch" and r.total.changed["0"] == 0
+    assert r.total.bit_changed == 0 and r.total.numel == sum(p.numel() for p in m.state_dict().values())

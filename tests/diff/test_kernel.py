@@ -96,3 +96,19 @@ def test_histogram_edges_are_float32_bit_boundaries():
     e = hist_edges()
     assert e[0] == 0.0 and e[1016] == 1.0  # 127 << 3 = 1016: exponent of 1.0
     assert e[1017] == 1.125
+
+
+def test_numpy_dtype_conversions_match_torch():
+    """The torch-free conversions (FP8 tables, bf16 rounding) equal torch's casts bit for bit."""
+    bits = np.arange(256, dtype=np.uint8)
+    for code in ("F8_E4M3", "F8_E5M2"):
+        ref = torch.from_numpy(bits.copy()).view(dtypes.torch_dtype(code)).float().numpy()
+        ours = dtypes.widen(bits, code)
+        assert np.array_equal(ours.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
+        assert np.array_equal(np.isnan(ours), np.isnan(ref))
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(100000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 100000),
+                        np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, 1e-45], np.float32)]).astype(np.float32)
+    for code in ("BF16", "F16"):
+        ref = torch.from_numpy(x).to(dtypes.torch_dtype(code)).float().numpy()
+        assert np.array_equal(dtypes.round_to(x, code).view(np.uint32), ref.view(np.uint32)), code

@@ -35,7 +35,7 @@ def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Ch
         allow_resize: Compare the common leading rows when dim 0 differs (resized vocabulary).
         compare_dtype: Cast both sides to this dtype (e.g. "bf16") before comparing.
         progress: Show a progress bar with bytes/s and ETA on stderr.
-        chunk_elements: Elements per chunk (memory bound); default 256K.
+        chunk_elements: Elements per chunk (memory bound); default 1M.
 
     Returns:
         DiffResult.

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from rlsparse.io import dtypes
 
@@ -104,9 +103,8 @@ def _values(raw: np.ndarray, code: str, scale: np.ndarray | None, cols: int, com
             vals = (vals.reshape(rows, cols) * s).reshape(-1)
         else:
             vals = vals * scale[(idx // cols) // FP8_BLOCK, (idx % cols) // FP8_BLOCK]
-    if compare_code is not None and compare_code != "F32":
-        t = torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32))
-        vals = t.to(dtypes.torch_dtype(compare_code)).to(torch.float32).numpy()
+    if compare_code is not None:
+        vals = dtypes.round_to(vals.astype(np.float32, copy=False), compare_code)
     return vals
 
 
@@ -133,29 +131,34 @@ def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.
     else:
         scales_equal = scale_a.shape == scale_b.shape and np.array_equal(scale_a.view(np.uint32), scale_b.view(np.uint32))
     nbits = None
+    neq_bits = None
     if same_dtype:
         neq_bits = a != b
-        nbits = int(np.count_nonzero(neq_bits))
 
     if same_dtype and scales_equal and spec.compare_code is None:
         # fast path: equal bits mean equal values, so only look at positions whose bits differ
+        idx = neq_bits.nonzero()[0]
+        nbits = int(idx.size)
         if nbits == 0:
             return result(0, None, _pack_empty(n) if mask_threshold is not None else None)
-        idx = np.flatnonzero(neq_bits)
-        del neq_bits
         fa = _values(a, spec.code_a, scale_a, spec.cols, None, idx)
         fb = _values(b, spec.code_b, scale_b, spec.cols, None, idx)
     else:
+        if neq_bits is not None:
+            nbits = int(np.count_nonzero(neq_bits))
+        neq_bits = None
         idx = None
         fa = _values(a, spec.code_a, scale_a, spec.cols, spec.compare_code)
         fb = _values(b, spec.code_b, scale_b, spec.cols, spec.compare_code)
 
     keep = (fa != fb) & ~(np.isnan(fa) & np.isnan(fb))
+    dropped = None  # positions whose bits differ but whose values are equal (-0.0/+0.0, NaN/NaN)
     if idx is None:
         idx = np.flatnonzero(keep)
         d = np.abs(fb[idx] - fa[idx])
     else:
         if not keep.all():
+            dropped = idx[~keep]
             idx, fa, fb = idx[keep], fa[keep], fb[keep]
         d = np.abs(fb - fa)
     d = d.astype(np.float32, copy=False)
@@ -173,13 +176,18 @@ def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.
     hist = np.bincount((d.view(np.uint32) & 0x7FFFFFFF) >> 20, minlength=HIST_BINS) if total else None
     packed = None
     if mask_threshold is not None:
-        bits = np.zeros(n, dtype=bool)
-        if mask_threshold == 0:
-            bits[idx] = True
+        if neq_bits is not None:
+            # start from "bits differ" and clear what is not changed at the mask tolerance
+            bits = neq_bits
+            if dropped is not None:
+                bits[dropped] = False
         else:
+            bits = np.zeros(n, dtype=bool)
+            bits[idx] = True
+        if mask_threshold != 0:
             if unchanged_at_mask is None:
                 unchanged_at_mask = d <= mask_threshold
-            bits[idx[~unchanged_at_mask]] = True
+            bits[idx[unchanged_at_mask]] = False
         packed = np.packbits(bits, bitorder="little")
     return result(nbits, hist, packed)
 

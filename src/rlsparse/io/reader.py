@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rlsparse.errors import CheckpointError
 from rlsparse.io import dtypes
@@ -94,12 +93,16 @@ class TensorReader:
                 got += n
         return buf.view(dtypes.uint_view(info.dtype))
 
-    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
+    def read_tensor(self, info: TensorInfo):
         """The whole tensor as a torch tensor of its stored dtype (for small/2-D analyses)."""
+        import torch
+
         bits = self.read(info, 0, info.numel)
         t = torch.from_numpy(bits.copy()).view(dtypes.torch_dtype(info.dtype))
         return t.reshape(info.shape)
 
 
-def _int_dtype(size: int) -> torch.dtype:
+def _int_dtype(size: int):
+    import torch
+
     return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import numpy as np
-import torch
 
 from rlsparse.errors import MaskError, MismatchError
 from rlsparse.io.safetensors_format import StreamingSafetensorsWriter, read_header
@@ -68,14 +67,16 @@ def _numel(shape) -> int:
     return n
 
 
-def pack(bits: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Bool elements (any shape, row-major) -> packed little-endian bytes."""
-    arr = bits.numpy() if isinstance(bits, torch.Tensor) else bits
+def pack(bits) -> np.ndarray:
+    """Bool elements (torch or numpy, any shape, row-major) -> packed little-endian bytes."""
+    arr = bits if isinstance(bits, np.ndarray) else bits.detach().cpu().numpy()
     return np.packbits(np.ascontiguousarray(arr, dtype=bool).reshape(-1), bitorder="little")
 
 
-def unpack(packed: np.ndarray, shape) -> torch.Tensor:
-    """Packed bytes -> bool tensor of ``shape``."""
+def unpack(packed: np.ndarray, shape):
+    """Packed bytes -> bool torch tensor of ``shape``."""
+    import torch
+
     n = _numel(shape)
     bits = np.unpackbits(packed, count=n, bitorder="little").view(bool)
     return torch.from_numpy(bits).reshape(tuple(shape))

