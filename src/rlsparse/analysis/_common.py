@@ -40,6 +40,12 @@ def pair_tensors(base: Checkpoint, other: Checkpoint) -> dict[str, tuple[TensorI
     from rlsparse.diff.plan import plan
 
     p = plan(base, other)
+    scaled = [pair.name for pair in p.pairs if pair.base_scale is not None or pair.finetuned_scale is not None]
+    if scaled:
+        # comparing raw FP8 codes without their block scales would silently change the meaning
+        raise UsageError(
+            f"{base.source} vs {other.source}: {len(scaled)} FP8 tensor(s) with block scales (e.g. {scaled[0]}); "
+            "the analysis commands do not dequantise them yet: use `rlsparse diff`, or dequantise to bf16 first")
     return {pair.name: (pair.base, pair.finetuned) for pair in p.pairs}
 
 
