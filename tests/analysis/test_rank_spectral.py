@@ -125,3 +125,17 @@ def test_spectral_end_to_end(low_rank_update):
     doc = r.to_json()
     json.dumps(doc, allow_nan=False)
     assert doc["top_k"] == 4 and doc["schema_version"] == 1
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(low_rank_update):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    base, ft, _ = low_rank_update
+    cpu, gpu = rank(base, ft, device="cpu"), rank(base, ft, device="cuda")
+    assert gpu.device == "cuda"
+    for a, b in zip(cpu.matrices, gpu.matrices):
+        assert a.rank == b.rank and a.stable_rank == pytest.approx(b.stable_rank, rel=1e-3)
+    s_cpu, s_gpu = spectral(base, ft, device="cpu", top_k=4), spectral(base, ft, device="cuda", top_k=4)
+    for a, b in zip(s_cpu.matrices, s_gpu.matrices):
+        assert a.energy_outside == pytest.approx(b.energy_outside, abs=1e-3)

@@ -28,7 +28,7 @@ def run(tmp_path):
     s3 = bump(s3, c, amount=-0.5)
     # written out of order, so ordering must come from the step number
     write(s3, base, out / "checkpoint-100")
-    write(s1, base, out / "checkpoint-10", shard="50KB")
+    write(s1, base, out / "checkpoint-10", shard=None)  # one model.safetensors
     write(s2, base, out / "checkpoint-20")
     return base, out, sd
 
