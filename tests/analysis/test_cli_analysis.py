@@ -80,6 +80,7 @@ def test_series_rank_precision_spectral(runs, capsys):
     (["series", "{base}", "{run}/checkpoint-5"], "at least two checkpoints"),
     (["series", "{base}", "{run}/checkpoint-5", "{tmp}/nothing"], "no such file"),
     (["overlap", "{m0}"], "at least two mask files"),
+    (["overlap", "{m0}", "{m0}", "--tolerance", "0"], "applies to --from-checkpoints"),
     (["overlap", "{m0}", "{other}"], "do not describe the same model"),
     (["overlap", "{m0}", "{base}/config.json"], "mask"),
     (["rank", "{base}", "{a}", "--layers", "x"], "--layers"),

@@ -182,14 +182,14 @@ class OverlapResult:
 
 
 def overlap(masks: Sequence[str | os.PathLike | Mask], labels: Sequence[str] | None = None, *,
-            progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS) -> OverlapResult:
+            progress: bool = False, chunk_elements: int = 32 * CHUNK_ELEMENTS) -> OverlapResult:
     """Pairwise overlaps of two or more subnetwork masks, streamed from their packed bytes.
 
     Args:
         masks: Mask files (rlsparse mask format) or in-memory ``Mask`` objects.
         labels: Names for the masks in the result (default: the paths).
         progress: Show a progress bar on stderr.
-        chunk_elements: Elements per chunk (memory bound).
+        chunk_elements: Elements per chunk (memory: chunk_elements / 8 bytes per mask).
 
     Returns:
         OverlapResult.

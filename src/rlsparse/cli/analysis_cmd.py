@@ -73,8 +73,8 @@ def add_overlap_parser(sub) -> None:
     p.add_argument("masks", nargs="*", metavar="MASK", help="mask files written by `rlsparse diff --save-mask`")
     p.add_argument("--from-checkpoints", nargs=4, metavar=("BASE_A", "FT_A", "BASE_B", "FT_B"),
                    help="compare two runs straight from their checkpoints (no masks written)")
-    p.add_argument("--tolerance", default="1e-5", help="with --from-checkpoints: |new-old| > t is changed "
-                                                       "(default: %(default)s)")
+    p.add_argument("--tolerance", default=None, help="with --from-checkpoints: |new-old| > t is changed "
+                                                     "(default: 1e-5, the paper's)")
     p.add_argument("--labels", metavar="LIST", help="comma-separated names for the inputs")
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer tables")
     _outputs(p, "PNG: per-type o1/o2 vs random (2 inputs) or the overlap matrix (3+)")
@@ -92,12 +92,15 @@ def run_overlap(args) -> int:
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if args.from_checkpoints and args.masks:
         raise UsageError("give either mask files or --from-checkpoints, not both")
+    if args.tolerance is not None and not args.from_checkpoints:
+        raise UsageError("--tolerance applies to --from-checkpoints; a mask's tolerance was fixed when it was saved")
     if not args.from_checkpoints and len(args.masks) < 2:
         raise UsageError(f"overlap needs at least two mask files (got {len(args.masks)}) or "
                          "--from-checkpoints BASE_A FT_A BASE_B FT_B")
     progress = _start(args)
     if args.from_checkpoints:
-        result = overlap_from_checkpoints(*args.from_checkpoints, tolerance=args.tolerance, labels=labels,
+        tolerance = "1e-5" if args.tolerance is None else args.tolerance
+        result = overlap_from_checkpoints(*args.from_checkpoints, tolerance=tolerance, labels=labels,
                                           progress=progress)
     else:
         result = overlap(args.masks, labels=labels, progress=progress)
