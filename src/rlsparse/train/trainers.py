@@ -136,14 +136,19 @@ def build_trainer(algo_name: str, model, config, train_dataset, processing_class
         raise UsageError(f"{algo_name} takes no reward function; --reward is for grpo, rloo and online-dpo")
     if mask is not None:
         kwargs["callbacks"].append(MaskCallback(mask, order=order, weight_decay=weight_decay, verify=verify))
+    if sparse_optimizer and mask is None:
+        raise UsageError("--sparse_optimizer needs --mask (without a mask, the dense optimizer is the baseline)")
+    trainer = trainer_cls(**kwargs)
     if sparse_optimizer:
-        if mask is None:
-            raise UsageError("--sparse_optimizer needs --mask (without a mask, the dense optimizer is the baseline)")
-        optimizer = SparseAdamW(model.named_parameters(), mask, lr=config.learning_rate,
-                                betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                                weight_decay=config.weight_decay)
-        kwargs["optimizers"] = (optimizer, None)
-    return trainer_cls(**kwargs)
+        # The trainer's own rule for which parameters decay (not norms, not biases), so the sparse
+        # run differs from the dense masked one in optimizer memory only.
+        decay = set(trainer.get_decay_parameter_names(model))
+        groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and (n in decay) == wants],
+                   "weight_decay": config.weight_decay if wants else 0.0} for wants in (True, False)]
+        trainer.optimizer = SparseAdamW([g for g in groups if g["params"]], mask, module=model,
+                                        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                        eps=config.adam_epsilon)
+    return trainer
 
 
 def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: str | None = None,
