@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import assert_masked_training, make_model, params_of, random_mask
 from rlsparse.masks import Mask
 from rlsparse.train import SparseAdamW, attach_mask
-from rlsparse.train.sparse_adamw import _gather, _positions, _scatter_
+from rlsparse.train.sparse_adamw import _indices, _positions
 
 
 def _dense_reference(params, masks, grads_per_step, lr, wd, betas=(0.9, 0.999), eps=1e-8):
@@ -52,7 +52,7 @@ def test_matches_dense_reference_on_random_inputs(shapes, density, seed, steps, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("density", [0.01, 0.3])  # index and bitmap positions
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5])  # indices, block offsets, bitmap
 def test_bit_identical_to_torch_adamw_with_attach_mask(dtype, density):
     dense, sparse = make_model(dtype), make_model(dtype)
     mask = random_mask(dense, density)
@@ -72,18 +72,14 @@ def test_bit_identical_to_torch_adamw_with_attach_mask(dtype, density):
     assert_masked_training(before, sparse, mask)
 
 
-def test_positions_pick_the_smaller_form_and_round_trip():
-    sparse_keep = torch.zeros(1000, dtype=torch.bool)
-    sparse_keep[[3, 500, 999]] = True
-    assert _positions(sparse_keep).dtype == torch.int32  # 12 bytes of indices < 125 bytes of bitmap
-    dense_keep = torch.rand(1003, generator=torch.Generator().manual_seed(0)) < 0.3
-    assert _positions(dense_keep).dtype == torch.uint8 and _positions(dense_keep).numel() == 126
-    for keep in (sparse_keep, dense_keep):
-        flat = torch.arange(keep.numel(), dtype=torch.float32)
-        pos = _positions(keep)
-        assert torch.equal(_gather(flat, pos, flat.numel()), flat[keep])
-        _scatter_(flat, pos, flat.numel(), torch.full((int(keep.sum()),), -1.0))
-        assert bool((flat[keep] == -1).all()) and bool((flat[~keep] >= 0).all())
+@pytest.mark.parametrize("density,form", [(0.05, "indices"), (0.2, "blocks"), (0.5, "bitmap")])
+def test_positions_pick_the_form_and_decode_exactly(density, form):
+    keep = torch.rand(5003, generator=torch.Generator().manual_seed(0)) < density
+    keep[4999] = True
+    state = _positions(keep)
+    got = {torch.int32: "indices", torch.uint8: "blocks" if "block_counts" in state else "bitmap"}
+    assert got[state["positions"].dtype] == form
+    assert torch.equal(_indices(state, keep.numel()).long(), keep.nonzero().squeeze(1))
 
 
 def test_state_is_small_and_survives_a_state_dict_round_trip():
