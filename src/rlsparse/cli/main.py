@@ -21,22 +21,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rlsparse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    from rlsparse.cli import train_cmd
+
     diff_cmd.add_parser(sub)
-    for module_name in ("analysis_cmd", "train_cmd", "lab_cmd"):
-        _add_optional(sub, module_name)
+    train_cmd.add_parser(sub)
     return parser
-
-
-def _add_optional(sub, module_name: str) -> None:
-    import importlib
-
-    try:
-        module = importlib.import_module(f"rlsparse.cli.{module_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"rlsparse.cli.{module_name}":
-            raise
-        return
-    module.add_parsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
