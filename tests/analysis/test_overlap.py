@@ -10,8 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _build import base_model, bump, random_choice, write
-from conftest import brute_changed, state
+from _build import base_model, brute_changed, bump, random_choice, state, write
 from rlsparse.analysis.overlap import overlap, overlap_from_checkpoints
 from rlsparse.errors import MaskError, MismatchError, UsageError
 from rlsparse.masks import Mask
@@ -103,7 +102,7 @@ def test_from_checkpoints_equals_brute_force(tmp_path):
 
 
 def test_from_checkpoints_refuses_other_base_model(tmp_path):
-    from conftest import save, tiny_llama
+    from _build import save, tiny_llama
 
     base, _ = base_model(tmp_path)
     other = save(tiny_llama(vocab=128), tmp_path / "other")

@@ -10,8 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _build import base_model, write
-from conftest import state
+from _build import base_model, state, write
 from rlsparse.analysis.precision import precision, spacing, ulp_distance
 from rlsparse.errors import MismatchError
 from rlsparse.io import dtypes

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _build import base_model, write
-from conftest import state
+from _build import base_model, state, write
 from rlsparse.analysis.rank import matrix_ranks, rank
 from rlsparse.analysis.spectral import matrix_spectrum, spectral
 from rlsparse.errors import UsageError

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from _build import base_model, bump, random_choice, write
-from conftest import brute_changed, state
+from _build import base_model, brute_changed, bump, random_choice, state, write
 from rlsparse.analysis.series import find_checkpoints, series
 from rlsparse.errors import CheckpointError, MismatchError, UsageError
 
@@ -83,7 +82,7 @@ def test_bad_inputs(run, tmp_path):
         find_checkpoints(tmp_path / "run" / "checkpoint-10")
     with pytest.raises(CheckpointError):
         series(base, [out / "checkpoint-10", tmp_path / "missing"])
-    from conftest import save, tiny_llama
+    from _build import save, tiny_llama
 
     other = save(tiny_llama(vocab=128), tmp_path / "other")
     with pytest.raises(MismatchError, match="do not match the base"):
