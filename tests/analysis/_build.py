@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
-
-
-def _root_conftest():
-    # `from conftest import ...` is ambiguous once several test folders have a conftest.py
-    spec = importlib.util.spec_from_file_location("_rlsparse_root_conftest", Path(__file__).parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_root = _root_conftest()
-brute_changed, save, state, tiny_llama = _root.brute_changed, _root.save, _root.state, _root.tiny_llama
+from tinymodels import brute_changed, save, state, tiny_llama
 
 
 def write(sd: dict[str, torch.Tensor], like: Path, path: Path, shard: str = "20KB", dtype=torch.bfloat16) -> Path:

@@ -14,26 +14,6 @@ from rlsparse.masks import Mask
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _wired(monkeypatch):
-    """Run through the real ``rlsparse`` entry point (its error handling), with the analysis
-    commands registered if main.py does not register them yet."""
-    import argparse
-
-    from rlsparse.cli import analysis_cmd
-
-    make = cli_main.make_parser
-
-    def make_parser():
-        parser = make()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "overlap" not in sub.choices:
-            analysis_cmd.add_parsers(sub)
-        return parser
-
-    monkeypatch.setattr(cli_main, "make_parser", make_parser)
-
-
 def main(argv):
     return cli_main.main(argv)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import save, tiny_llama
+from tinymodels import save, tiny_llama
 from rlsparse.cli.main import main
 from rlsparse.masks import Mask
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import rlsparse
-from conftest import brute_changed, save, state, tiny_llama
+from tinymodels import brute_changed, save, state, tiny_llama
 from rlsparse.errors import CheckpointError, MismatchError
 from rlsparse.masks import Mask
 

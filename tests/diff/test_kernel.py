@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import brute_changed
+from tinymodels import brute_changed
 from rlsparse.diff.kernel import Accumulator, ChunkSpec, compare_chunk, float32_threshold, hist_edges
 from rlsparse.io import dtypes
 

@@ -26,7 +26,7 @@ def run(rank: int, world: int, backend: str, port: int, out: str) -> None:
 def _train(backend: str, order: str, rank: int) -> dict:
     from torch.distributed.tensor import DTensor
 
-    from conftest import make_model, random_mask
+    from trainhelpers import make_model, random_mask
     from rlsparse.train import attach_mask
     from rlsparse.train.masking import _local
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import int_view, make_model, make_tokenizer, random_mask
+from trainhelpers import int_view, make_model, make_tokenizer, random_mask
 from rlsparse.cli import train_cmd
 from rlsparse.errors import MaskError, UsageError
 from rlsparse.train.trainers import ALGORITHMS

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_masked_training, int_view, make_model, ones_mask, params_of, random_mask
+from trainhelpers import assert_masked_training, int_view, make_model, ones_mask, params_of, random_mask
 from rlsparse.errors import MaskError, MismatchError, UsageError
 from rlsparse.masks import Mask
 from rlsparse.train import attach_mask, mask_name, verify_unchanged

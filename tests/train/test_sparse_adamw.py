@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import assert_masked_training, make_model, params_of, random_mask
+from trainhelpers import assert_masked_training, make_model, params_of, random_mask
 from rlsparse.masks import Mask
 from rlsparse.train import SparseAdamW, attach_mask
 from rlsparse.train.sparse_adamw import _indices, _positions

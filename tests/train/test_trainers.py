@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import assert_masked_training, int_view, make_model, make_tokenizer, ones_mask, params_of, random_mask
+from trainhelpers import assert_masked_training, int_view, make_model, make_tokenizer, ones_mask, params_of, random_mask
 from rlsparse.errors import MaskError, MismatchError
 from rlsparse.masks import Mask
 from rlsparse.train import MaskCallback, SparseAdamW

@@ -21,9 +21,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rlsparse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from rlsparse.cli import train_cmd
+    from rlsparse.cli import analysis_cmd, train_cmd
 
     diff_cmd.add_parser(sub)
+    analysis_cmd.add_parsers(sub)
     train_cmd.add_parser(sub)
     return parser
 
