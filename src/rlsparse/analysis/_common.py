@@ -69,6 +69,14 @@ def layer_key(name: str) -> str:
     return "none" if layer is None else str(layer)
 
 
+def group_summaries(items, key, order, summary) -> dict[str, dict]:
+    """Group ``items`` by ``key(item)``, summarise each group, keys in ``order(keys)``."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return {k: summary(groups[k]) for k in order(groups)}
+
+
 def sorted_layers(keys) -> list[str]:
     return sorted(keys, key=lambda k: (k == "none", int(k) if k != "none" else 0))
 

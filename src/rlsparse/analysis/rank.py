@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from rlsparse.analysis._common import (SCHEMA_VERSION, layer_key, open_checkpoint, pair_tensors, resolve_device,
+from rlsparse.analysis._common import (SCHEMA_VERSION, group_summaries, layer_key, open_checkpoint, pair_tensors, resolve_device,
                                        select_matrices, sorted_layers, sorted_types)
 from rlsparse.errors import UsageError
 from rlsparse.io.naming import type_of
@@ -91,10 +91,7 @@ class RankResult:
                                             for m in ms)}
 
     def _group(self, key, order) -> dict[str, dict]:
-        groups: dict[str, list[MatrixRank]] = {}
-        for m in self.matrices:
-            groups.setdefault(key(m), []).append(m)
-        return {k: self._summary(groups[k]) for k in order(groups)}
+        return group_summaries(self.matrices, key, order, self._summary)
 
     def by_type(self) -> dict[str, dict]:
         return self._group(lambda m: m.type, sorted_types)

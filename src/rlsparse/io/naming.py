@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "pretrained_model.", "policy.")
+# Wrappers that prefix names (DDP, torch.compile, TRL value heads, PPO policies, PEFT), and those
+# that insert a segment anywhere (FSDP1, activation checkpointing).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "pretrained_model.", "policy.", "base_model.model.")
+WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
@@ -27,7 +30,9 @@ _TYPES = {
 
 
 def strip_prefixes(name: str) -> tuple[str, str]:
-    """Remove leading wrapper prefixes; returns (clean name, the prefix removed)."""
+    """Remove wrapper segments; returns (clean name, what was removed from the front)."""
+    for infix in WRAPPER_INFIXES:
+        name = name.replace(infix, "")
     removed = ""
     changed = True
     while changed:

@@ -30,15 +30,11 @@ from typing import Iterable, Mapping
 import torch
 
 from rlsparse.errors import MaskError, MismatchError, UsageError
+from rlsparse.io.naming import strip_prefixes
 from rlsparse.masks import Mask
 
 ORDERS = ("after_clip", "before_clip")
 WEIGHT_DECAY_MODES = ("mask", "refuse")
-
-# Wrappers that prefix parameter names (DDP, torch.compile, TRL value heads, PEFT), and those that
-# insert a segment anywhere (FSDP1, activation checkpointing).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "pretrained_model.", "policy.", "base_model.model.")
-_WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 # Optimizers whose weight-decay rule we know, so we can confine it to the mask.
 _DECOUPLED_BY_DEFAULT = (torch.optim.AdamW,)
@@ -53,16 +49,7 @@ def mask_name(param_name: str) -> str:
         >>> mask_name("module._orig_mod.model.layers.0.mlp.up_proj.weight")
         'model.layers.0.mlp.up_proj.weight'
     """
-    name = param_name
-    for infix in _WRAPPER_INFIXES:
-        name = name.replace(infix, "")
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
-    return name
+    return strip_prefixes(param_name)[0]
 
 
 @dataclass
