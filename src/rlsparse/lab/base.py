@@ -8,7 +8,6 @@ downloaded model. Its folder name carries a hash of its config: the same config 
 from __future__ import annotations
 
 import hashlib
-import math
 import json
 import os
 import random
@@ -36,7 +35,9 @@ class BaseConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 256
-    steps: int = 600
+    steps: int = 800
+    target_accuracy: float = 0.5
+    eval_every: int = 10
     batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
@@ -146,7 +147,7 @@ def _batches(cfg: BaseConfig, tokenizer):
 
     from rlsparse.lab.tasks import split
 
-    corpus = [p for fam in cfg.families for p in split(fam, seed=cfg.seed, n_test=cfg.n_test, digits=cfg.digits)[0]]
+    corpus = [p for fam in cfg.families for p in _train_val(cfg, fam)[0]]
     rng = random.Random(cfg.seed)
     tokenizer.padding_side = "right"
     try:
@@ -162,6 +163,14 @@ def _batches(cfg: BaseConfig, tokenizer):
             yield enc["input_ids"], enc["attention_mask"], labels
     finally:
         tokenizer.padding_side = "left"
+
+
+def _train_val(cfg: BaseConfig, family: str):
+    """The family's train split minus a validation slice used only to decide when to stop."""
+    from rlsparse.lab.tasks import split
+
+    train, _ = split(family, seed=cfg.seed, n_test=cfg.n_test, digits=cfg.digits)
+    return train[cfg.n_test:], train[:cfg.n_test]
 
 
 def pretrain(cfg: BaseConfig, out: str | os.PathLike, device: str = "cpu", progress=None) -> dict:
@@ -187,8 +196,9 @@ def pretrain(cfg: BaseConfig, out: str | os.PathLike, device: str = "cpu", progr
                         tokenizer.eos_token_id).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    val = [p for fam in cfg.families for p in _train_val(cfg, fam)[1]]
+    val_acc, stopped = None, cfg.steps
     start = time.time()
     model.train()
     losses = []
@@ -203,7 +213,14 @@ def pretrain(cfg: BaseConfig, out: str | os.PathLike, device: str = "cpu", progr
         sched.step()
         losses.append(loss.item())
         if progress is not None:
-            progress(step + 1, cfg.steps, float(loss))
+            progress(step + 1, cfg.steps, losses[-1])
+        # Stop once the model is right part of the time, leaving room for RL to improve it.
+        if cfg.target_accuracy < 1 and (step + 1) % cfg.eval_every == 0:
+            val_acc = accuracy(model, tokenizer, val)
+            model.train()
+            if val_acc >= cfg.target_accuracy:
+                stopped = step + 1
+                break
     batches.close()
     train_s = time.time() - start
     # Accuracy of the checkpoint as saved (bf16 by default), which is what every finetune starts from.
@@ -214,6 +231,7 @@ def pretrain(cfg: BaseConfig, out: str | os.PathLike, device: str = "cpu", progr
     meta = {"schema_version": BASE_SCHEMA_VERSION, "kind": "rlsparse-lab-base", "config": asdict(cfg),
             "config_hash": cfg.hash(), "test_accuracy": acc, "train_seconds": round(train_s, 2),
             "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            "steps_trained": stopped, "validation_accuracy": val_acc,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "precision": {"training": "float32", "checkpoint": cfg.checkpoint_dtype}, "device": device}
     save_model(model, tokenizer, out, dtype=cfg.checkpoint_dtype, meta=meta)
