@@ -19,7 +19,7 @@ from rlsparse.errors import CheckpointError
 REPORT_SCHEMA_VERSION = 1
 TOL = "1e-05"
 RL = ("dpo", "grpo")
-SFT = ("sft", "rft")
+SFT = ("sft",)  # conventional SFT on data the policy did not write; RFT is compared separately
 
 
 @dataclass
@@ -50,13 +50,15 @@ def _eval_family(results: dict) -> str:
 
 def _sparsity_finding(results: dict) -> Finding:
     rl, sft = _points(results, RL), _points(results, SFT)
+    rft = _points(results, ("rft",))
     fam = _eval_family(results)
     curves = {name: [{"lr": p["learning_rate"], "sparsity": p["sparsity"][TOL],
-                      "gain": p["accuracy_gain"].get(fam)} for p in pts] for name, pts in {**rl, **sft}.items()}
+                      "gain": p["accuracy_gain"].get(fam)} for p in pts] for name, pts in {**rl, **sft, **rft}.items()}
     in_dist = {name: e["recipe"]["in_distribution"] for name, e in results["recipes"].items()}
     rl_by_lr, sft_by_lr = _by_lr(rl), _by_lr(sft)
     matched = sorted(set(rl_by_lr) & set(sft_by_lr))
-    wins = [lr for lr in matched if min(rl_by_lr[lr]) > max(sft_by_lr[lr])]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    wins = [lr for lr in matched if mean(rl_by_lr[lr]) > mean(sft_by_lr[lr])]
     pairs = [("rft", "sft_ood"), ("dpo_id", "dpo_ood"), ("rft", "sft_id")]
     id_ood = {}
     for a, b in pairs:
@@ -71,7 +73,8 @@ def _sparsity_finding(results: dict) -> Finding:
         verdict, parts = "not measured", ["no learning rate was run for both an RL and an SFT recipe"]
     else:
         direction = len(wins) == len(matched)
-        parts.append(f"RL sparser than SFT at {len(wins)}/{len(matched)} matched learning rates")
+        parts.append(f"RL (mean of {', '.join(rl)}) sparser than SFT (mean of {', '.join(sft)}) at "
+                     f"{len(wins)}/{len(matched)} matched learning rates")
         if best is not None:
             parts.append(f"the RL run with the largest accuracy gain ({best[0]}, lr {best[1]['learning_rate']:g}, "
                          f"+{100 * best[1]['accuracy_gain'][fam]:.1f} pts) is {_pct(best[1]['sparsity'][TOL])} sparse "
@@ -87,8 +90,8 @@ def _sparsity_finding(results: dict) -> Finding:
     return Finding("sparsity_sft_vs_rl", "Figure 1 / Table 5: update sparsity of SFT vs RL, in- vs out-of-distribution",
                    "RL 68.5-96.0% sparse (Table 1); SFT 6-15% (Figure 1); RFT 91.2%, DPO out-of-distribution 6.8-7.7%, "
                    "DPO in-distribution 81.4% (Table 5)", verdict, "; ".join(parts) + ".",
-                   {"curves": curves, "in_distribution": in_dist, "matched_lrs": matched, "rl_sparser_at": wins,
-                    "in_vs_out": id_ood}, "sparsity_vs_lr.png", _seeds(results, {**rl, **sft}))
+                   {"curves": curves, "in_distribution": in_dist, "rl": sorted(rl), "sft": sorted(sft), "matched_lrs": matched, "rl_sparser_at": wins,
+                    "in_vs_out": id_ood}, "sparsity_vs_lr.png", _seeds(results, {**rl, **sft, **rft}))
 
 
 def _by_lr(points: dict[str, list[dict]]) -> dict[float, list[float]]:
