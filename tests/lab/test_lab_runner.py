@@ -33,9 +33,10 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
     recipes = [
         _recipe(tmp_path, "t_sft", algorithm="sft", family="sub", data="ground_truth"),
         _recipe(tmp_path, "t_dpo", algorithm="dpo", family="sub", data="constructed_pairs", conjecture=True,
-                trl={"beta": 0.1}),
+                trl={"beta": 0.1}, learning_rates=[1e-2]),
         _recipe(tmp_path, "t_grpo", algorithm="grpo", family="add", data="prompts", in_distribution=True,
-                conjecture=True, trl={"beta": 0.04, "num_generations": 4, "max_grad_norm": 0.0}),
+                conjecture=True, trl={"beta": 0.04, "num_generations": 4, "max_grad_norm": 0.0},
+                learning_rates=[1e-2]),
     ]
     out = tmp_path / "run"
     assert _cli(["lab", "run", ",".join(recipes), "--out", str(out), "--model", str(tiny_base)]) == 0
@@ -46,7 +47,7 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
     assert run["recipes"][2]["trl"]["beta"] == 0.04
     for name in ("t_sft", "t_dpo", "t_grpo"):
         points = results["recipes"][name]["points"]
-        assert [p["learning_rate"] for p in points] == [1e-3, 1e-2]
+        assert [p["learning_rate"] for p in points] == ([1e-3, 1e-2] if name == "t_sft" else [1e-2])
         for p in points:
             ckpt = out / p["checkpoint"]
             assert (ckpt / "config.json").is_file() and (ckpt / "tokenizer.json").is_file()
@@ -55,7 +56,7 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
             assert 0 <= p["sparsity"]["1e-05"] <= 1 and p["log_history"]
         # a learning rate of 1e-2 for 2 Adam steps moves most bf16 weights, unless GRPO had no signal
         if name != "t_grpo":
-            assert points[1]["sparsity"]["0"] < 0.5
+            assert points[-1]["sparsity"]["0"] < 0.5
     conj = results["conjecture"]
     assert set(conj) == {"t_dpo", "t_grpo"}
     for c in conj.values():

@@ -83,7 +83,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"paper"})
+        unknown = sorted(set(data) - known)
         if unknown:
             raise UsageError(f"recipe {data.get('name')!r} has unknown fields {unknown}; expected only {sorted(known)}")
         return cls(**{k: v for k, v in data.items() if k in known})

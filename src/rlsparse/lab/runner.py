@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlsparse.errors import OutputError, UsageError
@@ -51,6 +50,8 @@ class LabOptions:
         n_test: Held-out problems per family.
         conjecture: Run the Conjecture 1 reruns for recipes that ask for them.
         report: Render the report at the end.
+        max_new_tokens: Answer length budget for evaluation and policy sampling (raise it for real data;
+            GRPO's own budget is the recipe's ``trl.max_completion_length``).
     """
 
     out: Path
@@ -65,6 +66,7 @@ class LabOptions:
     n_test: int = 200
     conjecture: bool = True
     report: bool = True
+    max_new_tokens: int = 6
 
 
 class _Run:
@@ -102,7 +104,7 @@ class _Run:
         if missing:
             model, tok = load_model(self.base_path, self.opts.device)
             for f in missing:
-                self._base_acc[f] = accuracy(model, tok, tests[f])
+                self._base_acc[f] = accuracy(model, tok, tests[f], max_new_tokens=self.opts.max_new_tokens)
         return {f: self._base_acc[f] for f in tests}
 
     def policy_samples(self, recipe: Recipe, problems: list[Problem]):
@@ -110,7 +112,8 @@ class _Run:
         if key not in self._samples:
             model, tok = load_model(self.base_path, self.opts.device)
             self.log(f"  sampling {recipe.samples_per_prompt} completions x {len(problems)} prompts from the base")
-            self._samples[key] = labdata.sample(model, tok, problems, recipe.samples_per_prompt, seed=recipe.seed)
+            self._samples[key] = labdata.sample(model, tok, problems, recipe.samples_per_prompt, seed=recipe.seed,
+                                                  max_new_tokens=self.opts.max_new_tokens)
         return self._samples[key]
 
 
@@ -207,7 +210,8 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     del trainer, final, model
     # Accuracy of the checkpoint as saved: the same view the sparsity numbers use.
     saved, tok = load_model(out, run.opts.device)
-    acc = {f: accuracy(saved, tok, probs) for f, probs in run.test_sets(recipe).items()}
+    acc = {f: accuracy(saved, tok, probs, max_new_tokens=run.opts.max_new_tokens)
+           for f, probs in run.test_sets(recipe).items()}
     return {"seconds": round(seconds, 2), "accuracy": acc, "rows": len(rows), "log_history": history}
 
 
@@ -273,8 +277,6 @@ def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = meas
 
 def _outside_mask_changed(base: Path, sub: Path, mask: dict) -> int:
     """Elements outside the mask that differ from the base (must be 0: checks the masking)."""
-    import torch
-
     a, b = measure._weights(base), measure._weights(sub)
     return int(sum(((a[k] != b[k]) & ~mask[k]).sum() for k in a if k in mask)) if a else 0
 
@@ -340,8 +342,11 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
         log("base: building or reusing the cached tiny base ...")
         run.base_path = ensure_base(opts.base, opts.cache_dir, device=opts.device,
                                     progress=lambda s, n, l: log(f"  pretraining step {s}/{n}, loss {l:.3f}")
-                                    if s % max(1, n // 5) == 0 else None)
-        log(f"base: {run.base_path}")
+                                    if s % 40 == 0 else None)
+        meta = base_metadata(run.base_path) or {}
+        acc = ", ".join(f"{k} {v:.1%}" for k, v in (meta.get("test_accuracy") or {}).items())
+        log(f"base: {run.base_path} ({meta.get('num_parameters')} parameters, {meta.get('steps_trained')} steps, "
+            f"held-out accuracy {acc})")
     run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base": str(run.base_path),
                 "base_metadata": base_metadata(run.base_path), "device": opts.device, "quick": opts.quick,
