@@ -16,7 +16,7 @@ def tiny_config():
 def tiny_base(tmp_path_factory):
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     from rlsparse.lab.base import ensure_base
 
     return ensure_base(TINY, cache_dir=tmp_path_factory.mktemp("lab-cache"))

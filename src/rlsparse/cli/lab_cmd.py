@@ -32,6 +32,7 @@ def add_lab_parser(sub) -> None:
     run.add_argument("--fp32-checkpoints", action="store_true",
                      help="save finetuned checkpoints in float32 instead of bfloat16 (the precision view)")
     run.add_argument("--cache-dir", default=None, help="where the tiny base is cached (default ~/.cache/rlsparse/lab)")
+    run.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")
     run.set_defaults(func=_run)
 
@@ -62,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
                       checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
-                      cache_dir=args.cache_dir, conjecture=not args.no_conjecture)
+                      cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads)
     run_dir = run_lab(names, opts)
     print(f"run folder: {run_dir}")
     return 0
