@@ -1,9 +1,9 @@
 """``rlsparse demo``: the miniature reproduction end to end, in minutes on a laptop CPU.
 
-Base (cached or built); SFT out of distribution, RFT, DPO on the policy's own pairs and on
-constructed pairs, GRPO with KL and clipping and without both, each at three learning rates;
-then the diffs, the Conjecture 1 subnetwork reruns (DPO, GRPO) and the report. ``rlsparse lab
-run all --quick`` adds the remaining recipes (in-distribution SFT, the other GRPO variants).
+Base (cached or built); every built-in recipe with its quick settings (SFT in and out of
+distribution, RFT, DPO on the policy's own and on constructed pairs, GRPO with/without KL and
+clipping), each at three learning rates; then the diffs, the Conjecture 1 subnetwork reruns
+(DPO, GRPO) and the report.
 """
 
 from __future__ import annotations

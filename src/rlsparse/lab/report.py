@@ -49,12 +49,16 @@ def _eval_family(results: dict) -> str:
 
 
 def _sparsity_finding(results: dict) -> Finding:
-    rl, sft = _points(results, RL), _points(results, SFT)
-    rft = _points(results, ("rft",))
-    fam = _eval_family(results)
-    curves = {name: [{"lr": p["learning_rate"], "sparsity": p["sparsity"][TOL],
-                      "gain": p["accuracy_gain"].get(fam)} for p in pts] for name, pts in {**rl, **sft, **rft}.items()}
+    # The paper's contrast: RL on in-distribution data (on-policy, or off-policy after SFT) against
+    # conventional SFT on data the policy did not write. The controls (RFT, DPO on out-of-distribution
+    # pairs) enter only the in- vs out-of-distribution comparison.
     in_dist = {name: e["recipe"]["in_distribution"] for name, e in results["recipes"].items()}
+    rl = {n: p for n, p in _points(results, RL).items() if in_dist[n]}
+    sft = {n: p for n, p in _points(results, SFT).items() if not in_dist[n]}
+    controls = {n: p for n, p in _points(results, RL + ("rft",)).items() if n not in rl}
+    fam = _eval_family(results)
+    curves = {name: [{"lr": p["learning_rate"], "sparsity": p["sparsity"][TOL], "gain": p["accuracy_gain"].get(fam)}
+                     for p in pts] for name, pts in {**rl, **sft, **controls}.items()}
     rl_by_lr, sft_by_lr = _by_lr(rl), _by_lr(sft)
     matched = sorted(set(rl_by_lr) & set(sft_by_lr))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -91,7 +95,7 @@ def _sparsity_finding(results: dict) -> Finding:
                    "RL 68.5-96.0% sparse (Table 1); SFT 6-15% (Figure 1); RFT 91.2%, DPO out-of-distribution 6.8-7.7%, "
                    "DPO in-distribution 81.4% (Table 5)", verdict, "; ".join(parts) + ".",
                    {"curves": curves, "in_distribution": in_dist, "rl": sorted(rl), "sft": sorted(sft), "matched_lrs": matched, "rl_sparser_at": wins,
-                    "in_vs_out": id_ood}, "sparsity_vs_lr.png", _seeds(results, {**rl, **sft, **rft}))
+                    "in_vs_out": id_ood}, "sparsity_vs_lr.png", _seeds(results, {**rl, **sft, **controls}))
 
 
 def _by_lr(points: dict[str, list[dict]]) -> dict[float, list[float]]:

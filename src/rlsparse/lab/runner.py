@@ -29,7 +29,8 @@ from rlsparse.lab.recipes import Recipe, load_recipe, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
 
 RUN_SCHEMA_VERSION = 1
-DEMO_RECIPES = ("sft_ood", "rft", "dpo_id", "dpo_ood", "grpo", "grpo_nokl_noclip")
+DEMO_RECIPES = ("sft_ood", "sft_id", "rft", "dpo_id", "dpo_ood", "grpo", "grpo_nokl", "grpo_noclip",
+                "grpo_nokl_noclip")
 
 
 @dataclass
