@@ -57,6 +57,10 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
         # a learning rate of 1e-2 for 2 Adam steps moves most bf16 weights, unless GRPO had no signal
         if name != "t_grpo":
             assert points[-1]["sparsity"]["0"] < 0.5
+    grpo = results["recipes"]["t_grpo"]["points"][0]
+    assert grpo["trainer"] == "GRPOTrainer"
+    assert grpo["trl_config"]["beta"] == 0.04 and grpo["trl_config"]["max_grad_norm"] == 0.0
+    assert grpo["trl_config"]["learning_rate"] == 1e-2 and grpo["trl_config"]["max_steps"] == 2
     conj = results["conjecture"]
     assert set(conj) == {"t_dpo", "t_grpo"}
     for c in conj.values():

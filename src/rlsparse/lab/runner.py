@@ -186,6 +186,7 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
         callbacks.append(masked.callback())
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
         args = _trl_config(recipe, lr, workdir, run.opts.device)
+        effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
         dataset = Dataset.from_list(rows)
         if recipe.algorithm in ("sft", "rft"):
             trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
@@ -215,7 +216,18 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     saved, tok = load_model(out, run.opts.device)
     acc = {f: accuracy(saved, tok, probs, max_new_tokens=run.opts.max_new_tokens)
            for f, probs in run.test_sets(recipe).items()}
-    return {"seconds": round(seconds, 2), "accuracy": acc, "rows": len(rows), "log_history": history}
+    return {"seconds": round(seconds, 2), "accuracy": acc, "rows": len(rows), "log_history": history,
+            "trainer": type(args).__name__.replace("Config", "Trainer"), "trl_config": effective}
+
+
+_RECORDED = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+             "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "seed", "beta",
+             "loss_type", "num_generations", "max_completion_length", "temperature", "epsilon", "scale_rewards",
+             "max_length", "completion_only_loss", "bf16")
+
+
+def _plain(value):
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
 def _losses(log_history: list[dict]) -> list[dict]:
