@@ -53,8 +53,9 @@ def test_sparsity_counts_known_changes_exactly(tiny_base, tmp_path):
     assert r["numel"] == numel
     assert r["changed"]["0"] == 3 and r["changed"]["1e-05"] == 3
     assert r["by_layer"]["1"]["changed"]["0"] == 3 and r["by_layer"]["0"]["changed"]["0"] == 0
-    assert r["by_type"]["q_proj"]["changed"]["0"] == 3
-    assert r["grid"]["1|q_proj"]["changed"]["0"] == 3
+    # type labels depend on the backend ("q_proj" lab-local, "q" with rlsparse.diff)
+    assert [k for k, v in r["by_type"].items() if v["changed"]["0"]] in (["q_proj"], ["q"])
+    assert [k for k, v in r["grid"].items() if v["changed"]["0"]] in (["1|q_proj"], ["1|q"])
     assert r["sparsity"]["0"] == pytest.approx(1 - 3 / numel)
     mask = measure.subnetwork_mask(tiny_base, tmp_path / "ft")
     assert int(mask[name].sum()) == 3 and sum(int(m.sum()) for m in mask.values()) == 3
@@ -63,13 +64,14 @@ def test_sparsity_counts_known_changes_exactly(tiny_base, tmp_path):
 def test_sparsity_rejects_other_models(tiny_base, tmp_path):
     (tmp_path / "other").mkdir()
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other" / "model.safetensors"))
-    with pytest.raises(MismatchError, match="not the same model"):
+    with pytest.raises(MismatchError):
         measure.sparsity(tiny_base, tmp_path / "other")
     with pytest.raises(CheckpointError):
         measure.sparsity(tiny_base, tmp_path / "nothing")
 
 
 def test_masked_training_leaves_frozen_elements_bit_identical(tiny_base):
+    # the lab-local stand-in (TODO(integrate): goes with it); the TRL path is checked in test_lab_runner
     model, tok = load_model(tiny_base)
     torch.manual_seed(0)
     mask = {n: torch.rand(p.shape) < 0.3 for n, p in model.named_parameters()}

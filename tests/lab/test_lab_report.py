@@ -86,3 +86,14 @@ def test_render_writes_html_markdown_json_and_figures(tmp_path):
 def test_render_of_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(CheckpointError, match="no results.json"):
         render(tmp_path)
+
+
+def test_a_skipped_conjecture_rerun_is_reported_not_plotted(tmp_path):
+    results = _results(0.8, 0.1)
+    results["conjecture"]["grpo"] = {"recipe": "grpo", "learning_rate": 1e-5, "seed": 7, "steps": 10,
+                                     "mask_density": 0.0, "skipped": "the full run changed no parameter"}
+    f = _by_key(results)["conjecture"]
+    assert f.verdict == "partly reproduces" and "grpo: not rerun" in f.sentence
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    render(tmp_path)
+    assert (tmp_path / "figures" / "conjecture_loss.png").is_file()

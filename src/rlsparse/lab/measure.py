@@ -4,13 +4,13 @@ Sparsity (``rlsparse.diff``), masks (``rlsparse.masks``), update rank (``rlspars
 and subnetwork-only training (``rlsparse.train``) are used through the small functions here,
 so integrating the real implementations touches this file only.
 
-TODO(integrate): the bodies below are local stand-ins, written against the agreed interfaces:
-- ``sparsity`` -> ``rlsparse.diff.diff(base, finetuned, tolerances=...)`` (its ``.total``,
-  ``.by_layer()``, ``.by_type()``, ``.grid()`` give the same numbers);
-- ``subnetwork_mask`` -> the mask file written by ``diff(..., mask_path=...)``, loaded with
-  ``rlsparse.masks.Mask.load``;
-- ``update_rank`` -> ``rlsparse.analysis`` update rank;
-- ``MaskedTraining`` -> ``rlsparse.train.MaskCallback(mask)``.
+``backend()`` says which implementation is in use, and the runner records it in ``run.json``:
+"rlsparse" when ``rlsparse.diff.diff``, ``rlsparse.masks.Mask`` and ``rlsparse.train.MaskCallback``
+are importable, else "lab-local", the stand-ins below, written against the same interfaces and
+checked to give the same counts as ``rlsparse.diff`` on the lab's checkpoints.
+
+TODO(integrate): once diff/masks/train are on this branch, delete the "lab-local" stand-ins
+(``_local_sparsity``, ``MaskedTraining``) and ``backend()``; ``update_rank`` -> ``rlsparse.analysis``.
 """
 
 from __future__ import annotations
@@ -48,18 +48,41 @@ def _meaning(name: str) -> tuple[int | None, str]:
     return layer, kind
 
 
+def backend() -> str:
+    """"rlsparse" when the real diff/masks/train stages are importable, else "lab-local"."""
+    try:
+        from rlsparse.diff import diff  # noqa: F401
+        from rlsparse.masks import Mask  # noqa: F401
+        from rlsparse.train import attach_mask  # noqa: F401
+    except ImportError:
+        return "lab-local"
+    return "rlsparse"
+
+
 def sparsity(base: str | os.PathLike, finetuned: str | os.PathLike, tolerances=TOLERANCES) -> dict:
     """Update sparsity between two checkpoints, in total, per layer, per matrix type and per (layer, type).
 
     Values are compared as stored (bf16 checkpoints are widened to float32): an element
     counts as changed when ``|new - old| > tol`` (``new != old`` at tolerance 0).
 
-    TODO(integrate): replace with ``rlsparse.diff.diff``.
-
     Returns:
         {"numel", "changed": {label: n}, "sparsity": {label: s}, "by_layer", "by_type", "grid"},
-        where the groupings map a key to {"numel", "changed": {label: n}}.
+        where the groupings map a key ("3", "q_proj", "3|q_proj") to {"numel", "changed": {label: n}}.
     """
+    if backend() == "lab-local":
+        return _local_sparsity(base, finetuned, tolerances)
+    from rlsparse.diff import diff
+
+    r = diff(base, finetuned, tolerances=list(tolerances))
+    agg = lambda a: {"numel": a.numel, "changed": {t: int(a.changed[t]) for t in tolerances}}  # noqa: E731
+    total = agg(r.total)
+    total["sparsity"] = {t: 1 - total["changed"][t] / total["numel"] for t in tolerances}
+    return {**total, "by_layer": {str(k): agg(a) for k, a in r.by_layer().items()},
+            "by_type": {str(k): agg(a) for k, a in r.by_type().items()},
+            "grid": {f"{k[0]}|{k[1]}": agg(a) for k, a in r.grid().items()}}
+
+
+def _local_sparsity(base, finetuned, tolerances=TOLERANCES) -> dict:
     import torch
 
     a, b = _weights(base), _weights(finetuned)
@@ -115,7 +138,8 @@ def update_rank(base: str | os.PathLike, finetuned: str | os.PathLike) -> dict:
 def subnetwork_mask(base: str | os.PathLike, finetuned: str | os.PathLike, tolerance: str = PAPER_TOLERANCE) -> dict:
     """The subnetwork of a finetune: per tensor, True where ``|new - old| > tolerance``.
 
-    TODO(integrate): write it with ``diff(..., mask_path=...)`` and load it with ``Mask.load``.
+    Same rule as ``rlsparse.diff``'s mask (``|new - old| > tolerance``); kept as in-memory tensors
+    because the rerun starts at once. TODO(integrate): or ``diff(..., mask_path=...)`` + ``Mask.load``.
     """
     import torch
 
@@ -123,6 +147,26 @@ def subnetwork_mask(base: str | os.PathLike, finetuned: str | os.PathLike, toler
     tol = float(tolerance)
     return {k: ((b[k].to(torch.float32) - a[k].to(torch.float32)).abs() > tol) if tol > 0 else (b[k] != a[k])
             for k in a}
+
+
+def masked_training(model, mask: dict):
+    """Start subnetwork-only training of ``model``; returns (trainer callback, finish()).
+
+    ``finish()`` detaches the masking after training. With the real backend this is
+    ``rlsparse.train.MaskCallback`` (verify=True: it raises if a masked-out element moved).
+    """
+    if backend() == "lab-local":
+        masked = MaskedTraining(model, mask)
+
+        def finish():
+            masked.restore()
+            masked.detach()
+
+        return masked.callback(), finish
+    from rlsparse.masks import Mask
+    from rlsparse.train import MaskCallback
+
+    return MaskCallback(Mask.from_tensors(mask), verify=True), (lambda: None)
 
 
 def _callback_base():
@@ -139,7 +183,7 @@ class MaskedTraining:
     so weight decay or numerical noise cannot move them. Use ``callback()`` inside a TRL
     trainer.
 
-    TODO(integrate): replace with ``rlsparse.train.attach_mask`` / ``MaskCallback(mask)``.
+    TODO(integrate): the lab-local stand-in for ``rlsparse.train.MaskCallback(mask)``.
 
     Example:
         >>> masked = MaskedTraining(model, mask)

@@ -224,6 +224,10 @@ def _conjecture_finding(results: dict) -> Finding:
     if not conj:
         return Finding("conjecture", "Table 3 / Figure 4: Conjecture 1", "", "not measured", "No rerun was made.")
     parts, ok = [], []
+    skipped = {n: c for n, c in conj.items() if c.get("skipped")}
+    conj = {n: c for n, c in conj.items() if not c.get("skipped")}
+    parts += [f"{n}: not rerun ({c['skipped']})" for n, c in skipped.items()]
+    ok += [False] * len(skipped)
     for name, c in conj.items():
         base = results["recipes"][name]["base_accuracy"].get(fam)
         full, sub = c["accuracy"]["full"].get(fam), c["accuracy"]["sub"].get(fam)
@@ -239,9 +243,10 @@ def _conjecture_finding(results: dict) -> Finding:
     return Finding("conjecture", "Table 3 / Figure 4: Conjecture 1, retraining only the subnetwork",
                    "DPO: 94.0% identical at 1e-5, 100% at 1e-4, sub +1.6 pts avg; PRIME: 90.5% / 100%, +2.4 pts",
                    verdict, "; ".join(parts) + ".",
-                   {n: {k: c[k] for k in ("learning_rate", "mask_density", "accuracy", "identical_share",
-                                          "changed_outside_mask", "seed", "steps")} for n, c in conj.items()},
-                   "conjecture_loss.png", {n: c["seed"] for n, c in conj.items()})
+                   {**{n: {k: c[k] for k in ("learning_rate", "mask_density", "accuracy", "identical_share",
+                                             "changed_outside_mask", "seed", "steps")} for n, c in conj.items()},
+                    **{n: {"skipped": c["skipped"]} for n, c in skipped.items()}},
+                   "conjecture_loss.png" if conj else None, {n: c["seed"] for n, c in {**conj, **skipped}.items()})
 
 
 def findings(results: dict) -> list[Finding]:
@@ -313,7 +318,7 @@ def _plot(f: Finding, results: dict, figdir: Path) -> None:
         ax.set_ylabel("sparsity at 1e-5 (%)")
         ax.legend(fontsize=7)
     elif f.key == "conjecture":
-        conj = results["conjecture"]
+        conj = {n: c for n, c in results["conjecture"].items() if not c.get("skipped")}
         fig, axes = plt.subplots(1, len(conj), figsize=(5 * len(conj), 3.5), squeeze=False)
         for ax, (name, c) in zip(axes[0], conj.items()):
             for which, style in (("full", "-"), ("sub", "--")):

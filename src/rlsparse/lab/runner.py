@@ -180,10 +180,10 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
 
     _set_seed(recipe.seed)
     model, tok = load_model(run.base_path, run.opts.device)
-    callbacks, masked = [], None
+    callbacks, finish = [], None
     if mask is not None:
-        masked = measure.MaskedTraining(model, mask)
-        callbacks.append(masked.callback())
+        callback, finish = measure.masked_training(model, mask)
+        callbacks.append(callback)
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
         args = _trl_config(recipe, lr, workdir, run.opts.device)
         effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
@@ -205,9 +205,8 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
         seconds = time.time() - start
         history = _losses(trainer.state.log_history)
         final = trainer.model
-    if masked is not None:
-        masked.restore()
-        masked.detach()
+    if finish is not None:
+        finish()
     save_model(final, tok, out, dtype=run.opts.checkpoint_dtype,
                meta={"recipe": recipe.name, "learning_rate": lr, "subnetwork_only": mask is not None,
                      "precision": {"training": "float32", "checkpoint": run.opts.checkpoint_dtype}})
@@ -277,6 +276,11 @@ def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = meas
     mask = measure.subnetwork_mask(run.base_path, full, tolerance)
     density = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
     run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance})")
+    if density == 0:
+        # Nothing to retrain: the full run moved no weight beyond the tolerance.
+        return {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
+                "mask_tolerance": tolerance, "mask_density": 0.0, "full_checkpoint": best["checkpoint"],
+                "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
     rows = build_rows(run, recipe)
     trained = train_one(run, recipe, lr, rows, sub, mask=mask)
     same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
@@ -372,7 +376,8 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
                 "precision": {"training": "float32", "checkpoint": opts.checkpoint_dtype,
                               "base_checkpoint": _stored_dtype(run.base_path)},
                 "recipes": [r.to_dict() for r in recipes],
-                "seeds": {r.name: r.seed for r in recipes}, "versions": _versions()}
+                "seeds": {r.name: r.seed for r in recipes}, "versions": _versions(),
+                "measure_backend": measure.backend()}
     _write_json(out / "run.json", run_meta)
     results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {}}
     for recipe in recipes:
