@@ -12,7 +12,9 @@ def _point(lr, sparsity, gain, rank=1.0):
     s = {t: min(1.0, sparsity + 0.001 * i) for i, t in enumerate(TOLS)}
     cell = lambda sp: {"numel": 100, "changed": {t: round(100 * (1 - sp)) for t in TOLS}}  # noqa: E731
     return {"learning_rate": lr, "sparsity": s, "accuracy": {"add": 0.5 + gain}, "accuracy_gain": {"add": gain},
-            "update_rank": rank, "log_history": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}],
+            "update_rank": rank, "trace": [{"step": i, "bf16": 1 - (1 - sparsity) * min(1, i / 3),
+                                            "fp32": 0.5 - 0.5 * min(1, i / 3)} for i in range(10)],
+            "log_history": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}],
             "by_layer": {"0": cell(sparsity), "1": cell(sparsity), "None": cell(1.0)},
             "by_type": {"q_proj": cell(sparsity), "input_layernorm": cell(1.0)},
             "grid": {"0|q_proj": cell(sparsity), "1|q_proj": cell(sparsity), "0|input_layernorm": cell(1.0)}}
@@ -97,3 +99,12 @@ def test_a_skipped_conjecture_rerun_is_reported_not_plotted(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(results))
     render(tmp_path)
     assert (tmp_path / "figures" / "conjecture_loss.png").is_file()
+
+
+def test_dynamics_and_precision_findings():
+    f = _by_key(_results(0.8, 0.1))
+    dyn, prec = f["dynamics"], f["precision"]
+    assert dyn.verdict == "reproduces"  # the synthetic trace falls early and then stays flat
+    assert set(dyn.data["curves"]) == {"dpo_id lr 1e-05", "grpo lr 1e-06", "grpo_nokl lr 1e-06"}
+    assert prec.data["rows"]["grpo"][0] == {"lr": 1e-6, "bf16": pytest.approx(0.8), "fp32": 0.0}
+    assert "made by bf16 rounding" in prec.sentence

@@ -57,6 +57,12 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
         # a learning rate of 1e-2 for 2 Adam steps moves most bf16 weights, unless GRPO had no signal
         if name != "t_grpo":
             assert points[-1]["sparsity"]["0"] < 0.5
+    for p in results["recipes"]["t_sft"]["points"]:
+        trace = p["trace"]
+        assert trace[0] == {"step": 0, "bf16": 1.0, "fp32": 1.0} and trace[-1]["step"] == 2
+        # the live bf16 view at the last step is exactly what the saved bf16 checkpoint shows
+        assert trace[-1]["bf16"] == pytest.approx(p["sparsity"]["1e-05"], abs=1e-12)
+        assert trace[-1]["fp32"] <= trace[-1]["bf16"]
     grpo = results["recipes"]["t_grpo"]["points"][0]
     assert grpo["trainer"] == "GRPOTrainer"
     assert grpo["trl_config"]["beta"] == 0.04 and grpo["trl_config"]["max_grad_norm"] == 0.0

@@ -33,6 +33,8 @@ def add_lab_parser(sub) -> None:
                      help="save finetuned checkpoints in float32 instead of bfloat16 (the precision view)")
     run.add_argument("--cache-dir", default=None, help="where the tiny base is cached (default ~/.cache/rlsparse/lab)")
     run.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    run.add_argument("--no-trace", action="store_true",
+                     help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
     run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")
     run.set_defaults(func=_run)
 
@@ -63,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
                       checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
-                      cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads)
+                      cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace)
     run_dir = run_lab(names, opts)
     print(f"run folder: {run_dir}")
     return 0

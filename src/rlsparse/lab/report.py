@@ -249,10 +249,56 @@ def _conjecture_finding(results: dict) -> Finding:
                    "conjecture_loss.png" if conj else None, {n: c["seed"] for n, c in {**conj, **skipped}.items()})
 
 
+def _precision_finding(results: dict) -> Finding:
+    rows = {}
+    for name, e in results["recipes"].items():
+        for p in e["points"]:
+            if p.get("trace"):
+                end = p["trace"][-1]
+                rows.setdefault(name, []).append({"lr": p["learning_rate"], "bf16": end["bf16"], "fp32": end["fp32"]})
+    title = "Precision view: bf16 checkpoints vs the fp32 master weights"
+    paper = "all models compared in bfloat16 at tolerance 1e-5 (Section 2.2); no fp32 view reported"
+    if not rows:
+        return Finding("precision", title, paper, "not measured", "No run recorded a trace.")
+    gaps = [(n, r) for n, rs in rows.items() for r in rs]
+    n, r = max(gaps, key=lambda t: t[1]["bf16"] - t[1]["fp32"])
+    sentence = (f"The optimiser leaves {_pct(min(x['fp32'] for _, x in gaps))} to {_pct(max(x['fp32'] for _, x in gaps))} "
+                f"of fp32 master weights untouched, while the bf16 checkpoints read {_pct(min(x['bf16'] for _, x in gaps))} "
+                f"to {_pct(max(x['bf16'] for _, x in gaps))} sparse; the largest gap ({n}, lr {r['lr']:g}: bf16 "
+                f"{_pct(r['bf16'])} vs fp32 {_pct(r['fp32'])}) is sparsity made by bf16 rounding, not by the optimiser.")
+    return Finding("precision", title, paper, "context (not a paper claim)", sentence, {"rows": rows},
+                   "precision_view.png", _seeds(results, rows))
+
+
+def _dynamics_finding(results: dict) -> Finding:
+    curves = {}
+    for name in _points(results, RL):
+        p = _chosen(results, name)
+        if p and p.get("trace") and len(p["trace"]) > 3:
+            curves[f"{name} lr {p['learning_rate']:g}"] = p["trace"]
+    title = "Figure 5: sparsity along training (RL runs)"
+    paper = "PRIME: sparsity decays slowly with steps and levels off near 80%"
+    if not curves:
+        return Finding("dynamics", title, paper, "not measured", "No RL run recorded a trace.")
+    parts, slowing = [], []
+    for k, tr in curves.items():
+        third = max(1, (len(tr) - 1) // 3)
+        first = tr[1]["bf16"] - tr[1 + third]["bf16"] if len(tr) > 1 + third else 0.0
+        last = tr[-1 - third]["bf16"] - tr[-1]["bf16"]
+        slowing.append(last <= first)
+        parts.append(f"{k}: {_pct(tr[1]['bf16'])} after step {tr[1]['step']}, {_pct(tr[-1]['bf16'])} at step "
+                     f"{tr[-1]['step']} (drop {100 * first:.1f} points in the first third, {100 * last:.1f} in the last)")
+    verdict = "reproduces" if all(slowing) else "partly reproduces" if any(slowing) else \
+        "does not reproduce at this scale"
+    return Finding("dynamics", title, paper, verdict, "; ".join(parts) + ".", {"curves": curves},
+                   "sparsity_vs_steps.png", _seeds(results, [k.split(" ")[0] for k in curves]))
+
+
 def findings(results: dict) -> list[Finding]:
     """Every finding computed from a run's ``results.json`` data (no plotting)."""
     return [_sparsity_finding(results), _tolerance_finding(results), _rank_finding(results),
-            _layer_finding(results), _kl_clip_finding(results), _conjecture_finding(results)]
+            _layer_finding(results), _kl_clip_finding(results), _conjecture_finding(results),
+            _dynamics_finding(results), _precision_finding(results)]
 
 
 def _plot(f: Finding, results: dict, figdir: Path) -> None:
@@ -328,6 +374,24 @@ def _plot(f: Finding, results: dict, figdir: Path) -> None:
             ax.set_xlabel("step")
             ax.set_ylabel("training loss")
             ax.legend(fontsize=7)
+    elif f.key == "dynamics":
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, tr in f.data["curves"].items():
+            ax.plot([t["step"] for t in tr], [100 * t["bf16"] for t in tr], marker="o", label=f"{name} (bf16)")
+            ax.plot([t["step"] for t in tr], [100 * t["fp32"] for t in tr], ":", label=f"{name} (fp32 untouched)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("sparsity (%)")
+        ax.legend(fontsize=7)
+    elif f.key == "precision":
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (name, rs) in enumerate(f.data["rows"].items()):
+            color = f"C{i % 10}"
+            ax.plot([r["lr"] for r in rs], [100 * r["bf16"] for r in rs], "-o", color=color, label=f"{name} bf16")
+            ax.plot([r["lr"] for r in rs], [100 * r["fp32"] for r in rs], ":x", color=color)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("sparsity (%): bf16 solid, fp32 dotted")
+        ax.legend(fontsize=6)
     else:  # pragma: no cover
         return
     fig.tight_layout()

@@ -27,6 +27,7 @@ from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
 from rlsparse.lab.recipes import Recipe, load_recipe, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
+from rlsparse.lab.trace import sparsity_trace
 
 RUN_SCHEMA_VERSION = 1
 DEMO_RECIPES = ("sft_ood", "sft_id", "rft", "dpo_id", "dpo_ood", "grpo", "grpo_nokl", "grpo_noclip",
@@ -54,6 +55,8 @@ class LabOptions:
             GRPO's own budget is the recipe's ``trl.max_completion_length``).
         threads: CPU threads for torch. One is the default: the models are tiny, and on a shared
             machine two threads waiting on each other ran 3x slower than one.
+        trace: Record sparsity along training (bf16 and fp32 views; keeps one fp32 copy of the
+            starting weights in memory). Turn off for large ``--model`` runs.
     """
 
     out: Path
@@ -70,6 +73,7 @@ class LabOptions:
     report: bool = True
     max_new_tokens: int = 6
     threads: int = 1
+    trace: bool = True
 
 
 class _Run:
@@ -184,6 +188,9 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     if mask is not None:
         callback, finish = measure.masked_training(model, mask)
         callbacks.append(callback)
+    tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
+    if tracer is not None:
+        callbacks.append(tracer)
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
         args = _trl_config(recipe, lr, workdir, run.opts.device)
         effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
@@ -216,7 +223,8 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     acc = {f: accuracy(saved, tok, probs, max_new_tokens=run.opts.max_new_tokens)
            for f, probs in run.test_sets(recipe).items()}
     return {"seconds": round(seconds, 2), "accuracy": acc, "rows": len(rows), "log_history": history,
-            "trainer": type(args).__name__.replace("Config", "Trainer"), "trl_config": effective}
+            "trainer": type(args).__name__.replace("Config", "Trainer"), "trl_config": effective,
+            "trace": tracer.trace if tracer is not None else None}
 
 
 _RECORDED = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
