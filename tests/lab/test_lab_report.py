@@ -9,7 +9,8 @@ TOLS = ("0", "1e-08", "1e-07", "1e-06", "1e-05", "1e-04")
 
 
 def _point(lr, sparsity, gain, rank=1.0):
-    s = {t: min(1.0, sparsity + 0.001 * i) for i, t in enumerate(TOLS)}
+    bump = {"0": 0.0, "1e-08": 0.0, "1e-07": 0.0, "1e-06": 0.001, "1e-05": 0.02, "1e-04": 0.05}
+    s = {t: min(1.0, sparsity + bump[t]) for t in TOLS}
     cell = lambda sp: {"numel": 100, "changed": {t: round(100 * (1 - sp)) for t in TOLS}}  # noqa: E731
     return {"learning_rate": lr, "sparsity": s, "accuracy": {"add": 0.5 + gain}, "accuracy_gain": {"add": gain},
             "update_rank": rank, "trace": [{"step": i, "bf16": 1 - (1 - sparsity) * min(1, i / 3),
@@ -63,7 +64,7 @@ def test_verdicts_follow_the_data():
 
     direction_only = _by_key(_results(rl_sparsity=0.3, sft_sparsity=0.1))
     assert direction_only["sparsity_sft_vs_rl"].verdict == "partly reproduces"
-    assert "30.4% sparse" in direction_only["sparsity_sft_vs_rl"].sentence
+    assert "32.0% sparse" in direction_only["sparsity_sft_vs_rl"].sentence
 
     bad = _by_key(_results(rl_sparsity=0.1, sft_sparsity=0.5, conj_sub=0.3, kl_gap=0.2))
     assert bad["sparsity_sft_vs_rl"].verdict.startswith("does not reproduce")
@@ -107,4 +108,5 @@ def test_dynamics_and_precision_findings():
     assert dyn.verdict == "reproduces"  # the synthetic trace falls early and then stays flat
     assert set(dyn.data["curves"]) == {"dpo_id lr 1e-05", "grpo lr 1e-06", "grpo_nokl lr 1e-06"}
     assert prec.data["rows"]["grpo"][0] == {"lr": 1e-6, "bf16": pytest.approx(0.8), "fp32": 0.0}
+    assert f["tolerance"].data["rise_1e-8_to_1e-6"] == pytest.approx(0.001)
     assert "made by bf16 rounding" in prec.sentence

@@ -119,13 +119,21 @@ def _tolerance_finding(results: dict) -> Finding:
         return Finding("tolerance", "Table 6: sparsity under tolerances", "", "not measured", "No runs.")
     labels = sorted(next(iter(rows.values())).keys(), key=float)
     monotone = all(all(s[a] <= s[b] + 1e-12 for a, b in zip(labels, labels[1:])) for s in rows.values())
+    low = max(s.get("1e-06", 0) - s.get("1e-08", 0) for s in rows.values())
     rises = [s.get(TOL, 0) - s.get("1e-08", 0) for s in rows.values()]
-    sentence = (f"Sparsity {'never falls' if monotone else 'is not monotone'} as the tolerance grows; from 1e-8 to "
-                f"1e-5 it rises by {100 * min(rises):.1f} to {100 * max(rises):.1f} points (paper: 0.4 to 28.5 points).")
-    verdict = "reproduces" if monotone else "does not reproduce"
+    # Paper, Table 6: from 1e-8 to 1e-6 sparsity rises by at most 1.4 points; to 1e-5 by 0.4 to 28.5.
+    flat_below = low <= 0.014
+    jump_in_range = 0.004 <= max(rises) <= 0.285
+    sentence = (f"From 1e-8 to 1e-6 sparsity rises by at most {100 * low:.1f} points (paper: at most 1.4); from 1e-8 "
+                f"to 1e-5 by {100 * min(rises):.1f} to {100 * max(rises):.1f} points (paper: 0.4 to 28.5)"
+                + ("." if monotone else "; some run is not monotone in the tolerance, which indicates a bug."))
+    verdict = ("reproduces" if flat_below and jump_in_range and monotone else
+               "partly reproduces" if flat_below and monotone else "does not reproduce at this scale")
     return Finding("tolerance", "Table 6: sparsity (%) under tolerances 0 to 1e-4",
-                   "e.g. Tulu-3-8B DPO 76.04 / 76.04 / 76.14 / 81.38 at 1e-8 / 1e-7 / 1e-6 / 1e-5", verdict, sentence,
-                   {"labels": labels, "rows": rows}, "tolerance_sweep.png", _seeds(results, results["recipes"]))
+                   "e.g. Tulu-3-8B DPO 76.04 / 76.04 / 76.14 / 81.38 at 1e-8 / 1e-7 / 1e-6 / 1e-5; over 12 "
+                   "checkpoints at most +1.4 points from 1e-8 to 1e-6 and +0.4 to +28.5 to 1e-5", verdict, sentence,
+                   {"labels": labels, "rows": rows, "monotone": monotone, "rise_1e-8_to_1e-6": low},
+                   "tolerance_sweep.png", _seeds(results, results["recipes"]))
 
 
 def _rank_finding(results: dict) -> Finding:
