@@ -107,7 +107,7 @@ def test_policy_sample_data_uses_the_base_samples(tiny_base, tmp_path, monkeypat
     run = runner._Run(runner.LabOptions(out=tmp_path), log=lambda m: None)
     run.base_path = tiny_base
     recipe = Recipe(name="x", algorithm="dpo", data="policy_samples", n_train=6, samples_per_prompt=2)
-    train = run.problems("add", 0)[0][:6]
+    train = run.problems("add")[0][:6]
     monkeypatch.setattr(run, "policy_samples",
                         lambda r, probs: [[p.answer, p.answer + "1"] for p in probs])
     rows = runner.build_rows(run, recipe)
@@ -129,3 +129,11 @@ def test_bad_options_fail_before_any_output(tmp_path):
         run_lab(["grpo"], LabOptions(out=tmp_path / "busy", model="x"))
     with pytest.raises(UsageError, match="--device"):
         run_lab(["grpo"], LabOptions(out=tmp_path / "b", device="tpu"))
+
+
+def test_a_bad_trl_field_is_a_usage_error(tmp_path):
+    from rlsparse.lab.recipes import Recipe
+    from rlsparse.lab.runner import _trl_config
+
+    with pytest.raises(UsageError, match="not GRPOConfig fields"):
+        _trl_config(Recipe(name="x", algorithm="grpo", trl={"betta": 0.1}), 1e-5, str(tmp_path), "cpu")

@@ -86,21 +86,22 @@ class _Run:
         self.base_path: Path | None = None
         self._jsonl: list[Problem] | None = load_jsonl(opts.dataset) if opts.dataset else None
 
-    def problems(self, family: str, seed: int) -> tuple[list[Problem], list[Problem]]:
+    def problems(self, family: str) -> tuple[list[Problem], list[Problem]]:
         if self._jsonl is not None:
             import random
 
             rows = list(self._jsonl)
-            random.Random(seed).shuffle(rows)
+            random.Random(self.opts.base.seed).shuffle(rows)
             n_test = min(self.opts.n_test, max(1, len(rows) // 10))
             return rows[n_test:], rows[:n_test]
+        # The base's own split (its seed): held-out problems were never in its pretraining corpus.
         return split(family, seed=self.opts.base.seed, n_test=self.opts.n_test, digits=self.opts.base.digits)
 
     def test_sets(self, recipe: Recipe) -> dict[str, list[Problem]]:
         if self._jsonl is not None:
-            return {"jsonl": self.problems("jsonl", recipe.seed)[1]}
+            return {"jsonl": self.problems("jsonl")[1]}
         fams = dict.fromkeys([self.opts.eval_family, recipe.family, "sub"])
-        return {f: self.problems(f, recipe.seed)[1] for f in fams}
+        return {f: self.problems(f)[1] for f in fams}
 
     def eval_key(self, recipe: Recipe) -> str:
         return "jsonl" if self._jsonl is not None else self.opts.eval_family
@@ -141,7 +142,7 @@ def _quiet() -> None:
 
 
 def build_rows(run: _Run, recipe: Recipe) -> list[dict]:
-    train, _ = run.problems(recipe.family, recipe.seed)
+    train, _ = run.problems(recipe.family)
     train = train[:recipe.n_train]
     if recipe.data == "ground_truth":
         return labdata.sft_rows(train)
@@ -150,7 +151,10 @@ def build_rows(run: _Run, recipe: Recipe) -> list[dict]:
     if recipe.data == "constructed_pairs":
         return labdata.constructed_pairs(train, seed=recipe.seed)
     samples = run.policy_samples(recipe, train)
-    rows = labdata.rft_rows(train, samples) if recipe.algorithm in ("sft", "rft") else labdata.policy_pairs(train, samples)
+    if recipe.algorithm in ("sft", "rft"):
+        rows = labdata.rft_rows(train, samples)
+    else:
+        rows = labdata.policy_pairs(train, samples)
     if not rows:
         raise UsageError(f"recipe {recipe.name}: the base produced no usable samples (no correct/incorrect mix); "
                          "use a base that is right part of the time")
@@ -173,7 +177,14 @@ def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str):
     else:
         cls, defaults = trl.GRPOConfig, dict(num_generations=8, max_completion_length=6, temperature=1.0,
                                              loss_type="grpo", beta=0.0, log_completions=False)
-    return cls(**{**common, **defaults, **extra})
+    unknown = sorted(set(extra) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise UsageError(f"recipe {recipe.name}: trl fields {unknown} are not {cls.__name__} fields; "
+                         "fix the recipe's 'trl' block (see the TRL docs for the config)")
+    try:
+        return cls(**{**common, **defaults, **extra})
+    except ValueError as exc:
+        raise UsageError(f"recipe {recipe.name}: TRL rejected the config ({exc}); fix the recipe") from None
 
 
 def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask: dict | None = None) -> dict:
