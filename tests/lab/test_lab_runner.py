@@ -137,3 +137,15 @@ def test_a_bad_trl_field_is_a_usage_error(tmp_path):
 
     with pytest.raises(UsageError, match="not GRPOConfig fields"):
         _trl_config(Recipe(name="x", algorithm="grpo", trl={"betta": 0.1}), 1e-5, str(tmp_path), "cpu")
+
+
+def test_the_conjecture_uses_the_sparsest_run_that_learned():
+    from rlsparse.lab.runner import choose_subnetwork_run
+
+    pts = [{"learning_rate": lr, "sparsity": {"1e-05": s}, "accuracy_gain": {"add": g}}
+           for lr, s, g in ((1e-6, 0.9, 0.01), (1e-5, 0.5, 0.07), (1e-4, 0.1, 0.3))]
+    assert choose_subnetwork_run(pts, "add")["learning_rate"] == 1e-5
+    for p in pts:
+        p["accuracy_gain"]["add"] = -0.1
+    pts[2]["accuracy_gain"]["add"] = 0.0
+    assert choose_subnetwork_run(pts, "add")["learning_rate"] == 1e-4

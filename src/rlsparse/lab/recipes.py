@@ -19,6 +19,9 @@ from rlsparse.errors import UsageError
 RECIPE_SCHEMA_VERSION = 1
 ALGORITHMS = ("sft", "rft", "dpo", "grpo")
 DATA_KINDS = ("ground_truth", "policy_samples", "constructed_pairs", "prompts")
+# A run "learned" when held-out accuracy rose by at least this much (200 test problems: one
+# standard error of an accuracy near 50% is 3.5 points).
+LEARNED_GAIN = 0.05
 
 
 @dataclass

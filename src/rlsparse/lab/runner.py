@@ -25,7 +25,7 @@ from rlsparse.errors import OutputError, UsageError
 from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
-from rlsparse.lab.recipes import Recipe, load_recipe, recipe_names
+from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
 from rlsparse.lab.trace import sparsity_trace
 
@@ -284,11 +284,11 @@ def run_recipe(run: _Run, recipe: Recipe) -> dict:
 def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = measure.PAPER_TOLERANCE) -> dict:
     """Conjecture 1: retrain from the same start, same data/seed/steps, updating only the full run's subnetwork.
 
-    The full run used is the sweep point with the largest held-out accuracy gain on the eval
-    task (the conjecture only means something where the full run learned).
+    The full run used is the sparsest sweep point that learned (held-out gain of at least
+    LEARNED_GAIN: the conjecture only means something where the full run improved the task and
+    its subnetwork is a real subset); if none learned, the point with the largest gain.
     """
-    fam = run.eval_key(recipe)
-    best = max(entry["points"], key=lambda p: p["accuracy_gain"].get(fam, float("-inf")))
+    best = choose_subnetwork_run(entry["points"], run.eval_key(recipe))
     lr = best["learning_rate"]
     full = run.opts.out / best["checkpoint"]
     sub = run.opts.out / "conjecture" / recipe.name / "sub"
@@ -311,6 +311,14 @@ def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = meas
             "identical_share": same["sparsity"],
             "loss": {"full": best["log_history"], "sub": trained["log_history"]},
             "changed_outside_mask": outside}
+
+
+def choose_subnetwork_run(points: list[dict], family: str) -> dict:
+    """The sparsest point whose accuracy gain is at least LEARNED_GAIN, else the largest-gain point."""
+    learned = [p for p in points if p["accuracy_gain"].get(family, float("-inf")) >= LEARNED_GAIN]
+    if learned:
+        return max(learned, key=lambda p: p["sparsity"][measure.PAPER_TOLERANCE])
+    return max(points, key=lambda p: p["accuracy_gain"].get(family, float("-inf")))
 
 
 def _outside_mask_changed(base: Path, sub: Path, mask: dict) -> int:
