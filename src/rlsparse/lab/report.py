@@ -391,11 +391,12 @@ def _plot(f: Finding, results: dict, figdir: Path) -> None:
             ax.legend(fontsize=7)
     elif f.key == "dynamics":
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, tr in f.data["curves"].items():
-            ax.plot([t["step"] for t in tr], [100 * t["bf16"] for t in tr], marker="o", label=f"{name} (bf16)")
-            ax.plot([t["step"] for t in tr], [100 * t["fp32"] for t in tr], ":", label=f"{name} (fp32 untouched)")
+        for i, (name, tr) in enumerate(f.data["curves"].items()):
+            color = f"C{i % 10}"
+            ax.plot([t["step"] for t in tr], [100 * t["bf16"] for t in tr], "-o", color=color, label=name)
+            ax.plot([t["step"] for t in tr], [100 * t["fp32"] for t in tr], ":", color=color)
         ax.set_xlabel("step")
-        ax.set_ylabel("sparsity (%)")
+        ax.set_ylabel("sparsity (%): bf16 solid, fp32 dotted")
         ax.legend(fontsize=7)
     elif f.key == "precision":
         fig, ax = plt.subplots(figsize=(6, 4))
