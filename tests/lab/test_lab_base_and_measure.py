@@ -113,3 +113,16 @@ def test_update_rank_of_rank_one_update(tiny_base, tmp_path):
     r = measure.update_rank(tiny_base, tmp_path / "ft")
     assert r["per_matrix"][name] == pytest.approx(1 / min(t.shape))
     assert r["per_matrix"]["model.layers.0.self_attn.q_proj.weight"] == 0.0
+
+
+def test_base_overrides_are_typed_and_checked():
+    from rlsparse.errors import UsageError
+    from rlsparse.lab.base import BaseConfig
+
+    cfg = BaseConfig().with_overrides(["hidden_size=256", "learning_rate=1e-3", "families=add,sub"])
+    assert (cfg.hidden_size, cfg.learning_rate, cfg.families) == (256, 1e-3, ["add", "sub"])
+    assert cfg.hash() != BaseConfig().hash()
+    with pytest.raises(UsageError, match="hidden=2"):
+        BaseConfig().with_overrides(["hidden=2"])
+    with pytest.raises(UsageError, match="steps=many"):
+        BaseConfig().with_overrides(["steps=many"])

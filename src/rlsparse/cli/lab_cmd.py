@@ -32,6 +32,8 @@ def add_lab_parser(sub) -> None:
     run.add_argument("--fp32-checkpoints", action="store_true",
                      help="save finetuned checkpoints in float32 instead of bfloat16 (the precision view)")
     run.add_argument("--cache-dir", default=None, help="where the tiny base is cached (default ~/.cache/rlsparse/lab)")
+    run.add_argument("--base", nargs="+", metavar="KEY=VALUE", default=[],
+                     help="tiny-base overrides, e.g. --base hidden_size=256 intermediate_size=512 (a new cached base)")
     run.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
@@ -59,13 +61,15 @@ def _run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from rlsparse.lab.base import BaseConfig
     from rlsparse.lab.runner import LabOptions, run_lab
 
     names = args.recipes if args.recipes == "all" else [n for n in args.recipes.split(",") if n]
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
                       checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
-                      cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace)
+                      cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
+                      base=BaseConfig().with_overrides(args.base))
     run_dir = run_lab(names, opts)
     print(f"run folder: {run_dir}")
     return 0

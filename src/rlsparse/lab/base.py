@@ -49,6 +49,29 @@ class BaseConfig:
         text = json.dumps(asdict(self), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
+    def with_overrides(self, pairs: list[str]) -> "BaseConfig":
+        """This config with ``key=value`` overrides (e.g. ``hidden_size=256``), typed like the field."""
+        import dataclasses
+
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes, bad = {}, []
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            current = getattr(self, key, None)
+            if key not in fields or key == "schema_version" or not value:
+                bad.append(pair)
+            elif isinstance(current, list):
+                changes[key] = [v for v in value.split(",") if v]
+            else:
+                try:
+                    changes[key] = type(current)(value)
+                except ValueError:
+                    bad.append(pair)
+        if bad:
+            names = ", ".join(k for k in fields if k != "schema_version")
+            raise UsageError(f"--base {' '.join(bad)}: not KEY=VALUE with a known key and value; keys: {names}")
+        return dataclasses.replace(self, **changes)
+
     @classmethod
     def from_dict(cls, data: dict) -> "BaseConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
