@@ -166,10 +166,6 @@ def accuracy(model, tokenizer, problems, batch_size: int = 256, max_new_tokens: 
 
 def _batches(cfg: BaseConfig, tokenizer):
     """An endless stream of (input_ids, attention_mask, labels) from the pretraining corpus."""
-    import torch
-
-    from rlsparse.lab.tasks import split
-
     corpus = [p for fam in cfg.families for p in _train_val(cfg, fam)[0]]
     rng = random.Random(cfg.seed)
     tokenizer.padding_side = "right"

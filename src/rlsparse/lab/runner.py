@@ -189,7 +189,6 @@ def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str):
 
 def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask: dict | None = None) -> dict:
     """Train one recipe at one learning rate from the base; save the checkpoint; return its log."""
-    import torch
     import trl
     from datasets import Dataset
 
