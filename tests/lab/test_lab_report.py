@@ -110,3 +110,12 @@ def test_dynamics_and_precision_findings():
     assert prec.data["rows"]["grpo"][0] == {"lr": 1e-6, "bf16": pytest.approx(0.8), "fp32": 0.0}
     assert f["tolerance"].data["rise_1e-8_to_1e-6"] == pytest.approx(0.001)
     assert "made by bf16 rounding" in prec.sentence
+
+
+def test_sparsity_at_a_matched_gain_is_interpolated_along_the_curve():
+    from rlsparse.lab.report import _sparsity_at_gain
+
+    pts = [{"learning_rate": lr, "sparsity": {"1e-05": s}, "accuracy_gain": {"add": g}}
+           for lr, s, g in ((1e-5, 0.6, 0.0), (1e-6, 0.9, -0.01), (1e-4, 0.2, 0.2))]
+    assert _sparsity_at_gain(pts, "add", 0.1) == pytest.approx(0.4)
+    assert _sparsity_at_gain(pts, "add", 0.5) is None

@@ -21,6 +21,7 @@ REPORT_SCHEMA_VERSION = 1
 TOL = "1e-05"
 RL = ("dpo", "grpo")
 SFT = ("sft",)  # conventional SFT on data the policy did not write; RFT is compared separately
+MATCHED_GAIN = 0.10  # accuracy gain at which algorithms are also compared
 
 
 @dataclass
@@ -94,13 +95,38 @@ def _sparsity_finding(results: dict) -> Finding:
             magnitude = False
         for k, v in id_ood.items():
             parts.append(f"{k}: in-distribution sparser at {v['sparser']}/{v['matched']} learning rates")
+        at_gain = {n: _sparsity_at_gain(pts, fam, MATCHED_GAIN) for n, pts in {**rl, **sft, **controls}.items()}
+        reached = {n: v for n, v in at_gain.items() if v is not None}
+        if reached:
+            parts.append(f"at a matched held-out gain of +{100 * MATCHED_GAIN:.0f} points (interpolated along each "
+                         "learning-rate curve): " + ", ".join(f"{n} {_pct(v)}" for n, v in reached.items()))
         verdict = ("reproduces" if direction and magnitude else
                    "partly reproduces" if direction else "does not reproduce at this scale")
     return Finding("sparsity_sft_vs_rl", "Figure 1 / Table 5: update sparsity of SFT vs RL, in- vs out-of-distribution",
                    "RL 68.5-96.0% sparse (Table 1); SFT 6-15% (Figure 1); RFT 91.2%, DPO out-of-distribution 6.8-7.7%, "
                    "DPO in-distribution 81.4% (Table 5)", verdict, "; ".join(parts) + ".",
                    {"curves": curves, "in_distribution": in_dist, "rl": sorted(rl), "sft": sorted(sft), "matched_lrs": matched, "rl_sparser_at": wins,
-                    "in_vs_out": id_ood}, "sparsity_vs_lr.png", _seeds(results, {**rl, **sft, **controls}))
+                    "in_vs_out": id_ood,
+                    "sparsity_at_matched_gain": {n: _sparsity_at_gain(p, fam, MATCHED_GAIN)
+                                                 for n, p in {**rl, **sft, **controls}.items()}},
+                   "sparsity_vs_lr.png", _seeds(results, {**rl, **sft, **controls}))
+
+
+def _sparsity_at_gain(points: list[dict], family: str, target: float) -> float | None:
+    """Sparsity where the learning-rate curve first reaches an accuracy gain of ``target``.
+
+    Linear in gain between the two sweep points that bracket it; None if the curve never gets there.
+    """
+    pts = sorted(points, key=lambda p: p["learning_rate"])
+    gains = [p["accuracy_gain"].get(family) for p in pts]
+    for i, (p, g) in enumerate(zip(pts, gains)):
+        if g is None or g < target:
+            continue
+        if i == 0 or gains[i - 1] is None:
+            return p["sparsity"][TOL]
+        g0, s0, s1 = gains[i - 1], pts[i - 1]["sparsity"][TOL], p["sparsity"][TOL]
+        return s0 + (s1 - s0) * (target - g0) / (g - g0)
+    return None
 
 
 def _by_lr(points: dict[str, list[dict]]) -> dict[float, list[float]]:
