@@ -1,0 +1,100 @@
+"""``rlsparse lab run|report`` and ``rlsparse demo``: parse, validate, one library call, print."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parsers(sub) -> None:
+    """Add the ``lab`` and ``demo`` subcommands to the main parser's subparsers."""
+    add_lab_parser(sub)
+    add_demo_parser(sub)
+
+
+add_parser = add_parsers
+
+
+def add_lab_parser(sub) -> None:
+    lab = sub.add_parser("lab", help="the reproduction lab: run recipes on a tiny model and report",
+                         description="Run the paper's experiments in miniature and report agreement.")
+    labsub = lab.add_subparsers(dest="lab_command", metavar="{run,report,list}")
+    labsub.required = True
+
+    run = labsub.add_parser("run", help="run one recipe, several (comma-separated) or all")
+    run.add_argument("recipes", metavar="NAME|all", help="recipe name(s), recipe JSON path(s), or 'all'")
+    run.add_argument("--out", metavar="RUN_DIR", default=None, help="run folder (default runs/lab-<time>)")
+    run.add_argument("--quick", action="store_true", help="apply each recipe's quick overrides (smoke runs)")
+    run.add_argument("--model", metavar="PATH", default=None,
+                     help="HF causal LM folder to finetune (default: the cached tiny base)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--dataset", metavar="JSONL", default=None,
+                     help="local JSONL with prompt/answer lines, replacing the synthetic tasks")
+    run.add_argument("--fp32-checkpoints", action="store_true",
+                     help="save finetuned checkpoints in float32 instead of bfloat16 (the precision view)")
+    run.add_argument("--cache-dir", default=None, help="where the tiny base is cached (default ~/.cache/rlsparse/lab)")
+    run.add_argument("--base", nargs="+", metavar="KEY=VALUE", default=[],
+                     help="tiny-base overrides, e.g. --base hidden_size=256 intermediate_size=512 (a new cached base)")
+    run.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    run.add_argument("--no-trace", action="store_true",
+                     help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
+    run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")
+    run.set_defaults(func=_run)
+
+    report = labsub.add_parser("report", help="render report.html and report.md for a run folder")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(func=_report)
+
+    lst = labsub.add_parser("list", help="list the built-in recipes")
+    lst.set_defaults(func=_list)
+
+
+def add_demo_parser(sub) -> None:
+    demo = sub.add_parser("demo", help="the miniature end-to-end reproduction (minutes on CPU)")
+    demo.add_argument("--out", metavar="RUN_DIR", default=None)
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    demo.add_argument("--model", metavar="PATH", default=None, help="start from this HF folder instead")
+    demo.add_argument("--cache-dir", default=None)
+    demo.set_defaults(func=_demo)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from rlsparse.lab.base import BaseConfig
+    from rlsparse.lab.runner import LabOptions, run_lab
+
+    names = args.recipes if args.recipes == "all" else [n for n in args.recipes.split(",") if n]
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
+    opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
+                      checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
+                      cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
+                      base=BaseConfig().with_overrides(args.base))
+    run_dir = run_lab(names, opts)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from rlsparse.lab.report import render
+
+    html, md = render(args.run_dir)
+    print(f"report: {html}\nmarkdown: {md}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rlsparse.lab.recipes import load_recipe, recipe_names
+
+    for name in recipe_names():
+        r = load_recipe(name)
+        print(f"{name:18s} {r.algorithm:5s} {r.description}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rlsparse.lab.demo import demo
+
+    report = demo(out=args.out, device=args.device, cache_dir=args.cache_dir, model=args.model)
+    print(f"report: {report}")
+    return 0

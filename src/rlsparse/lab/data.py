@@ -1,0 +1,84 @@
+"""Training data for each recipe: ground-truth SFT rows, the policy's own samples (RFT, DPO
+pairs), constructed out-of-distribution pairs, and GRPO prompts.
+
+Policy samples are drawn with a fixed seed, so the same base and seed give the same data.
+"""
+
+from __future__ import annotations
+
+import random
+
+from rlsparse.lab.tasks import Problem, extract_answer
+
+
+def sft_rows(problems: list[Problem]) -> list[dict]:
+    """Prompt/completion rows with the ground-truth answer (TRL appends EOS)."""
+    return [{"prompt": p.prompt, "completion": p.answer} for p in problems]
+
+
+def sample(model, tokenizer, problems: list[Problem], n: int, *, seed: int, temperature: float = 1.0,
+           max_new_tokens: int = 6, batch_size: int = 256) -> list[list[str]]:
+    """``n`` sampled completions per problem from the model (the policy's own distribution)."""
+    import torch
+
+    torch.manual_seed(seed)
+    model.eval()
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    out: list[list[str]] = []
+    with torch.no_grad():
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start:start + batch_size]
+            enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
+            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 num_return_sequences=n, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.extend(texts[i * n:(i + 1) * n] for i in range(len(chunk)))
+    return out
+
+
+def rft_rows(problems: list[Problem], samples: list[list[str]]) -> list[dict]:
+    """Rejection-sampling finetuning data: the policy's own correct samples (one per problem)."""
+    rows = []
+    for p, texts in zip(problems, samples):
+        good = [t for t in texts if extract_answer(t) == p.answer]
+        if good:
+            rows.append({"prompt": p.prompt, "completion": extract_answer(good[0])})
+    return rows
+
+
+def policy_pairs(problems: list[Problem], samples: list[list[str]]) -> list[dict]:
+    """In-distribution DPO pairs: chosen and rejected both sampled from the policy.
+
+    Chosen is a correct sample, rejected a wrong one; problems where the policy was always
+    right or always wrong give no pair.
+    """
+    rows = []
+    for p, texts in zip(problems, samples):
+        good = [t for t in texts if extract_answer(t) == p.answer]
+        bad = [t for t in texts if extract_answer(t) != p.answer and extract_answer(t)]
+        if good and bad:
+            rows.append({"prompt": p.prompt, "chosen": extract_answer(good[0]), "rejected": extract_answer(bad[0])})
+    return rows
+
+
+def constructed_pairs(problems: list[Problem], *, seed: int) -> list[dict]:
+    """Out-of-distribution DPO pairs, written by a procedure other than the policy.
+
+    Chosen is the ground truth; rejected is the ground truth with one digit changed.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for p in problems:
+        digits = list(p.answer)
+        i = rng.randrange(len(digits))
+        choices = [d for d in "0123456789" if d != digits[i] and not (i == 0 and d == "0" and len(digits) > 1)]
+        digits[i] = rng.choice(choices)
+        rows.append({"prompt": p.prompt, "chosen": p.answer, "rejected": "".join(digits)})
+    return rows
+
+
+def grpo_rows(problems: list[Problem]) -> list[dict]:
+    """Prompt/answer rows for GRPO: TRL passes ``answer`` to the reward function."""
+    return [{"prompt": p.prompt, "answer": p.answer} for p in problems]

@@ -1,0 +1,40 @@
+"""``rlsparse demo``: the miniature reproduction end to end, in minutes on a laptop CPU.
+
+Base (cached or built); every built-in recipe with its quick settings (SFT in and out of
+distribution, RFT, DPO on the policy's own and on constructed pairs, GRPO with/without KL and
+clipping), each at three learning rates; then the diffs, the Conjecture 1 subnetwork reruns
+(DPO, GRPO) and the report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rlsparse.lab.runner import DEMO_RECIPES, LabOptions, run_lab
+
+
+def demo(out: str | Path | None = None, device: str = "cpu", cache_dir: str | None = None,
+         model: str | None = None, log=print) -> Path:
+    """Run the miniature lab (quick recipes) and return the report's path.
+
+    Args:
+        out: Run folder; default ``./runs/demo-<timestamp>``.
+        device: "cpu" or "cuda".
+        cache_dir: Where the tiny base is cached (default ``~/.cache/rlsparse/lab``).
+        model: Start from this HF folder instead of the tiny base.
+        log: Progress printer.
+
+    Returns:
+        Path of ``report.html``.
+
+    Example:
+        >>> print(demo())
+    """
+    out = Path(out) if out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    start = time.time()
+    clock = (lambda m: log(f"[{time.time() - start:5.0f}s] {m}"))
+    run_dir = run_lab(list(DEMO_RECIPES), LabOptions(out=out, quick=True, device=device, cache_dir=cache_dir,
+                                                     model=model), log=clock)
+    clock("done")
+    return run_dir / "report.html"

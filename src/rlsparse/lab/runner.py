@@ -1,0 +1,433 @@
+"""The one runner: builds each recipe's data, trains it with TRL over its learning-rate sweep,
+saves bf16 (or fp32) HF checkpoints, measures sparsity/rank/accuracy, and runs the
+Conjecture 1 subnetwork rerun.
+
+Run folder layout::
+
+    RUN_DIR/run.json                       what was run: recipes, seeds, base, precision, versions
+    RUN_DIR/results.json                   every measurement (the report reads only this)
+    RUN_DIR/runs/<recipe>/lr-<lr>/         HF checkpoint of one finetune (+ metrics.json)
+    RUN_DIR/conjecture/<recipe>/{full,sub} the two Conjecture 1 models (full = link to the sweep run)
+    RUN_DIR/report.html, report.md, figures/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlsparse.errors import OutputError, UsageError
+from rlsparse.lab import data as labdata
+from rlsparse.lab import measure
+from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
+from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, recipe_names
+from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
+from rlsparse.lab.trace import sparsity_trace
+
+RUN_SCHEMA_VERSION = 1
+DEMO_RECIPES = ("sft_ood", "sft_id", "rft", "dpo_id", "dpo_ood", "grpo", "grpo_nokl", "grpo_noclip",
+                "grpo_nokl_noclip")
+
+
+@dataclass
+class LabOptions:
+    """Options shared by every recipe of one lab run.
+
+    Attributes:
+        out: The run folder.
+        model: An HF causal LM folder to start from; None builds/reuses the cached tiny base.
+        device: "cpu" or "cuda".
+        dataset: Optional local JSONL (prompt/answer) replacing the synthetic task data.
+        quick: Apply each recipe's ``quick`` overrides (smoke runs, the demo).
+        checkpoint_dtype: "bfloat16" (the paper's setting) or "float32".
+        base: Config of the tiny base (used when ``model`` is None).
+        cache_dir: Where cached bases live (default ``~/.cache/rlsparse/lab``).
+        eval_family: The task whose held-out accuracy is "the task" (the base's own task).
+        n_test: Held-out problems per family.
+        conjecture: Run the Conjecture 1 reruns for recipes that ask for them.
+        report: Render the report at the end.
+        max_new_tokens: Answer length budget for evaluation and policy sampling (raise it for real data;
+            GRPO's own budget is the recipe's ``trl.max_completion_length``).
+        threads: CPU threads for torch. One is the default: the models are tiny, and on a shared
+            machine two threads waiting on each other ran 3x slower than one.
+        trace: Record sparsity along training (bf16 and fp32 views; keeps one fp32 copy of the
+            starting weights in memory). Turn off for large ``--model`` runs.
+    """
+
+    out: Path
+    model: str | None = None
+    device: str = "cpu"
+    dataset: str | None = None
+    quick: bool = False
+    checkpoint_dtype: str = "bfloat16"
+    base: BaseConfig = field(default_factory=BaseConfig)
+    cache_dir: str | None = None
+    eval_family: str = "add"
+    n_test: int = 200
+    conjecture: bool = True
+    report: bool = True
+    max_new_tokens: int = 6
+    threads: int = 1
+    trace: bool = True
+
+
+class _Run:
+    """State of one lab run: the base, its tokenizer, test sets and cached policy samples."""
+
+    def __init__(self, opts: LabOptions, log):
+        self.opts, self.log = opts, log
+        self._samples: dict = {}
+        self._base_acc: dict = {}
+        self.base_path: Path | None = None
+        self._jsonl: list[Problem] | None = load_jsonl(opts.dataset) if opts.dataset else None
+
+    def problems(self, family: str) -> tuple[list[Problem], list[Problem]]:
+        if self._jsonl is not None:
+            import random
+
+            rows = list(self._jsonl)
+            random.Random(self.opts.base.seed).shuffle(rows)
+            n_test = min(self.opts.n_test, max(1, len(rows) // 10))
+            return rows[n_test:], rows[:n_test]
+        # The base's own split (its seed): held-out problems were never in its pretraining corpus.
+        return split(family, seed=self.opts.base.seed, n_test=self.opts.n_test, digits=self.opts.base.digits)
+
+    def test_sets(self, recipe: Recipe) -> dict[str, list[Problem]]:
+        if self._jsonl is not None:
+            return {"jsonl": self.problems("jsonl")[1]}
+        fams = dict.fromkeys([self.opts.eval_family, recipe.family, "sub"])
+        return {f: self.problems(f)[1] for f in fams}
+
+    def eval_key(self, recipe: Recipe) -> str:
+        return "jsonl" if self._jsonl is not None else self.opts.eval_family
+
+    def base_accuracy(self, recipe: Recipe) -> dict[str, float]:
+        tests = self.test_sets(recipe)
+        missing = [f for f in tests if f not in self._base_acc]
+        if missing:
+            model, tok = load_model(self.base_path, self.opts.device)
+            for f in missing:
+                self._base_acc[f] = accuracy(model, tok, tests[f], max_new_tokens=self.opts.max_new_tokens)
+        return {f: self._base_acc[f] for f in tests}
+
+    def policy_samples(self, recipe: Recipe, problems: list[Problem]):
+        key = (recipe.family, len(problems), recipe.samples_per_prompt, recipe.seed)
+        if key not in self._samples:
+            model, tok = load_model(self.base_path, self.opts.device)
+            self.log(f"  sampling {recipe.samples_per_prompt} completions x {len(problems)} prompts from the base")
+            self._samples[key] = labdata.sample(model, tok, problems, recipe.samples_per_prompt, seed=recipe.seed,
+                                                  max_new_tokens=self.opts.max_new_tokens)
+        return self._samples[key]
+
+
+def _set_seed(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _quiet() -> None:
+    """Silence per-step library chatter; the lab prints its own progress lines."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build_rows(run: _Run, recipe: Recipe) -> list[dict]:
+    train, _ = run.problems(recipe.family)
+    train = train[:recipe.n_train]
+    if recipe.data == "ground_truth":
+        return labdata.sft_rows(train)
+    if recipe.data == "prompts":
+        return labdata.grpo_rows(train)
+    if recipe.data == "constructed_pairs":
+        return labdata.constructed_pairs(train, seed=recipe.seed)
+    samples = run.policy_samples(recipe, train)
+    if recipe.algorithm in ("sft", "rft"):
+        rows = labdata.rft_rows(train, samples)
+    else:
+        rows = labdata.policy_pairs(train, samples)
+    if not rows:
+        raise UsageError(f"recipe {recipe.name}: the base produced no usable samples (no correct/incorrect mix); "
+                         "use a base that is right part of the time")
+    return rows
+
+
+def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str):
+    import trl
+
+    common = dict(output_dir=workdir, learning_rate=lr, max_steps=recipe.steps,
+                  per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=1, logging_steps=1,
+                  save_strategy="no", report_to="none", seed=recipe.seed, data_seed=recipe.seed,
+                  use_cpu=(device == "cpu"), bf16=False, fp16=False, disable_tqdm=True, weight_decay=0.0,
+                  dataloader_num_workers=0)
+    extra = dict(recipe.trl)
+    if recipe.algorithm in ("sft", "rft"):
+        cls, defaults = trl.SFTConfig, dict(max_length=32, packing=False, completion_only_loss=True)
+    elif recipe.algorithm == "dpo":
+        cls, defaults = trl.DPOConfig, dict(max_length=32, beta=0.1)
+    else:
+        cls, defaults = trl.GRPOConfig, dict(num_generations=8, max_completion_length=6, temperature=1.0,
+                                             loss_type="grpo", beta=0.0, log_completions=False)
+    unknown = sorted(set(extra) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise UsageError(f"recipe {recipe.name}: trl fields {unknown} are not {cls.__name__} fields; "
+                         "fix the recipe's 'trl' block (see the TRL docs for the config)")
+    try:
+        return cls(**{**common, **defaults, **extra})
+    except ValueError as exc:
+        raise UsageError(f"recipe {recipe.name}: TRL rejected the config ({exc}); fix the recipe") from None
+
+
+def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask: dict | None = None) -> dict:
+    """Train one recipe at one learning rate from the base; save the checkpoint; return its log."""
+    import trl
+    from datasets import Dataset
+
+    _set_seed(recipe.seed)
+    model, tok = load_model(run.base_path, run.opts.device)
+    callbacks, finish = [], None
+    if mask is not None:
+        callback, finish = measure.masked_training(model, mask)
+        callbacks.append(callback)
+    tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
+    if tracer is not None:
+        callbacks.append(tracer)
+    with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
+        args = _trl_config(recipe, lr, workdir, run.opts.device)
+        effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
+        dataset = Dataset.from_list(rows)
+        if recipe.algorithm in ("sft", "rft"):
+            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                                     callbacks=callbacks)
+        elif recipe.algorithm == "dpo":
+            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                                     callbacks=callbacks)
+        else:
+            trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                                      processing_class=tok, callbacks=callbacks)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        start = time.time()
+        trainer.train()
+        seconds = time.time() - start
+        history = _losses(trainer.state.log_history)
+        final = trainer.model
+    if finish is not None:
+        finish()
+    save_model(final, tok, out, dtype=run.opts.checkpoint_dtype,
+               meta={"recipe": recipe.name, "learning_rate": lr, "subnetwork_only": mask is not None,
+                     "precision": {"training": "float32", "checkpoint": run.opts.checkpoint_dtype}})
+    del trainer, final, model
+    # Accuracy of the checkpoint as saved: the same view the sparsity numbers use.
+    saved, tok = load_model(out, run.opts.device)
+    acc = {f: accuracy(saved, tok, probs, max_new_tokens=run.opts.max_new_tokens)
+           for f, probs in run.test_sets(recipe).items()}
+    return {"seconds": round(seconds, 2), "accuracy": acc, "rows": len(rows), "log_history": history,
+            "trainer": type(args).__name__.replace("Config", "Trainer"), "trl_config": effective,
+            "trace": tracer.trace if tracer is not None else None}
+
+
+_RECORDED = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+             "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "seed", "beta",
+             "loss_type", "num_generations", "max_completion_length", "temperature", "epsilon", "scale_rewards",
+             "max_length", "completion_only_loss", "bf16")
+
+
+def _plain(value):
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def _losses(log_history: list[dict]) -> list[dict]:
+    keep = ("step", "loss", "reward", "rewards/reward/mean", "kl", "grad_norm", "learning_rate")
+    return [{k: e[k] for k in keep if k in e} for e in log_history if "loss" in e]
+
+
+def _lr_label(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def run_recipe(run: _Run, recipe: Recipe) -> dict:
+    """Run one recipe over its learning-rate sweep; returns its results entry."""
+    rows = build_rows(run, recipe)
+    base_acc = run.base_accuracy(recipe)
+    points = []
+    for lr in recipe.learning_rates:
+        folder = run.opts.out / "runs" / recipe.name / f"lr-{_lr_label(lr)}"
+        run.log(f"  {recipe.name}: lr={lr:g}, {recipe.steps} steps on {len(rows)} rows")
+        trained = train_one(run, recipe, lr, rows, folder)
+        sp = measure.sparsity(run.base_path, folder)
+        rank = measure.update_rank(run.base_path, folder)
+        point = {"learning_rate": lr, "checkpoint": str(folder.relative_to(run.opts.out)), **trained,
+                 "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
+                 "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
+                 "update_rank": rank["mean_rank_fraction"],
+                 "accuracy_gain": {f: trained["accuracy"][f] - base_acc.get(f, float("nan"))
+                                   for f in trained["accuracy"]}}
+        _write_json(folder / "metrics.json", {k: v for k, v in point.items() if k != "grid"})
+        run.log(f"    sparsity@1e-5 {sp['sparsity']['1e-05']:.1%}, accuracy "
+                + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items()))
+        points.append(point)
+    return {"recipe": recipe.to_dict(), "rows": len(rows), "base_accuracy": base_acc, "points": points}
+
+
+def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = measure.PAPER_TOLERANCE) -> dict:
+    """Conjecture 1: retrain from the same start, same data/seed/steps, updating only the full run's subnetwork.
+
+    The full run used is the sparsest sweep point that learned (held-out gain of at least
+    LEARNED_GAIN: the conjecture only means something where the full run improved the task and
+    its subnetwork is a real subset); if none learned, the point with the largest gain.
+    """
+    best = choose_subnetwork_run(entry["points"], run.eval_key(recipe))
+    lr = best["learning_rate"]
+    full = run.opts.out / best["checkpoint"]
+    sub = run.opts.out / "conjecture" / recipe.name / "sub"
+    mask = measure.subnetwork_mask(run.base_path, full, tolerance)
+    density = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+    run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance})")
+    if density == 0:
+        # Nothing to retrain: the full run moved no weight beyond the tolerance.
+        return {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
+                "mask_tolerance": tolerance, "mask_density": 0.0, "full_checkpoint": best["checkpoint"],
+                "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
+    rows = build_rows(run, recipe)
+    trained = train_one(run, recipe, lr, rows, sub, mask=mask)
+    same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
+    outside = _outside_mask_changed(run.base_path, sub, mask)
+    return {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
+            "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"],
+            "sub_checkpoint": str(sub.relative_to(run.opts.out)),
+            "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"]},
+            "identical_share": same["sparsity"],
+            "loss": {"full": best["log_history"], "sub": trained["log_history"]},
+            "changed_outside_mask": outside}
+
+
+def choose_subnetwork_run(points: list[dict], family: str) -> dict:
+    """The sparsest point whose accuracy gain is at least LEARNED_GAIN, else the largest-gain point."""
+    learned = [p for p in points if p["accuracy_gain"].get(family, float("-inf")) >= LEARNED_GAIN]
+    if learned:
+        return max(learned, key=lambda p: p["sparsity"][measure.PAPER_TOLERANCE])
+    return max(points, key=lambda p: p["accuracy_gain"].get(family, float("-inf")))
+
+
+def _outside_mask_changed(base: Path, sub: Path, mask: dict) -> int:
+    """Elements outside the mask that differ from the base (must be 0: checks the masking)."""
+    a, b = measure._weights(base), measure._weights(sub)
+    return int(sum(((a[k] != b[k]) & ~mask[k]).sum() for k in a if k in mask)) if a else 0
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("rlsparse", "torch", "transformers", "trl", "tokenizers", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
+    """Run recipes (by name, path or "all") into one run folder and render the report.
+
+    Args:
+        names: Recipe names or JSON paths, or "all" for every built-in recipe.
+        opts: Shared options (output folder, base/model, device, quick, precision).
+        log: Progress printer.
+
+    Returns:
+        The run folder.
+
+    Example:
+        >>> run_lab(["grpo", "sft_ood"], LabOptions(out=Path("runs/x"), quick=True))
+    """
+    import torch
+
+    if opts.device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {opts.device!r} is not supported; use 'cpu' or 'cuda'")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    if opts.checkpoint_dtype not in ("bfloat16", "float32"):
+        raise UsageError(f"checkpoint dtype {opts.checkpoint_dtype!r} is not supported; use bfloat16 or float32")
+    if names == "all" or names == ["all"]:
+        names = recipe_names()
+    recipes = [load_recipe(n) for n in ([names] if isinstance(names, str) else names)]
+    if opts.quick:
+        recipes = [r.quickened() for r in recipes]
+    out = Path(opts.out)
+    if out.exists() and any(out.iterdir()) and not (out / "run.json").is_file():
+        raise OutputError(f"{out} exists and is not an rlsparse lab run folder; pass an empty or new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    opts.out = out
+    _quiet()
+    if opts.device == "cpu":
+        torch.set_num_threads(max(1, opts.threads))
+    run = _Run(opts, log)
+    started = time.time()
+    if opts.model:
+        run.base_path = Path(opts.model)
+        log(f"model: {run.base_path}")
+    else:
+        log("base: building or reusing the cached tiny base ...")
+        run.base_path = ensure_base(opts.base, opts.cache_dir, device=opts.device,
+                                    progress=lambda s, n, l: log(f"  pretraining step {s}/{n}, loss {l:.3f}")
+                                    if s % 40 == 0 else None)
+        meta = base_metadata(run.base_path) or {}
+        acc = ", ".join(f"{k} {v:.1%}" for k, v in (meta.get("test_accuracy") or {}).items())
+        log(f"base: {run.base_path} ({meta.get('num_parameters')} parameters, {meta.get('steps_trained')} steps, "
+            f"held-out accuracy {acc})")
+    run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base": str(run.base_path),
+                "base_metadata": base_metadata(run.base_path), "device": opts.device, "quick": opts.quick,
+                "threads": opts.threads if opts.device == "cpu" else None,
+                "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": opts.n_test,
+                "precision": {"training": "float32", "checkpoint": opts.checkpoint_dtype,
+                              "base_checkpoint": _stored_dtype(run.base_path)},
+                "recipes": [r.to_dict() for r in recipes],
+                "seeds": {r.name: r.seed for r in recipes}, "versions": _versions(),
+                "measure_backend": measure.backend()}
+    _write_json(out / "run.json", run_meta)
+    results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {}}
+    for recipe in recipes:
+        log(f"recipe {recipe.name} ({recipe.algorithm}, {recipe.data}, family {recipe.family})")
+        results["recipes"][recipe.name] = run_recipe(run, recipe)
+        _write_json(out / "results.json", results)
+    if opts.conjecture:
+        for recipe in recipes:
+            if recipe.conjecture:
+                results["conjecture"][recipe.name] = run_conjecture(run, recipe, results["recipes"][recipe.name])
+                _write_json(out / "results.json", results)
+    results["seconds"] = round(time.time() - started, 1)
+    _write_json(out / "results.json", results)
+    if opts.report:
+        from rlsparse.lab.report import render
+
+        html, _ = render(out)
+        log(f"report: {html}")
+    return out
+
+
+def _stored_dtype(path: Path) -> str | None:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    data = json.loads(cfg.read_text())
+    return data.get("dtype") or data.get("torch_dtype")
