@@ -187,17 +187,16 @@ def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str):
         raise UsageError(f"recipe {recipe.name}: TRL rejected the config ({exc}); fix the recipe") from None
 
 
-def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask: dict | None = None) -> dict:
+def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask=None) -> dict:
     """Train one recipe at one learning rate from the base; save the checkpoint; return its log."""
     import trl
     from datasets import Dataset
 
     _set_seed(recipe.seed)
     model, tok = load_model(run.base_path, run.opts.device)
-    callbacks, finish = [], None
+    callbacks = []
     if mask is not None:
-        callback, finish = measure.masked_training(model, mask)
-        callbacks.append(callback)
+        callbacks.append(measure.masked_training(mask))
     tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
     if tracer is not None:
         callbacks.append(tracer)
@@ -222,8 +221,6 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
         seconds = time.time() - start
         history = _losses(trainer.state.log_history)
         final = trainer.model
-    if finish is not None:
-        finish()
     save_model(final, tok, out, dtype=run.opts.checkpoint_dtype,
                meta={"recipe": recipe.name, "learning_rate": lr, "subnetwork_only": mask is not None,
                      "precision": {"training": "float32", "checkpoint": run.opts.checkpoint_dtype}})
@@ -291,8 +288,9 @@ def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = meas
     lr = best["learning_rate"]
     full = run.opts.out / best["checkpoint"]
     sub = run.opts.out / "conjecture" / recipe.name / "sub"
-    mask = measure.subnetwork_mask(run.base_path, full, tolerance)
-    density = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+    mask_path = run.opts.out / "conjecture" / recipe.name / "subnetwork.mask.safetensors"
+    mask = measure.subnetwork_mask(run.base_path, full, mask_path, tolerance)
+    density = mask.density
     run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance})")
     if density == 0:
         # Nothing to retrain: the full run moved no weight beyond the tolerance.
@@ -302,10 +300,10 @@ def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = meas
     rows = build_rows(run, recipe)
     trained = train_one(run, recipe, lr, rows, sub, mask=mask)
     same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
-    outside = _outside_mask_changed(run.base_path, sub, mask)
+    outside = measure.changed_outside(run.base_path, sub, mask)
     return {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
             "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"],
-            "sub_checkpoint": str(sub.relative_to(run.opts.out)),
+            "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
             "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"]},
             "identical_share": same["sparsity"],
             "loss": {"full": best["log_history"], "sub": trained["log_history"]},
@@ -318,12 +316,6 @@ def choose_subnetwork_run(points: list[dict], family: str) -> dict:
     if learned:
         return max(learned, key=lambda p: p["sparsity"][measure.PAPER_TOLERANCE])
     return max(points, key=lambda p: p["accuracy_gain"].get(family, float("-inf")))
-
-
-def _outside_mask_changed(base: Path, sub: Path, mask: dict) -> int:
-    """Elements outside the mask that differ from the base (must be 0: checks the masking)."""
-    a, b = measure._weights(base), measure._weights(sub)
-    return int(sum(((a[k] != b[k]) & ~mask[k]).sum() for k in a if k in mask)) if a else 0
 
 
 def _write_json(path: Path, obj) -> None:
@@ -402,8 +394,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
                 "precision": {"training": "float32", "checkpoint": opts.checkpoint_dtype,
                               "base_checkpoint": _stored_dtype(run.base_path)},
                 "recipes": [r.to_dict() for r in recipes],
-                "seeds": {r.name: r.seed for r in recipes}, "versions": _versions(),
-                "measure_backend": measure.backend()}
+                "seeds": {r.name: r.seed for r in recipes}, "versions": _versions()}
     _write_json(out / "run.json", run_meta)
     results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {}}
     for recipe in recipes:
