@@ -87,3 +87,16 @@ def test_bad_inputs(run, tmp_path):
     other = save(tiny_llama(vocab=128), tmp_path / "other")
     with pytest.raises(MismatchError, match="do not match the base"):
         series(base, [out / "checkpoint-10", other])
+
+
+def test_training_output_folder_with_final_weights_ends_with_them(run):
+    from rlsparse.analysis.series import expand_checkpoints
+
+    base, out, sd = run
+    s_final = bump(sd, random_choice(sd, 0.3, seed=9))
+    write(s_final, base, out)  # the trainer's final save, next to its checkpoint-* folders
+    paths = expand_checkpoints([out])
+    assert [p.split("/")[-1] for p in paths] == ["checkpoint-10", "checkpoint-20", "checkpoint-100", "run"]
+    r = series(base, [out])
+    assert len(r.changed) == 4
+    assert r.changed[-1] == sum(int(brute_changed(sd[k], s_final[k], 1e-5).sum()) for k in sd)

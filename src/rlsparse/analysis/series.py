@@ -135,12 +135,18 @@ def find_checkpoints(folder: str | os.PathLike) -> list[Path]:
 
 
 def expand_checkpoints(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Replace every folder that holds ``checkpoint-*`` folders (and no weights) by those, in step order."""
+    """Replace every folder that holds ``checkpoint-*`` folders by those, in step order.
+
+    A training output folder that also holds weights (the final model a trainer saves next to its
+    checkpoints) contributes them last: they are the end of the run.
+    """
     out: list[str] = []
     for p in paths:
         path = Path(p)
-        if path.is_dir() and not _has_weights(path) and any(_STEP.match(c.name) for c in path.iterdir()):
+        if path.is_dir() and any(_STEP.match(c.name) for c in path.iterdir()):
             out.extend(str(c) for c in find_checkpoints(path))
+            if _has_weights(path):
+                out.append(str(p))
         else:
             out.append(str(p))
     return out

@@ -67,7 +67,17 @@ def make_parser(algo_name: str):
     _, config_cls = algo.classes()
     parser = TrlParser((TrainArguments, config_cls), prog=f"rlsparse train {algo_name}")
     parser.set_defaults(**algo.defaults)  # e.g. simpo = CPO with loss_type="simpo"
+    if not _accelerator_available():
+        # TRL's configs default to bf16 mixed precision, which transformers refuses without an
+        # accelerator; on a CPU-only machine train in the weights' dtype unless asked otherwise.
+        parser.set_defaults(bf16=False)
     return parser
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
     require("trl", "train")
     from rlsparse.train.trainers import train
 
-    opts, config = make_parser(args.algo).parse_args_and_config(args.options)
+    try:
+        opts, config = make_parser(args.algo).parse_args_and_config(args.options)
+    except ValueError as exc:  # TRL / transformers validate their configs with ValueError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{args.algo} options rejected: {first}; see `rlsparse train {args.algo} --help`") from None
     if opts.mask_order not in ("after_clip", "before_clip"):
         raise UsageError(f"--mask_order {opts.mask_order}: expected after_clip or before_clip")
     if opts.mask_weight_decay not in ("mask", "refuse"):

@@ -189,9 +189,14 @@ def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str):
 
 def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask=None) -> dict:
     """Train one recipe at one learning rate from the base; save the checkpoint; return its log."""
+    import warnings
+
     import trl
     from datasets import Dataset
 
+    # TRL 1.16 sets transformers options that transformers 5.24 renamed: a FutureWarning per run
+    # that tells a lab user nothing.
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
     _set_seed(recipe.seed)
     model, tok = load_model(run.base_path, run.opts.device)
     callbacks = []
