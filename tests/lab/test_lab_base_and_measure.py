@@ -4,7 +4,7 @@ from safetensors.torch import load_file, save_file
 
 from rlsparse.errors import CheckpointError, MismatchError
 from rlsparse.lab import measure
-from rlsparse.lab.base import base_metadata, ensure_base, load_model
+from rlsparse.lab.base import base_metadata, ensure_base
 
 
 def test_base_is_a_normal_bf16_hf_folder_and_cached(tiny_base, tiny_config):

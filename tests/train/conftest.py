@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainhelpers import make_tokenizer, make_model, random_mask, ones_mask, params_of, int_view, assert_masked_training  # noqa: F401
+from trainhelpers import make_tokenizer
 
 
 @pytest.fixture

@@ -77,6 +77,17 @@ def group_summaries(items, key, order, summary) -> dict[str, dict]:
     return {k: summary(groups[k]) for k in order(groups)}
 
 
+class MatrixGroups:
+    """Mixin for results holding ``matrices`` (objects with ``name`` and ``type``) and a
+    ``_summary(list) -> dict``: per-type and per-layer summaries."""
+
+    def by_type(self) -> dict[str, dict]:
+        return group_summaries(self.matrices, lambda m: m.type, sorted_types, self._summary)
+
+    def by_layer(self) -> dict[str, dict]:
+        return group_summaries(self.matrices, lambda m: layer_key(m.name), sorted_layers, self._summary)
+
+
 def sorted_layers(keys) -> list[str]:
     return sorted(keys, key=lambda k: (k == "none", int(k) if k != "none" else 0))
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from rlsparse.analysis._common import (SCHEMA_VERSION, group_summaries, layer_key, open_checkpoint, pair_tensors, resolve_device,
-                                       select_matrices, sorted_layers, sorted_types)
+from rlsparse.analysis._common import (SCHEMA_VERSION, MatrixGroups, open_checkpoint, pair_tensors, resolve_device,
+                                       select_matrices)
 from rlsparse.errors import UsageError
 from rlsparse.io.naming import type_of
 from rlsparse.io.reader import TensorReader
@@ -62,7 +62,7 @@ def _mean(xs):
 
 
 @dataclass
-class RankResult:
+class RankResult(MatrixGroups):
     """Ranks of the selected update matrices; means are unweighted over matrices (as the paper).
 
     Example:
@@ -89,15 +89,6 @@ class RankResult:
                 "effective_rank": _mean(m.effective_rank for m in ms),
                 "effective_rank_pct": _mean(None if m.effective_rank is None else 100 * m.effective_rank / m.max_rank
                                             for m in ms)}
-
-    def _group(self, key, order) -> dict[str, dict]:
-        return group_summaries(self.matrices, key, order, self._summary)
-
-    def by_type(self) -> dict[str, dict]:
-        return self._group(lambda m: m.type, sorted_types)
-
-    def by_layer(self) -> dict[str, dict]:
-        return self._group(lambda m: layer_key(m.name), sorted_layers)
 
     def to_json(self) -> dict:
         from rlsparse import __version__

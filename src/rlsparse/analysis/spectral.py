@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from rlsparse.analysis._common import (SCHEMA_VERSION, group_summaries, layer_key, open_checkpoint, pair_tensors, resolve_device,
-                                       select_matrices, sorted_layers, sorted_types)
+from rlsparse.analysis._common import (SCHEMA_VERSION, MatrixGroups, open_checkpoint, pair_tensors, resolve_device,
+                                       select_matrices)
 from rlsparse.errors import UsageError
 from rlsparse.io.naming import type_of
 from rlsparse.io.reader import TensorReader
@@ -60,7 +60,7 @@ _FIELDS = ("left_angle_max", "left_angle_mean", "right_angle_max", "right_angle_
 
 
 @dataclass
-class SpectralResult:
+class SpectralResult(MatrixGroups):
     """Spectral changes of the selected matrices; group values are unweighted means over matrices.
 
     Example:
@@ -83,15 +83,6 @@ class SpectralResult:
             xs = [getattr(m, f) for m in ms if getattr(m, f) is not None]
             out[f] = sum(xs) / len(xs) if xs else None
         return out
-
-    def _group(self, key, order) -> dict[str, dict]:
-        return group_summaries(self.matrices, key, order, self._summary)
-
-    def by_type(self) -> dict[str, dict]:
-        return self._group(lambda m: m.type, sorted_types)
-
-    def by_layer(self) -> dict[str, dict]:
-        return self._group(lambda m: layer_key(m.name), sorted_layers)
 
     def to_json(self) -> dict:
         from rlsparse import __version__

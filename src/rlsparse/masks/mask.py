@@ -14,9 +14,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported lazily: `rlsparse diff` never needs it
+    import torch
 
 from rlsparse.errors import MaskError, MismatchError
 from rlsparse.io.safetensors_format import StreamingSafetensorsWriter, read_header
