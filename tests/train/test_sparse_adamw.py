@@ -51,15 +51,20 @@ def test_matches_dense_reference_on_random_inputs(shapes, density, seed, steps, 
         assert torch.equal(got.detach()[~keep], start[~keep])  # masked-out: bit-identical
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["single-tensor", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.5])  # indices, block offsets, bitmap
-def test_bit_identical_to_torch_adamw_with_attach_mask(dtype, density):
+def test_bit_identical_to_torch_adamw_with_attach_mask(dtype, density, fused):
     dense, sparse = make_model(dtype), make_model(dtype)
     mask = random_mask(dense, density)
     before = params_of(dense)
-    opt_dense = torch.optim.AdamW(dense.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    kind = {"fused": True} if fused else {"foreach": False}
+    # attach_mask applies decay itself, the fused kernel inside (in float32 for bf16 weights): the
+    # same AdamW rounded in another order, which pure-bf16 training amplifies; compare without decay
+    wd = 0.0 if fused else 0.1
+    opt_dense = torch.optim.AdamW(dense.parameters(), lr=1e-2, weight_decay=wd, **kind)
     attach_mask(dense, mask, opt_dense)
-    opt_sparse = SparseAdamW(sparse.named_parameters(), mask, lr=1e-2, weight_decay=0.1)
+    opt_sparse = SparseAdamW(sparse.named_parameters(), mask, lr=1e-2, weight_decay=wd, fused=fused)
     ids = torch.randint(4, 60, (2, 8), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         for model, opt in ((dense, opt_dense), (sparse, opt_sparse)):
@@ -68,7 +73,12 @@ def test_bit_identical_to_torch_adamw_with_attach_mask(dtype, density):
             opt.step()
             opt.zero_grad()
     for (n, a), (_, b) in zip(dense.named_parameters(), sparse.named_parameters()):
-        assert torch.equal(a, b), n
+        if fused:
+            # the fused kernel's rounding depends on an element's vector lane, which gathering moves:
+            # the same AdamW to within float rounding, not bit for bit
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(a, b), n
     assert_masked_training(before, sparse, mask)
 
 

@@ -92,6 +92,9 @@ class SparseAdamW(torch.optim.Optimizer):
         mask: the subnetwork (True = trainable).
         module: the model the parameters belong to; needed when ``params`` carry no names.
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``; decay reaches masked-in elements only.
+        fused: run torch's fused AdamW kernel on the gathered masked-in elements (bit-identical to
+            ``torch.optim.AdamW(fused=True)`` there); False: the single-tensor arithmetic
+            (bit-identical to ``foreach=False``). Default: fused where torch has the kernel.
 
     Example:
         >>> opt = SparseAdamW(model.named_parameters(), mask, lr=1e-5)
@@ -102,12 +105,16 @@ class SparseAdamW(torch.optim.Optimizer):
     handles_mask = True  # attach_mask leaves gradients and decay to us
 
     def __init__(self, params, mask: Mask, *, module: torch.nn.Module | None = None, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 fused: bool | None = None):
         if not 0.0 <= lr or not 0.0 <= eps or not all(0.0 <= b < 1.0 for b in betas):
             raise UsageError(f"SparseAdamW: lr={lr}, eps={eps}, betas={betas}; expected lr, eps >= 0 and 0 <= beta < 1")
         _check_not_empty(mask)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.mask = mask
+        self.fused = hasattr(torch, "_fused_adamw_") if fused is None else bool(fused)
+        if self.fused and not hasattr(torch, "_fused_adamw_"):
+            raise UsageError("SparseAdamW(fused=True): this torch has no fused AdamW kernel; pass fused=False")
         self._name_groups(module)
 
     def _name_groups(self, module) -> None:
@@ -167,6 +174,13 @@ class SparseAdamW(torch.optim.Optimizer):
                 grad = _local(p.grad).reshape(-1).index_select(0, index)
                 weight = flat.index_select(0, index)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                if self.fused:
+                    # the kernel of torch.optim.AdamW(fused=True), on the gathered elements only
+                    torch._fused_adamw_([weight], [grad], [exp_avg], [exp_avg_sq], [], [state["step"]],
+                                        amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=decay,
+                                        eps=eps, maximize=False, grad_scale=None, found_inf=None)
+                    flat.index_put_((index,), weight)
+                    continue
                 # torch.optim.AdamW's single-tensor arithmetic, in the same order
                 weight.mul_(1 - lr * decay)
                 exp_avg.lerp_(grad, 1 - beta1)
