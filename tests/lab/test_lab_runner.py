@@ -42,7 +42,10 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
     assert _cli(["lab", "run", ",".join(recipes), "--out", str(out), "--model", str(tiny_base)]) == 0
     results = json.loads((out / "results.json").read_text())
     run = json.loads((out / "run.json").read_text())
-    assert run["precision"] == {"training": "float32", "checkpoint": "bfloat16", "base_checkpoint": "bfloat16"}
+    from rlsparse.lab.runner import _native_bf16
+
+    assert run["precision"] == {"master_weights": "float32", "checkpoint": "bfloat16", "base_checkpoint": "bfloat16",
+                                "compute": "bfloat16" if _native_bf16("cpu") else "float32"}
     assert run["seeds"] == {"t_sft": 1, "t_dpo": 1, "t_grpo": 1}
     assert run["recipes"][2]["trl"]["beta"] == 0.04
     for name in ("t_sft", "t_dpo", "t_grpo"):
@@ -149,3 +152,15 @@ def test_the_conjecture_uses_the_sparsest_run_that_learned():
         p["accuracy_gain"]["add"] = -0.1
     pts[2]["accuracy_gain"]["add"] = 0.0
     assert choose_subnetwork_run(pts, "add")["learning_rate"] == 1e-4
+
+
+def test_precision_options_resolve_and_are_checked(tmp_path):
+    from rlsparse.errors import UsageError
+    from rlsparse.lab.runner import LabOptions, resolve_precision, run_lab
+
+    fp32 = resolve_precision(LabOptions(out=tmp_path, compute="float32"))
+    assert fp32 == {"master_weights": "float32", "compute": "float32", "checkpoint": "bfloat16"}
+    pure = resolve_precision(LabOptions(out=tmp_path, weights="bfloat16", compute="float32"))
+    assert pure["master_weights"] == "bfloat16" and pure["compute"] == "bfloat16"
+    with pytest.raises(UsageError, match="compute"):
+        run_lab(["grpo"], LabOptions(out=tmp_path / "x", compute="fp8"))

@@ -31,6 +31,10 @@ def add_lab_parser(sub) -> None:
                      help="local JSONL with prompt/answer lines, replacing the synthetic tasks")
     run.add_argument("--fp32-checkpoints", action="store_true",
                      help="save finetuned checkpoints in float32 instead of bfloat16 (the precision view)")
+    run.add_argument("--compute", choices=("auto", "bf16", "fp32"), default="auto",
+                     help="autocast dtype: auto = bf16 where the device computes it natively (default)")
+    run.add_argument("--pure-bf16", action="store_true",
+                     help="train bf16 weights directly instead of fp32 master weights")
     run.add_argument("--cache-dir", default=None, help="where the tiny base is cached (default ~/.cache/rlsparse/lab)")
     run.add_argument("--base", nargs="+", metavar="KEY=VALUE", default=[],
                      help="tiny-base overrides, e.g. --base hidden_size=256 intermediate_size=512 (a new cached base)")
@@ -68,6 +72,8 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
                       checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
+                      compute={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[args.compute],
+                      weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
                       base=BaseConfig().with_overrides(args.base))
     run_dir = run_lab(names, opts)

@@ -125,15 +125,15 @@ def save_model(model, tokenizer, path: str | os.PathLike, dtype: str = "bfloat16
     os.replace(tmp, path)
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu"):
-    """Load an HF causal LM folder as fp32 master weights, plus its tokenizer."""
+def load_model(path: str | os.PathLike, device: str = "cpu", weights: str = "float32"):
+    """Load an HF causal LM folder (fp32 master weights by default, or pure bf16), plus its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; expected a Hugging Face model folder (save_pretrained)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, weights)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -443,13 +443,24 @@ def _plot(f: Finding, results: dict, figdir: Path) -> None:
     os.replace(tmp, path)
 
 
+def _precision_text(run: dict) -> str:
+    """How the run trained; run.json files from before the compute option say only "training"."""
+    pr = run.get("precision") or {}
+    if "master_weights" in pr:
+        how = (f"pure {pr['master_weights']} weights" if pr["master_weights"] == "bfloat16" else
+               f"{pr['master_weights']} master weights, {pr['compute']} compute")
+    else:
+        how = f"trained in {pr.get('training', '?')}"
+    return f"{how}, checkpoints in {pr.get('checkpoint', '?')}"
+
+
 def _markdown(results: dict, items: list[Finding]) -> str:
     run = results["run"]
     base = run.get("base_metadata") or {}
     lines = ["# rlsparse lab report", "",
              f"Base: `{run['base']}` ({base.get('num_parameters', '?')} parameters, held-out accuracy "
              f"{', '.join(f'{k} {_pct(v)}' for k, v in (base.get('test_accuracy') or {}).items()) or 'n/a'}). "
-             f"Precision: trained in {run['precision']['training']}, checkpoints in {run['precision']['checkpoint']}; "
+             f"Precision: {_precision_text(run)}; "
              f"sparsity compares the checkpoints as stored, at tolerance {TOL} unless stated. "
              f"Device: {run['device']}. Quick: {run['quick']}. Nothing here is tuned to match the paper.", ""]
     for f in items:
@@ -475,8 +486,7 @@ def _html(md_items: list[Finding], results: dict) -> str:
              "border-top:1px solid #ccc;padding:1em 0}.f img{max-width:620px}.v{font-weight:bold}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style>"
              "</head><body><h1>rlsparse lab report</h1>",
-             f"<p>Base <code>{e(run['base'])}</code>; trained in {e(run['precision']['training'])}, checkpoints in "
-             f"{e(run['precision']['checkpoint'])}; tolerance {TOL} unless stated; device {e(run['device'])}; "
+             f"<p>Base <code>{e(run['base'])}</code>; {e(_precision_text(run))}; tolerance {TOL} unless stated; device {e(run['device'])}; "
              f"quick {run['quick']}. Nothing here is tuned to match the paper.</p>"]
     for f in md_items:
         img = f"<img src='figures/{e(f.figure)}' alt='{e(f.key)}'>" if f.figure else ""

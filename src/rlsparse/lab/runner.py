@@ -45,6 +45,9 @@ class LabOptions:
         dataset: Optional local JSONL (prompt/answer) replacing the synthetic task data.
         quick: Apply each recipe's ``quick`` overrides (smoke runs, the demo).
         checkpoint_dtype: "bfloat16" (the paper's setting) or "float32".
+        compute: "auto" (bfloat16 autocast where the device computes bf16 natively: CUDA with bf16,
+            or a CPU with AVX512-BF16/AMX; else float32), "bfloat16" or "float32".
+        weights: "float32" master weights (real post-training) or "bfloat16" (pure bf16 training).
         base: Config of the tiny base (used when ``model`` is None).
         cache_dir: Where cached bases live (default ``~/.cache/rlsparse/lab``).
         eval_family: The task whose held-out accuracy is "the task" (the base's own task).
@@ -65,6 +68,8 @@ class LabOptions:
     dataset: str | None = None
     quick: bool = False
     checkpoint_dtype: str = "bfloat16"
+    compute: str = "auto"
+    weights: str = "float32"
     base: BaseConfig = field(default_factory=BaseConfig)
     cache_dir: str | None = None
     eval_family: str = "add"
@@ -161,13 +166,35 @@ def build_rows(run: _Run, recipe: Recipe) -> list[dict]:
     return rows
 
 
-def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str):
+def resolve_precision(opts: "LabOptions") -> dict:
+    """The precision a run trains with: master weights, compute (autocast) and checkpoint dtypes."""
+    compute = opts.compute
+    if compute == "auto":
+        compute = "bfloat16" if _native_bf16(opts.device) else "float32"
+    if opts.weights == "bfloat16":
+        compute = "bfloat16"  # pure bf16: the weights are the compute dtype, no autocast
+    return {"master_weights": opts.weights, "compute": compute, "checkpoint": opts.checkpoint_dtype}
+
+
+def _native_bf16(device: str) -> bool:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str, autocast_bf16: bool = False):
     import trl
 
     common = dict(output_dir=workdir, learning_rate=lr, max_steps=recipe.steps,
                   per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=1, logging_steps=1,
                   save_strategy="no", report_to="none", seed=recipe.seed, data_seed=recipe.seed,
-                  use_cpu=(device == "cpu"), bf16=False, fp16=False, disable_tqdm=True, weight_decay=0.0,
+                  use_cpu=(device == "cpu"), bf16=autocast_bf16, fp16=False, disable_tqdm=True, weight_decay=0.0,
                   dataloader_num_workers=0)
     extra = dict(recipe.trl)
     if recipe.algorithm in ("sft", "rft"):
@@ -198,7 +225,8 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     # that tells a lab user nothing.
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
     _set_seed(recipe.seed)
-    model, tok = load_model(run.base_path, run.opts.device)
+    precision = resolve_precision(run.opts)
+    model, tok = load_model(run.base_path, run.opts.device, weights=precision["master_weights"])
     callbacks = []
     if mask is not None:
         callbacks.append(measure.masked_training(mask))
@@ -206,7 +234,8 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     if tracer is not None:
         callbacks.append(tracer)
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
-        args = _trl_config(recipe, lr, workdir, run.opts.device)
+        autocast = precision["compute"] == "bfloat16" and precision["master_weights"] == "float32"
+        args = _trl_config(recipe, lr, workdir, run.opts.device, autocast_bf16=autocast)
         effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
         dataset = Dataset.from_list(rows)
         if recipe.algorithm in ("sft", "rft"):
@@ -228,7 +257,7 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
         final = trainer.model
     save_model(final, tok, out, dtype=run.opts.checkpoint_dtype,
                meta={"recipe": recipe.name, "learning_rate": lr, "subnetwork_only": mask is not None,
-                     "precision": {"training": "float32", "checkpoint": run.opts.checkpoint_dtype}})
+                     "precision": precision})
     del trainer, final, model
     # Accuracy of the checkpoint as saved: the same view the sparsity numbers use.
     saved, tok = load_model(out, run.opts.device)
@@ -364,6 +393,9 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
         raise UsageError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     if opts.checkpoint_dtype not in ("bfloat16", "float32"):
         raise UsageError(f"checkpoint dtype {opts.checkpoint_dtype!r} is not supported; use bfloat16 or float32")
+    if opts.compute not in ("auto", "bfloat16", "float32") or opts.weights not in ("bfloat16", "float32"):
+        raise UsageError(f"compute {opts.compute!r} / weights {opts.weights!r}: expected compute auto, bfloat16 "
+                         "or float32 and weights float32 or bfloat16")
     if names == "all" or names == ["all"]:
         names = recipe_names()
     recipes = [load_recipe(n) for n in ([names] if isinstance(names, str) else names)]
@@ -396,7 +428,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
                 "base_metadata": base_metadata(run.base_path), "device": opts.device, "quick": opts.quick,
                 "threads": opts.threads if opts.device == "cpu" else None,
                 "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": opts.n_test,
-                "precision": {"training": "float32", "checkpoint": opts.checkpoint_dtype,
+                "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
                 "recipes": [r.to_dict() for r in recipes],
                 "seeds": {r.name: r.seed for r in recipes}, "versions": _versions()}
