@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -139,6 +141,37 @@ def select_matrices(pairs: dict[str, tuple[TensorInfo, TensorInfo]], *, include_
     if not names:
         raise UsageError("no 2-D matrices left to analyse; check --layers / --include-embeddings")
     return names, notes
+
+
+@dataclass
+class MatrixWalk:
+    """What ``walk_matrices`` yields: both checkpoints, notes so far, and the matrices to visit."""
+
+    base: Checkpoint
+    finetuned: Checkpoint
+    notes: list[str]
+    items: Iterator[tuple[str, TensorInfo, TensorInfo, object]]  # (name, base, finetuned, TensorReader)
+
+
+@contextlib.contextmanager
+def walk_matrices(base, finetuned, *, include_embeddings: bool, layers, max_matrices, progress: bool,
+                  what: str) -> Iterator[MatrixWalk]:
+    """Open both checkpoints, select the 2-D matrices (sampling options), and visit them one at a
+    time with one reader and a progress bar (rank and spectral views)."""
+    from rlsparse.io.reader import TensorReader
+    from rlsparse.report.progress import progress_bar
+
+    a, b = open_checkpoint(base), open_checkpoint(finetuned)
+    pairs = pair_tensors(a, b)
+    names, notes = select_matrices(pairs, include_embeddings=include_embeddings, layers=layers,
+                                   max_matrices=max_matrices)
+    with TensorReader() as reader, progress_bar(len(names), what, unit="matrices", enabled=progress) as advance:
+        def items():
+            for name in names:
+                yield name, pairs[name][0], pairs[name][1], reader
+                advance(1)
+
+        yield MatrixWalk(a, b, notes, items())
 
 
 def resolve_device(device: str | None) -> str:

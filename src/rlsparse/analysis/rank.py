@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from rlsparse.analysis._common import (SCHEMA_VERSION, MatrixGroups, open_checkpoint, pair_tensors, resolve_device,
-                                       select_matrices)
+from rlsparse.analysis._common import SCHEMA_VERSION, MatrixGroups, resolve_device, walk_matrices
 from rlsparse.errors import UsageError
 from rlsparse.io.naming import type_of
 from rlsparse.io.reader import TensorReader
@@ -171,32 +170,26 @@ def rank(base: str | os.PathLike, finetuned: str | os.PathLike, *, device: str |
     """
     import torch
 
-    from rlsparse.report.progress import progress_bar
-
     if rtol is not None and not (0 <= rtol < 1):
         raise UsageError(f"--rtol {rtol}: must be in [0, 1)")
     dev = resolve_device(device)
-    a, b = open_checkpoint(base), open_checkpoint(finetuned)
-    pairs = pair_tensors(a, b)
-    names, notes = select_matrices(pairs, include_embeddings=include_embeddings, layers=layers,
-                                   max_matrices=max_matrices)
     out: list[MatrixRank] = []
     t0 = time.perf_counter()
-    with TensorReader() as reader, progress_bar(len(names), "rank", unit="matrices", enabled=progress) as advance:
-        for name in names:
-            delta = _delta(reader, *pairs[name], dev)
+    with walk_matrices(base, finetuned, include_embeddings=include_embeddings, layers=layers,
+                       max_matrices=max_matrices, progress=progress, what="rank") as walk:
+        for name, info_base, info_ft, reader in walk.items:
+            delta = _delta(reader, info_base, info_ft, dev)
             if not bool(torch.isfinite(delta).all()):
-                notes.append(f"{name}: the update holds NaN/Inf; skipped")
+                walk.notes.append(f"{name}: the update holds NaN/Inf; skipped")
             else:
                 r, used, tol, s_max, stable, eff = matrix_ranks(delta, rtol)
                 out.append(MatrixRank(name, tuple(delta.shape), r, used, tol, s_max, stable, eff))
             del delta
-            advance(1)
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
     if not out:
         raise UsageError("every selected update matrix holds NaN/Inf: nothing to analyse")
-    return RankResult(a.source, b.source, out, dev, rtol, notes, time.perf_counter() - t0)
+    return RankResult(walk.base.source, walk.finetuned.source, out, dev, rtol, walk.notes, time.perf_counter() - t0)
 
 
 def _delta(reader: TensorReader, base_info, ft_info, device: str):

@@ -20,11 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from rlsparse.analysis._common import (SCHEMA_VERSION, MatrixGroups, open_checkpoint, pair_tensors, resolve_device,
-                                       select_matrices)
+from rlsparse.analysis._common import SCHEMA_VERSION, MatrixGroups, resolve_device, walk_matrices
 from rlsparse.errors import UsageError
 from rlsparse.io.naming import type_of
-from rlsparse.io.reader import TensorReader
 
 DEFAULT_TOP_K = 16
 
@@ -169,28 +167,22 @@ def spectral(base: str | os.PathLike, finetuned: str | os.PathLike, *, top_k: in
     """
     import torch
 
-    from rlsparse.report.progress import progress_bar
-
     if top_k < 1:
         raise UsageError(f"--top-k {top_k}: must be at least 1")
     dev = resolve_device(device)
-    a, b = open_checkpoint(base), open_checkpoint(finetuned)
-    pairs = pair_tensors(a, b)
-    names, notes = select_matrices(pairs, include_embeddings=include_embeddings, layers=layers,
-                                   max_matrices=max_matrices)
     out: list[MatrixSpectrum] = []
     t0 = time.perf_counter()
-    with TensorReader() as reader, progress_bar(len(names), "spectral", unit="matrices", enabled=progress) as advance:
-        for name in names:
-            ib, ifin = pairs[name]
-            w0 = reader.read_tensor(ib).to(device=dev, dtype=torch.float32)
-            w1 = reader.read_tensor(ifin).to(device=dev, dtype=torch.float32)
+    with walk_matrices(base, finetuned, include_embeddings=include_embeddings, layers=layers,
+                       max_matrices=max_matrices, progress=progress, what="spectral") as walk:
+        for name, info_base, info_ft, reader in walk.items:
+            w0 = reader.read_tensor(info_base).to(device=dev, dtype=torch.float32)
+            w1 = reader.read_tensor(info_ft).to(device=dev, dtype=torch.float32)
             if not (bool(torch.isfinite(w0).all()) and bool(torch.isfinite(w1).all())):
-                notes.append(f"{name}: holds NaN/Inf; skipped")
+                walk.notes.append(f"{name}: holds NaN/Inf; skipped")
             else:
                 out.append(matrix_spectrum(w0, w1, top_k, name))
             del w0, w1
-            advance(1)
     if not out:
         raise UsageError("every selected matrix holds NaN/Inf: nothing to analyse")
-    return SpectralResult(a.source, b.source, top_k, out, dev, notes, time.perf_counter() - t0)
+    return SpectralResult(walk.base.source, walk.finetuned.source, top_k, out, dev, walk.notes,
+                          time.perf_counter() - t0)
