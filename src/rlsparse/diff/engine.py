@@ -7,6 +7,7 @@ bounded by the chunk size whatever the model size: buffers are allocated once an
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
@@ -83,31 +84,45 @@ def run(plan: Plan, tolerances: list[float], labels: list[str], *, mask_path=Non
     specs = [ChunkSpec(p.base.dtype, p.finetuned.dtype, compare_dtype, p.cols) for p in pairs]
     max_bytes = max((w.count * max(dtypes.itemsize(pairs[w.pair].base.dtype),
                                    dtypes.itemsize(pairs[w.pair].finetuned.dtype)) for w in work), default=0)
+    # Reading and comparing run on separate threads: two reader threads keep up to ``io_depth``
+    # chunks loaded ahead (on a cold cache the disk never waits for the comparison), and
+    # ``workers`` threads compare. Buffers come from a fixed pool, so memory stays bounded.
+    io_depth = 4 * max(1, workers)
+    slots: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(io_depth + 1):
+        slots.put((np.empty(max_bytes, np.uint8), np.empty(max_bytes, np.uint8)))
     local = threading.local()
     readers: list[TensorReader] = []
     lock = threading.Lock()
 
-    def state():
+    def thread_readers() -> tuple[TensorReader, TensorReader]:
         if not hasattr(local, "readers"):
             local.readers = (TensorReader(), TensorReader())
-            local.buffers = (np.empty(max_bytes, np.uint8), np.empty(max_bytes, np.uint8))
             with lock:
                 readers.extend(local.readers)
-        return local.readers, local.buffers
+        return local.readers
 
-    def process(k: int):
+    def load(k: int):
         w = work[k]
         p = pairs[w.pair]
-        (ra, rb), (buf_a, buf_b) = state()
-        a = ra.read(p.base, w.start, w.count, buf_a)
-        b = rb.read(p.finetuned, w.start, w.count, buf_b)
+        ra, rb = thread_readers()
+        buffers = slots.get()
+        a = ra.read(p.base, w.start, w.count, buffers[0])
+        b = rb.read(p.finetuned, w.start, w.count, buffers[1])
         sa = sb = None
         if p.base_scale is not None or p.finetuned_scale is not None:
             r0 = w.row0 // FP8_BLOCK
             r1 = -(-(w.row0 + w.count // _row_size(p)) // FP8_BLOCK)
             sa = _scale_rows(ra, p.base_scale, r0, r1)
             sb = _scale_rows(rb, p.finetuned_scale, r0, r1)
-        res = compare_chunk(a, b, specs[w.pair], thresholds, mthr, sa, sb)
+        return buffers, a, b, sa, sb
+
+    def process(k: int, loaded):
+        buffers, a, b, sa, sb = loaded.result()
+        try:
+            res = compare_chunk(a, b, specs[work[k].pair], thresholds, mthr, sa, sb)
+        finally:
+            slots.put(buffers)
         return res, a.nbytes + b.nbytes
 
     writer = None
@@ -117,12 +132,16 @@ def run(plan: Plan, tolerances: list[float], labels: list[str], *, mask_path=Non
     nbytes = 0
     depth = 2 * max(1, workers)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rlsparse-diff") as pool:
-            futures = deque(pool.submit(process, k) for k in range(min(depth, len(work))))
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="rlsparse-read") as io_pool, \
+                ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rlsparse-diff") as pool:
+            loads = {k: io_pool.submit(load, k) for k in range(min(io_depth, len(work)))}
+            futures = deque(pool.submit(process, k, loads.pop(k)) for k in range(min(depth, len(work))))
             for k, w in enumerate(work):
                 res, step = futures.popleft().result()
+                if k + io_depth < len(work):
+                    loads[k + io_depth] = io_pool.submit(load, k + io_depth)
                 if k + depth < len(work):
-                    futures.append(pool.submit(process, k + depth))
+                    futures.append(pool.submit(process, k + depth, loads.pop(k + depth)))
                 p = pairs[w.pair]
                 accs[w.pair].add(res)
                 if writer is not None:

@@ -101,7 +101,7 @@ class TensorReader:
         return buf.view(dtypes.uint_view(info.dtype))
 
     def _prefetch(self, end: int) -> None:
-        if not hasattr(os, "posix_fadvise") or end + self.PREFETCH_BYTES // 2 < self._prefetched:
+        if not self.PREFETCH_BYTES or not hasattr(os, "posix_fadvise") or end + self.PREFETCH_BYTES // 2 < self._prefetched:
             return
         start = max(end, self._prefetched)
         os.posix_fadvise(self._fd, start, self.PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
