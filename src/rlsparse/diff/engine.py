@@ -84,9 +84,12 @@ def run(plan: Plan, tolerances: list[float], labels: list[str], *, mask_path=Non
     specs = [ChunkSpec(p.base.dtype, p.finetuned.dtype, compare_dtype, p.cols) for p in pairs]
     max_bytes = max((w.count * max(dtypes.itemsize(pairs[w.pair].base.dtype),
                                    dtypes.itemsize(pairs[w.pair].finetuned.dtype)) for w in work), default=0)
-    # Reading and comparing run on separate threads: two reader threads keep up to ``io_depth``
+    # Reading and comparing run on separate threads: one reader thread keeps up to ``io_depth``
     # chunks loaded ahead (on a cold cache the disk never waits for the comparison), and
-    # ``workers`` threads compare. Buffers come from a fixed pool, so memory stays bounded.
+    # ``workers`` threads compare. One reader, not several: each file is then read strictly in
+    # order through one descriptor, which the kernel's readahead needs (two readers taking turns
+    # look like strided access to it and lose readahead on a cold cache). Buffers come from a
+    # fixed pool, so memory stays bounded.
     io_depth = 4 * max(1, workers)
     slots: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(io_depth + 1):
@@ -132,7 +135,7 @@ def run(plan: Plan, tolerances: list[float], labels: list[str], *, mask_path=Non
     nbytes = 0
     depth = 2 * max(1, workers)
     try:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="rlsparse-read") as io_pool, \
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsparse-read") as io_pool, \
                 ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rlsparse-diff") as pool:
             loads = {k: io_pool.submit(load, k) for k in range(min(io_depth, len(work)))}
             futures = deque(pool.submit(process, k, loads.pop(k)) for k in range(min(depth, len(work))))
