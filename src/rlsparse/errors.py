@@ -37,6 +37,23 @@ class MissingDependencyError(RlsparseError):
     """An optional dependency is not installed; the message carries the install hint."""
 
 
+def tensor_set_differences(a: dict, b: dict, label_a: str, label_b: str) -> list[str]:
+    """Phrases naming how two ``{tensor name: shape}`` maps differ (empty when they agree), for
+    one MismatchError that lists every problem."""
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    shapes = sorted(n for n in set(a) & set(b) if list(a[n]) != list(b[n]))
+    parts = []
+    if only_a:
+        parts.append(f"{len(only_a)} tensors only in {label_a} (e.g. {only_a[:3]})")
+    if only_b:
+        parts.append(f"{len(only_b)} tensors only in {label_b} (e.g. {only_b[:3]})")
+    if shapes:
+        n = shapes[0]
+        parts.append(f"{len(shapes)} shapes differ (e.g. {n}: {list(a[n])} vs {list(b[n])})")
+    return parts
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or fail with the exact install hint.
 

@@ -21,7 +21,7 @@ import numpy as np
 from rlsparse.analysis._common import (CHUNK_ELEMENTS, PAPER_TOLERANCE, SCHEMA_VERSION, changed, check_tolerance,
                                        chunks, layer_key, open_checkpoint, pair_tensors, popcount, ratio,
                                        sorted_layers, sorted_types)
-from rlsparse.errors import MismatchError, UsageError
+from rlsparse.errors import MismatchError, UsageError, tensor_set_differences
 from rlsparse.io.checkpoint import Checkpoint, TensorInfo
 from rlsparse.io.naming import type_of
 from rlsparse.io.reader import TensorReader
@@ -329,18 +329,8 @@ def overlap_from_checkpoints(base_a: str | os.PathLike | Checkpoint, finetuned_a
 
 
 def _check_same_model(run_a: dict, run_b: dict, src_a: str, src_b: str) -> None:
-    only_a = sorted(set(run_a) - set(run_b))
-    only_b = sorted(set(run_b) - set(run_a))
-    shapes = sorted(n for n in set(run_a) & set(run_b) if run_a[n][0].shape != run_b[n][0].shape)
-    if only_a or only_b or shapes:
-        parts = []
-        if only_a:
-            parts.append(f"{len(only_a)} tensor(s) only in {src_a} (e.g. {only_a[:3]})")
-        if only_b:
-            parts.append(f"{len(only_b)} tensor(s) only in {src_b} (e.g. {only_b[:3]})")
-        if shapes:
-            n = shapes[0]
-            parts.append(f"{len(shapes)} shape(s) differ (e.g. {n}: {list(run_a[n][0].shape)} vs "
-                         f"{list(run_b[n][0].shape)})")
+    parts = tensor_set_differences({n: v[0].shape for n, v in run_a.items()},
+                                   {n: v[0].shape for n, v in run_b.items()}, src_a, src_b)
+    if parts:
         raise MismatchError("the two runs do not start from the same base model: " + "; ".join(parts)
                             + "; compare runs finetuned from the same base model")

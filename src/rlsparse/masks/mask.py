@@ -21,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported lazily: `rlsparse diff` never needs it
     import torch
 
-from rlsparse.errors import MaskError, MismatchError
+from rlsparse.errors import MaskError, MismatchError, tensor_set_differences
 from rlsparse.io.safetensors_format import StreamingSafetensorsWriter, read_header
 
 FORMAT = "rlsparse.mask"
@@ -207,18 +207,9 @@ class Mask:
 
     def check_compatible(self, other: "Mask", what: str = "masks") -> None:
         """Raise MismatchError unless ``other`` covers the same tensors with the same shapes."""
-        a, b = self.meta.shapes, other.meta.shapes
-        only_a = sorted(set(a) - set(b))
-        only_b = sorted(set(b) - set(a))
-        shape = sorted(n for n in set(a) & set(b) if list(a[n]) != list(b[n]))
-        if only_a or only_b or shape:
-            parts = []
-            if only_a:
-                parts.append(f"{len(only_a)} tensors only in {self.path or 'the first'} (e.g. {only_a[:3]})")
-            if only_b:
-                parts.append(f"{len(only_b)} tensors only in {other.path or 'the second'} (e.g. {only_b[:3]})")
-            if shape:
-                parts.append(f"{len(shape)} shapes differ (e.g. {shape[0]}: {a[shape[0]]} vs {b[shape[0]]})")
+        parts = tensor_set_differences(self.meta.shapes, other.meta.shapes, str(self.path or "the first"),
+                                       str(other.path or "the second"))
+        if parts:
             raise MismatchError(
                 f"{what} do not describe the same model: " + "; ".join(parts)
                 + "; use masks made against the same base model"
