@@ -34,22 +34,18 @@ def diff_tables(result, console: Console, *, per_layer: bool = True) -> None:
     console.print(sweep)
 
     labs = result.labels
-    by_type = Table(title="Sparsity % by matrix type")
-    by_type.add_column("type")
-    by_type.add_column("params", justify="right")
-    for lab in labs:
-        by_type.add_column(f"t={lab}", justify="right")
-    for typ, agg in result.by_type().items():
-        by_type.add_row(typ, f"{agg.numel:,}", *[_pct(agg.sparsity(lab)) for lab in labs])
-    console.print(by_type)
-
+    console.print(_sparsity_by("Sparsity % by matrix type", "type", result.by_type().items(), labs))
     if per_layer:
-        by_layer = Table(title="Sparsity % by layer")
-        by_layer.add_column("layer")
-        by_layer.add_column("params", justify="right")
-        for lab in labs:
-            by_layer.add_column(f"t={lab}", justify="right")
-        for layer, agg in result.by_layer().items():
-            by_layer.add_row("other" if layer is None else str(layer), f"{agg.numel:,}",
-                             *[_pct(agg.sparsity(lab)) for lab in labs])
-        console.print(by_layer)
+        rows = (("other" if layer is None else str(layer), agg) for layer, agg in result.by_layer().items())
+        console.print(_sparsity_by("Sparsity % by layer", "layer", rows, labs))
+
+
+def _sparsity_by(title: str, key: str, rows, labels: list[str]) -> Table:
+    table = Table(title=title)
+    table.add_column(key)
+    table.add_column("params", justify="right")
+    for lab in labels:
+        table.add_column(f"t={lab}", justify="right")
+    for name, agg in rows:
+        table.add_row(name, f"{agg.numel:,}", *[_pct(agg.sparsity(lab)) for lab in labels])
+    return table
