@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from rlsparse.errors import UsageError
+from rlsparse.errors import MismatchError, UsageError, tensor_set_differences
 from rlsparse.io.checkpoint import Checkpoint, TensorInfo
 from rlsparse.io.naming import layer_of, type_of, type_sort_key
 
@@ -51,18 +51,57 @@ def pair_tensors(base: Checkpoint, other: Checkpoint) -> dict[str, tuple[TensorI
     return {pair.name: (pair.base, pair.finetuned) for pair in p.pairs}
 
 
-def changed(a_raw: np.ndarray, b_raw: np.ndarray, code_a: str, code_b: str, tolerance: float) -> np.ndarray:
-    """Element changed at ``tolerance`` (the diff engine's definition), as a bool array."""
-    from rlsparse.diff.kernel import changed_bits
+def stream_items(runs: Sequence[tuple[Checkpoint, Checkpoint]], *, shared_base: bool):
+    """Stream items (``diff.stream.Item``) for the tensors of several (base, finetuned) runs.
 
-    return changed_bits(a_raw, b_raw, code_a, tolerance, code_b=code_b)
+    With ``shared_base`` (a series: one base, many checkpoints) the sources are
+    ``(base, ft_1, ..., ft_n)``; otherwise ``(base_1, ft_1, base_2, ft_2, ...)`` (the engine reads a
+    base shared by several runs once). Every run is planned by ``diff.plan`` (FP8 block scales
+    included); all mismatches are collected and raised once as MismatchError. Items are in the
+    storage order of the first run.
+    """
+    from rlsparse.diff.plan import plan
+    from rlsparse.diff.stream import Item
+
+    plans, problems = [], []
+    for base, ft in runs:
+        try:
+            plans.append(plan(base, ft))
+        except MismatchError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise MismatchError(f"{len(problems)} checkpoint(s) do not match the base: " + " | ".join(problems))
+    by_name = [{p.name: p for p in pl.pairs} for pl in plans]
+    names = [p.name for p in plans[0].pairs]
+    for i, pairs in enumerate(by_name[1:], start=1):
+        parts = tensor_set_differences({n: by_name[0][n].base.shape for n in names},
+                                       {n: p.base.shape for n, p in pairs.items()},
+                                       runs[0][0].source, runs[i][0].source)
+        if parts:
+            raise MismatchError("the runs do not start from the same base model: " + "; ".join(parts)
+                                + "; compare runs finetuned from the same base model")
+    items = []
+    for name in names:
+        ps = [pairs[name] for pairs in by_name]
+        if shared_base:
+            infos = (ps[0].base, *(p.finetuned for p in ps))
+            scales = (ps[0].base_scale, *(p.finetuned_scale for p in ps))
+        else:
+            infos = tuple(x for p in ps for x in (p.base, p.finetuned))
+            scales = tuple(x for p in ps for x in (p.base_scale, p.finetuned_scale))
+        items.append(Item(name, infos, scales if any(sc is not None for sc in scales) else ()))
+    return items
 
 
-def chunks(numel: int, size: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
-    """(start, count) ranges covering ``numel`` elements; ``size`` is rounded to a multiple of 8."""
-    size = max(8, size // 8 * 8)
-    for start in range(0, numel, size):
-        yield start, min(size, numel - start)
+def stream_runner(ray: str | None):
+    """``diff.stream.run``, or the Ray runner when ``ray`` is an address (or "local")."""
+    from rlsparse.diff import stream
+
+    if ray is None:
+        return stream.run
+    from rlsparse.diff.distributed import ray_runner
+
+    return ray_runner(ray)
 
 
 def layer_key(name: str) -> str:
