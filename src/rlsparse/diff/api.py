@@ -17,7 +17,8 @@ PAPER_TOLERANCE = 1e-5
 def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Checkpoint, *,
          tolerances: Sequence[float | str] = DEFAULT_TOLERANCES, mask_path: str | os.PathLike | None = None,
          mask_tolerance: float | str = PAPER_TOLERANCE, allow_missing: bool = False, allow_resize: bool = False,
-         compare_dtype: str | None = None, progress: bool = False, chunk_elements: int | None = None):
+         compare_dtype: str | None = None, progress: bool = False, chunk_elements: int | None = None,
+         ray: str | None = None):
     """Count, per tensor and in aggregate, the elements that changed between two checkpoints.
 
     Streams both checkpoints chunk by chunk (bounded memory), counting changes at every
@@ -36,6 +37,9 @@ def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Ch
         compare_dtype: Cast both sides to this dtype (e.g. "bf16") before comparing.
         progress: Show a progress bar with bytes/s and ETA on stderr.
         chunk_elements: Elements per chunk (memory bound); default 1M.
+        ray: Run on a Ray cluster at this address ("local": this machine's cluster, started if
+            none runs); workers read the checkpoints from the same paths. The result and the
+            mask file are bit-identical to a local run. None runs here.
 
     Returns:
         DiffResult.
@@ -44,6 +48,7 @@ def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Ch
         >>> r = rlsparse.diff("sft", "dpo", mask_path="dpo.mask.safetensors")
         >>> print(f"{r.total.sparsity('1e-05'):.1%}")
     """
+    from rlsparse.diff.distributed import ray_runner
     from rlsparse.diff.engine import DEFAULT_CHUNK_ELEMENTS, run
     from rlsparse.diff.plan import plan as make_plan
     from rlsparse.diff.result import DiffResult
@@ -69,7 +74,8 @@ def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Ch
         stats, nbytes, elapsed = run(
             p, values, labels, mask_path=mask_path, mask_tolerance=mask_value[0] if mask_path else None,
             mask_meta={"base": a.source, "finetuned": b.source}, compare_dtype=code,
-            chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS, advance=advance)
+            chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS, advance=advance,
+            execute=None if ray is None else ray_runner(ray))
     inputs = {side: {"source": ck.source, "layout": ck.layout, "tensors": len(ck.tensors), "bytes": ck.total_bytes,
                      "prefixes_stripped": p.prefixes.get(side, [])} for side, ck in (("base", a), ("finetuned", b))}
     options = {"mask_path": str(mask_path) if mask_path else None,
