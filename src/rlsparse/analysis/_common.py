@@ -9,12 +9,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from rlsparse.diff.tolerance import PAPER_TOLERANCE, parse_tolerance  # noqa: F401 (the analyses' default)
 from rlsparse.errors import MismatchError, UsageError, tensor_set_differences
 from rlsparse.io.checkpoint import Checkpoint, TensorInfo
 from rlsparse.io.naming import layer_of, type_of, type_sort_key
 
 SCHEMA_VERSION = 1
-PAPER_TOLERANCE = 1e-5
 CHUNK_ELEMENTS = 256 * 1024  # whole bytes of a packed mask, working set in L2 (as the diff engine)
 _EMBEDDING_TYPES = ("embed", "pos_embed", "lm_head")
 
@@ -137,14 +137,9 @@ def sorted_types(keys) -> list[str]:
     return sorted(keys, key=type_sort_key)
 
 
-def check_tolerance(t: float, what: str = "--tolerance") -> float:
-    try:
-        v = float(t)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} {t!r} is not a number; use e.g. 1e-5") from None
-    if not (v >= 0) or v == float("inf"):
-        raise UsageError(f"{what} {t!r} must be a finite number >= 0 (0 means value inequality)")
-    return v
+def check_tolerance(t: float | str, param: str = "tolerance") -> float:
+    """``t`` as a float, or UsageError naming ``param``."""
+    return parse_tolerance(t, param)
 
 
 def select_matrices(pairs: dict[str, tuple[TensorInfo, TensorInfo]], *, include_embeddings: bool = False,
@@ -164,7 +159,7 @@ def select_matrices(pairs: dict[str, tuple[TensorInfo, TensorInfo]], *, include_
         emb = [n for n in names if type_of(n) in _EMBEDDING_TYPES]
         if emb:
             names = [n for n in names if n not in emb]
-            notes.append(f"skipped {len(emb)} embedding/lm_head matrices; pass --include-embeddings to add them")
+            notes.append(f"skipped {len(emb)} embedding/lm_head matrices (include_embeddings=True adds them)")
     if layers is not None:
         wanted = set(layers)
         names = [n for n in names if layer_of(n) in wanted]
@@ -172,13 +167,13 @@ def select_matrices(pairs: dict[str, tuple[TensorInfo, TensorInfo]], *, include_
     names.sort(key=lambda n: (layer_of(n) is None, layer_of(n) or 0, type_sort_key(type_of(n)), n))
     if max_matrices is not None:
         if max_matrices < 1:
-            raise UsageError(f"--max-matrices {max_matrices}: must be at least 1")
+            raise UsageError(f"max_matrices={max_matrices}: must be at least 1")
         if len(names) > max_matrices:
             idx = np.unique(np.round(np.linspace(0, len(names) - 1, max_matrices)).astype(int))
-            notes.append(f"sampled {len(idx)} of {len(names)} matrices, evenly spaced (--max-matrices)")
+            notes.append(f"sampled {len(idx)} of {len(names)} matrices, evenly spaced (max_matrices={max_matrices})")
             names = [names[i] for i in idx]
     if not names:
-        raise UsageError("no 2-D matrices left to analyse; check --layers / --include-embeddings")
+        raise UsageError("no 2-D matrices left to analyse; check layers= / include_embeddings=")
     return names, notes
 
 
@@ -220,11 +215,11 @@ def resolve_device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        raise UsageError(f"device={device!r}: no CUDA device is available here; use device='cpu'")
     try:
         torch.empty(0, device=device)
     except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"--device {device}: not usable ({str(exc).splitlines()[0]}); use cpu or cuda") from None
+        raise UsageError(f"device={device!r}: not usable ({str(exc).splitlines()[0]}); use cpu or cuda") from None
     return device
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rlsparse._version import __version__
 from rlsparse.analysis._common import (CHUNK_ELEMENTS, PAPER_TOLERANCE, SCHEMA_VERSION, check_tolerance, layer_key,
                                        open_checkpoint, popcount, ratio, sorted_layers, sorted_types, stream_items,
                                        stream_runner)
@@ -156,8 +157,6 @@ class OverlapResult:
             return np.where(diag[:, None] > 0, total / np.where(diag > 0, diag, 1)[:, None], np.nan)
 
     def to_json(self) -> dict:
-        from rlsparse import __version__
-
         numel = sum(self.numel.values())
         total = sum(self.counts.values()) if self.counts else np.zeros((len(self.labels),) * 2, np.int64)
         m = self.matrix()

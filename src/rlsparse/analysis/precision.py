@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rlsparse._version import __version__
 from rlsparse.analysis._common import (SCHEMA_VERSION, check_tolerance, layer_key, open_checkpoint, sorted_layers,
                                        sorted_types, stream_items)
 from rlsparse.diff.kernel import block_scales
@@ -106,8 +107,6 @@ class PrecisionResult:
         return self._group(layer_key, sorted_layers)
 
     def to_json(self) -> dict:
-        from rlsparse import __version__
-
         return {
             "schema_version": SCHEMA_VERSION,
             "kind": "precision",

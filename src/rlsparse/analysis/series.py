@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rlsparse._version import __version__
 from rlsparse.analysis._common import (PAPER_TOLERANCE, SCHEMA_VERSION, check_tolerance, layer_key, open_checkpoint,
                                        popcount, sorted_layers, sorted_types, stream_items, stream_runner)
 from rlsparse.diff.kernel import changed_packed
@@ -113,8 +114,6 @@ class SeriesResult:
         return self._group(type_of, sorted_types)
 
     def to_json(self) -> dict:
-        from rlsparse import __version__
-
         n = len(self.checkpoints)
         return {
             "schema_version": SCHEMA_VERSION,

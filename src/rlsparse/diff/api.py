@@ -8,10 +8,9 @@ from typing import Sequence
 from rlsparse.errors import UsageError
 from rlsparse.io import dtypes
 from rlsparse.io.atomic import check_writable
+from rlsparse.diff.tolerance import DEFAULT_TOLERANCES, PAPER_TOLERANCE, parse_tolerances
 from rlsparse.io.checkpoint import Checkpoint
 
-DEFAULT_TOLERANCES = (0.0, 1e-8, 1e-7, 1e-6, 1e-5)
-PAPER_TOLERANCE = 1e-5
 
 
 def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Checkpoint, *,
@@ -28,8 +27,9 @@ def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Ch
     Args:
         base: The checkpoint before finetuning (folder, file, hub id or opened Checkpoint).
         finetuned: The checkpoint after finetuning.
-        tolerances: ``|new - old| > t`` counts as changed; floats or strings (labels keep the
-            user's spelling). 0 means value inequality.
+        tolerances: ``|new - old| > t`` counts as changed; numbers or strings. Results are keyed
+            canonically ("1e-05" for 1e-5 or "1e-5") and answer to any spelling. 0 means value
+            inequality.
         mask_path: Where to write the mask (atomically); None for no mask.
         mask_tolerance: The tolerance that defines the mask (added to the sweep if absent).
         allow_missing: Compare the common tensors when the sets differ (else MismatchError).
@@ -46,7 +46,7 @@ def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Ch
 
     Example:
         >>> r = rlsparse.diff("sft", "dpo", mask_path="dpo.mask.safetensors")
-        >>> print(f"{r.total.sparsity('1e-05'):.1%}")
+        >>> print(f"{r.total.sparsity(1e-5):.1%}")
     """
     from rlsparse.diff.distributed import ray_runner
     from rlsparse.diff.engine import DEFAULT_CHUNK_ELEMENTS, run
@@ -54,8 +54,8 @@ def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Ch
     from rlsparse.diff.result import DiffResult
     from rlsparse.report.progress import progress_bar
 
-    labels, values = _parse_tolerances(tolerances)
-    mask_label, mask_value = _parse_tolerances([mask_tolerance])
+    labels, values = parse_tolerances(tolerances, "tolerances")
+    mask_label, mask_value = parse_tolerances([mask_tolerance], "mask_tolerance")
     if mask_path is not None:
         check_writable(mask_path)
         if mask_value[0] not in values:
@@ -66,7 +66,7 @@ def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Ch
         try:
             code = dtypes.parse_user_dtype(compare_dtype)
         except ValueError:
-            raise UsageError(f"--compare-dtype {compare_dtype!r} is not a float dtype; use bf16, fp16 or fp32") from None
+            raise UsageError(f"compare_dtype={compare_dtype!r} is not a float dtype; use bf16, fp16 or fp32") from None
     a = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
     b = finetuned if isinstance(finetuned, Checkpoint) else Checkpoint.open(finetuned)
     p = make_plan(a, b, allow_missing=allow_missing, allow_resize=allow_resize, compare_dtype=compare_dtype)
@@ -84,24 +84,3 @@ def diff(base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Ch
     return DiffResult(base=a.source, finetuned=b.source, labels=labels, tolerances=values, tensors=stats,
                       notes=p.notes, only_in_base=p.only_in_base, only_in_finetuned=p.only_in_finetuned,
                       inputs=inputs, options=options, elapsed_s=elapsed, bytes_read=nbytes)
-
-
-def _parse_tolerances(items: Sequence[float | str]) -> tuple[list[str], list[float]]:
-    from rlsparse.diff.result import tolerance_label
-
-    labels: list[str] = []
-    values: list[float] = []
-    for t in items:
-        try:
-            v = float(t)
-        except (TypeError, ValueError):
-            raise UsageError(f"tolerance {t!r} is not a number; use e.g. 0,1e-8,1e-5") from None
-        if not v >= 0 or v == float("inf"):
-            raise UsageError(f"tolerance {t!r} must be a finite number >= 0")
-        if v in values:
-            continue
-        labels.append(tolerance_label(t))
-        values.append(v)
-    if not values:
-        raise UsageError("no tolerance given; use e.g. --tolerances 0,1e-5")
-    return labels, values

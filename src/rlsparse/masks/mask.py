@@ -21,6 +21,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported lazily: `rlsparse diff` never needs it
     import torch
 
+from rlsparse._version import __version__
 from rlsparse.errors import MaskError, MismatchError, tensor_set_differences
 from rlsparse.io.safetensors_format import StreamingSafetensorsWriter, read_header
 
@@ -252,8 +253,6 @@ class MaskWriter:
     def set_meta(self, meta: MaskMeta) -> None:
         if meta.shapes.keys() != self._shapes.keys():
             raise MismatchError("mask metadata names differ from the tensors written")
-        from rlsparse import __version__
-
         meta.tool_version = meta.tool_version or __version__
         self._meta = meta
 
