@@ -1,4 +1,5 @@
-"""Helpers shared by the analyses: pairing checkpoints, chunking, grouping, choosing matrices."""
+"""Helpers shared by the analyses: stream items for several runs (the stream engine does the
+reading), popcount, tolerances, grouping by layer and type, choosing matrices (rank, spectral)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from rlsparse.io.checkpoint import Checkpoint, TensorInfo
 from rlsparse.io.naming import layer_of, type_of, type_sort_key
 
 SCHEMA_VERSION = 1
-CHUNK_ELEMENTS = 256 * 1024  # whole bytes of a packed mask, working set in L2 (as the diff engine)
+CHUNK_ELEMENTS = 256 * 1024  # mask overlap: elements per chunk of packed bytes (a multiple of 8: whole bytes)
 _EMBEDDING_TYPES = ("embed", "pos_embed", "lm_head")
 
 try:
@@ -37,8 +38,9 @@ def open_checkpoint(source: str | os.PathLike | Checkpoint) -> Checkpoint:
 
 
 def pair_tensors(base: Checkpoint, other: Checkpoint) -> dict[str, tuple[TensorInfo, TensorInfo]]:
-    """Tensors of two checkpoints matched by clean name; MismatchError (all problems at once)
-    when names or shapes differ. Ordered as stored (file, offset) so reads stay sequential."""
+    """Tensors of two checkpoints matched by clean name, for the whole-matrix views (rank,
+    spectral); MismatchError (all problems at once) when names or shapes differ. Ordered as
+    stored (file, offset) so reads stay sequential. The streamed analyses use ``stream_items``."""
     from rlsparse.diff.plan import plan
 
     p = plan(base, other)
@@ -47,7 +49,8 @@ def pair_tensors(base: Checkpoint, other: Checkpoint) -> dict[str, tuple[TensorI
         # comparing raw FP8 codes without their block scales would silently change the meaning
         raise UsageError(
             f"{base.source} vs {other.source}: {len(scaled)} FP8 tensor(s) with block scales (e.g. {scaled[0]}); "
-            "the analysis commands do not dequantise them yet: use `rlsparse diff`, or dequantise to bf16 first")
+            "rank and spectral do not dequantise them yet (diff, series, overlap and precision do); "
+            "dequantise to bf16 first")
     return {pair.name: (pair.base, pair.finetuned) for pair in p.pairs}
 
 
