@@ -51,7 +51,7 @@ import numpy as np
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import TensorInfo
 from rlsparse.io.memory import reuse_freed_buffers
-from rlsparse.io.reader import TensorReader, aligned_empty
+from rlsparse.io.reader import TensorReader, aligned_empty, direct_size
 
 FP8_BLOCK = dtypes.FP8_BLOCK
 # 1M elements (2 MB per bf16 source): chunk temporaries stay small and cache-friendly; CPU time per GB
@@ -60,6 +60,8 @@ DEFAULT_CHUNK_ELEMENTS = 1024 * 1024
 # With many sources (a long series) the chunk shrinks so that one chunk of all of them stays
 # about this size: the buffer pool (io_depth + 1 chunks) then stays bounded whatever N.
 _CHUNK_BYTES_ALL_SOURCES = 8 << 20
+# Cold ranges are read with O_DIRECT into the pool's page-aligned buffers (bench/bench_diff.py)
+DIRECT_READS = True
 
 
 @dataclass(frozen=True)
@@ -180,9 +182,16 @@ def span_bytes(items: Sequence[Item], s: Span) -> int:
     return s.count * sum(dtypes.itemsize(it.infos[i].dtype) for i in _distinct(it.infos))
 
 
+def _slot_bytes(items: Sequence[Item], s: Span) -> int:
+    """Buffer bytes for one span of every distinct source: each region page-aligned, with room
+    for a direct read's aligned head and tail."""
+    it = items[s.item]
+    return sum(direct_size(s.count * dtypes.itemsize(it.infos[i].dtype)) for i in _distinct(it.infos))
+
+
 def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None = None,
         chunk_elements: int | None = None, workers: int = 2, sink: Callable[[Span, Any], None] | None = None,
-        advance: Callable[[int], None] = lambda n: None) -> StreamOutput:
+        advance: Callable[[int], None] = lambda n: None, direct: bool | None = None) -> StreamOutput:
     """Stream ``spans`` (default: all of ``items``) through ``kernel``; see the module docstring.
 
     Args:
@@ -193,6 +202,8 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
         workers: Compute threads.
         sink: Called with (span, piece) in span order for every non-None piece.
         advance: Called with the bytes of each merged span (progress).
+        direct: Read ranges that are not in the page cache with O_DIRECT (see ``io.reader``);
+            None: ``DIRECT_READS``.
 
     Returns:
         StreamOutput: merged partial per item index, bytes read, seconds.
@@ -206,7 +217,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
     if not spans:
         return out
     nsrc = max(len(it.infos) for it in items)
-    slot_bytes = max(span_bytes(items, s) for s in spans)
+    slot_bytes = max(_slot_bytes(items, s) for s in spans)
     # One reader thread keeps up to ``io_depth`` chunks loaded ahead (on a cold cache the disk
     # never waits for the kernel) and ``workers`` threads compute. One reader, not several: each
     # file is then read strictly in order through one descriptor, which the kernel's readahead
@@ -217,7 +228,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
     slots: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(min(io_depth, len(spans)) + 1):
         slots.put(aligned_empty(slot_bytes))
-    readers = [TensorReader() for _ in range(nsrc)]
+    readers = [TensorReader(direct=DIRECT_READS if direct is None else direct) for _ in range(nsrc)]
 
     def load(k: int):
         s = spans[k]
@@ -231,7 +242,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
             if same is not None:
                 raws.append(raws[same])
             else:
-                size = s.count * dtypes.itemsize(info.dtype)
+                size = direct_size(s.count * dtypes.itemsize(info.dtype))
                 raws.append(readers[i].read(info, s.start, s.count, buf[pos:pos + size]))
                 pos += size
             scales.append(_scale_rows(readers[i], it, i, s))
