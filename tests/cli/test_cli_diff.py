@@ -62,15 +62,18 @@ def _bad_inputs(tmp_path):
     (tmp_path / "notckpt" / "readme.txt").write_text("hi")
     save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     (tmp_path / "ro").mkdir()
+    import shutil
+
+    copy = str(shutil.copytree(good, tmp_path / "good2"))
     return {
         "missing path": ([str(tmp_path / "nope"), str(good)], "no such file"),
         "not a checkpoint": ([str(tmp_path / "notckpt"), str(good)], "holds no model.safetensors"),
         "truncated": ([str(good), str(tmp_path / "trunc.safetensors")], "truncated"),
         "tensor sets differ": ([str(good), str(tmp_path / "x.safetensors")], "tensor sets differ"),
         "shape mismatch": ([str(good), str(tmp_path / "resized")], "--allow-resize"),
-        "bad tolerance": ([str(good), str(good), "--tolerances", "abc"], "not a number"),
-        "bad dtype": ([str(good), str(good), "--compare-dtype", "int3"], "not a float dtype"),
-        "unwritable output": ([str(good), str(good), "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
+        "bad tolerance": ([str(good), copy, "--tolerances", "abc"], "not a number"),
+        "bad dtype": ([str(good), copy, "--compare-dtype", "int3"], "not a float dtype"),
+        "unwritable output": ([str(good), copy, "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
     }
 
 

@@ -30,23 +30,24 @@ def _matrix_options(p) -> None:
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer table")
 
 
-def _start(args) -> bool:
-    """Check output paths before long work; return whether to show progress."""
-    from rlsparse.io.atomic import check_writable
+def _start(args, inputs) -> bool:
+    """Check output paths (against the inputs and each other) before long work; return whether to
+    show progress."""
+    from rlsparse.io.atomic import check_outputs
 
-    for path in (args.json, args.plot):
-        if path:
-            check_writable(path)
+    check_outputs({"--json": args.json, "--plot": args.plot}, inputs)
     return not args.quiet and sys.stderr.isatty()
 
 
 def _finish(args, result, plot) -> None:
-    from rlsparse.io.atomic import write_json
+    """Write the plot and the JSON together: both or neither."""
+    from rlsparse.io import atomic
 
-    if args.plot:
-        plot(result, args.plot)
-    if args.json:
-        write_json(args.json, result.to_json())
+    with atomic.Outputs({"--json": args.json, "--plot": args.plot}) as out:
+        if args.plot:
+            plot(result, out["--plot"])
+        if args.json:
+            atomic.write_json(out["--json"], result.to_json())
 
 
 def _wrote(console, args) -> None:
@@ -106,7 +107,7 @@ def run_overlap(args) -> int:
     if not args.from_checkpoints and len(args.masks) < 2:
         raise UsageError(f"overlap needs at least two mask files (got {len(args.masks)}) or "
                          "--from-checkpoints BASE_A FT_A BASE_B FT_B")
-    progress = _start(args)
+    progress = _start(args, args.masks + list(args.from_checkpoints or []))
     if args.from_checkpoints:
         tolerance = "1e-5" if args.tolerance is None else args.tolerance
         result = overlap_from_checkpoints(*args.from_checkpoints, tolerance=tolerance, labels=labels,
@@ -143,7 +144,7 @@ def run_series(args) -> int:
     from rlsparse.analysis.series import series
     from rlsparse.analysis.tables import series_tables
 
-    progress = _start(args)
+    progress = _start(args, [args.base, *args.checkpoints])
     result = series(args.base, args.checkpoints, tolerance=args.tolerance, progress=progress, ray=args.ray)
     _finish(args, result, series_plot)
     if not args.quiet:
@@ -175,7 +176,7 @@ def run_rank(args) -> int:
     from rlsparse.analysis.rank import rank
     from rlsparse.analysis.tables import rank_tables
 
-    progress = _start(args)
+    progress = _start(args, [args.base, args.finetuned])
     result = rank(args.base, args.finetuned, device=args.device, rtol=args.rtol,
                   include_embeddings=args.include_embeddings, layers=_parse_layers(args.layers),
                   max_matrices=args.max_matrices, progress=progress)
@@ -213,7 +214,7 @@ def run_precision(args) -> int:
     tolerances = [t.strip() for t in args.tolerances.split(",") if t.strip()]
     if not tolerances:
         raise UsageError("--tolerances is empty; use e.g. 1e-6,1e-5")
-    progress = _start(args)
+    progress = _start(args, [args.base, args.finetuned])
     result = precision(args.base, args.finetuned, tolerances=tolerances, progress=progress)
     _finish(args, result, precision_plot)
     if not args.quiet:
@@ -245,7 +246,7 @@ def run_spectral(args) -> int:
     from rlsparse.analysis.spectral import spectral
     from rlsparse.analysis.tables import spectral_tables
 
-    progress = _start(args)
+    progress = _start(args, [args.base, args.finetuned])
     result = spectral(args.base, args.finetuned, top_k=args.top_k, device=args.device,
                       include_embeddings=args.include_embeddings, layers=_parse_layers(args.layers),
                       max_matrices=args.max_matrices, progress=progress)

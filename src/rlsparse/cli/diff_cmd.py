@@ -38,31 +38,34 @@ def run(args) -> int:
 
     import rlsparse
     from rlsparse.errors import UsageError
-    from rlsparse.io.atomic import check_writable, write_json
+    from rlsparse.io import atomic
 
     from rlsparse.diff import DEFAULT_TOLERANCES
 
     tolerances = DEFAULT_TOLERANCES if args.tolerances is None else [t for t in args.tolerances.split(",") if t.strip()]
-    for path in (args.json, args.plot):
-        if path:
-            check_writable(path)
     if args.chunk_elements is not None and args.chunk_elements < 8:
         raise UsageError("--chunk-elements must be at least 8")
-    result = rlsparse.diff(
-        args.base, args.finetuned, tolerances=tolerances, mask_path=args.save_mask,
-        mask_tolerance=args.mask_tolerance, allow_missing=args.allow_missing, allow_resize=args.allow_resize,
-        compare_dtype=args.compare_dtype, progress=not args.quiet and sys.stderr.isatty(),
-        chunk_elements=args.chunk_elements, ray=args.ray)
-    if args.plot:
-        from rlsparse.diff.result import tolerance_label
-        from rlsparse.report.plots import sparsity_heatmap
+    if atomic.same_input(args.base, args.finetuned):
+        raise UsageError(f"{args.base} and {args.finetuned} are the same checkpoint; give the base and the "
+                         "finetuned model")
+    plot_value = _plot_tolerance(args, tolerances) if args.plot else None
+    # every output checked now, written to temporaries, and put in place together at the end
+    outputs = atomic.Outputs({"--save-mask": args.save_mask, "--json": args.json, "--plot": args.plot},
+                             inputs=[args.base, args.finetuned])
+    with outputs as out:
+        result = rlsparse.diff(
+            args.base, args.finetuned, tolerances=tolerances, mask_path=out["--save-mask"],
+            mask_tolerance=args.mask_tolerance, allow_missing=args.allow_missing, allow_resize=args.allow_resize,
+            compare_dtype=args.compare_dtype, progress=not args.quiet and sys.stderr.isatty(),
+            chunk_elements=args.chunk_elements, ray=args.ray)
+        if args.save_mask:
+            result.options["mask_path"] = str(args.save_mask)
+        if args.plot:
+            from rlsparse.report.plots import sparsity_heatmap
 
-        label = tolerance_label(args.plot_tolerance or args.mask_tolerance)
-        if label not in result.labels:
-            label = _label_for(result, float(label))
-        sparsity_heatmap(result, args.plot, label)
-    if args.json:
-        write_json(args.json, result.to_json())
+            sparsity_heatmap(result, out["--plot"], _label_for(result, plot_value))
+        if args.json:
+            atomic.write_json(out["--json"], result.to_json())
     if not args.quiet:
         from rlsparse.report.tables import diff_tables
 
@@ -74,10 +77,25 @@ def run(args) -> int:
     return 0
 
 
-def _label_for(result, value: float) -> str:
+def _plot_tolerance(args, tolerances) -> float:
+    """The --plot tolerance as a number, refused now (not after the diff) when it is not measured."""
     from rlsparse.errors import UsageError
 
+    text = args.plot_tolerance or args.mask_tolerance
+    measured = list(tolerances) + ([args.mask_tolerance] if args.save_mask else [])
+    try:
+        value = float(text)
+        values = {float(t) for t in measured}
+    except (TypeError, ValueError):
+        return float("nan")  # rlsparse.diff names the bad tolerance itself
+    if value not in values:
+        raise UsageError(f"--plot-tolerance {text} is not among the measured tolerances "
+                         f"{','.join(str(t) for t in measured)}; add it to --tolerances")
+    return value
+
+
+def _label_for(result, value: float) -> str:
     for lab, t in zip(result.labels, result.tolerances):
         if t == value:
             return lab
-    raise UsageError(f"--plot-tolerance {value} is not among --tolerances {','.join(result.labels)}; add it there")
+    raise AssertionError("checked by _plot_tolerance")  # pragma: no cover

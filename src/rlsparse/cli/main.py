@@ -30,21 +30,52 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM (what Slurm and `kill` send) or SIGHUP: unwound like Ctrl-C, so every temporary
+    output is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum, frame):
+    raise _Signalled(signum)
+
+
+def _install_signal_handlers() -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, _raise_signalled)
+        except (ValueError, OSError):  # not the main thread, or a platform without SIGHUP
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    from rlsparse.errors import RlsparseError
-
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    command = "rlsparse"
     try:
-        return int(args.func(args) or 0)
-    except RlsparseError as exc:
-        from rlsparse.cli.flags import as_flags
+        _install_signal_handlers()
+        from rlsparse.errors import RlsparseError
 
-        print(f"rlsparse {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"rlsparse {args.command}: interrupted; no output was written", file=sys.stderr)
-        return 130
+        parser = make_parser()
+        args = parser.parse_args(argv)
+        command = f"rlsparse {args.command}"
+        try:
+            return int(args.func(args) or 0)
+        except RlsparseError as exc:
+            from rlsparse.cli.flags import as_flags
+
+            print(f"{command}: error: {as_flags(str(exc))}", file=sys.stderr)
+            return exc.exit_code
+    except KeyboardInterrupt as exc:
+        import signal
+
+        signum = exc.signum if isinstance(exc, _Signalled) else int(signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(f"{command}: interrupted ({name}); no output was written", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,15 +7,16 @@ may be padded with spaces), then the data buffer that the offsets index.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlsparse.errors import CheckpointError, OutputError
 from rlsparse.io import dtypes
+from rlsparse.io.atomic import check_writable, commit, create_temp, write_error
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
@@ -133,16 +134,15 @@ class StreamingSafetensorsWriter:
         return raw + b" " * (target - len(raw))
 
     def __enter__(self) -> "StreamingSafetensorsWriter":
-        folder = self.path.parent if str(self.path.parent) else Path(".")
-        if not folder.is_dir():
-            raise OutputError(f"{self.path}: folder {folder} does not exist; create it or choose another path")
-        try:
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot write there ({exc.strerror}); choose a writable path") from None
+        check_writable(self.path)
+        fd, self._tmp = create_temp(self.path)
         self._fh = os.fdopen(fd, "wb")
         self._hlen = len(self._header_bytes(self.metadata, None))
-        self._fh.write(b"\0" * (8 + self._hlen))
+        try:
+            self._fh.write(b"\0" * (8 + self._hlen))
+        except OSError as exc:
+            self.__exit__(type(exc), exc, None)
+            raise write_error(self.path, exc) from None
         return self
 
     def write(self, name: str, data) -> None:
@@ -155,7 +155,10 @@ class StreamingSafetensorsWriter:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
             raise RuntimeError(f"writer expected {expected}, got {name}")
         mv = memoryview(data).cast("B")
-        self._fh.write(mv)
+        try:
+            self._fh.write(mv)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
         self._written_in_current += mv.nbytes
         if self._written_in_current > self._sizes[name]:
             raise RuntimeError(f"{name}: wrote {self._written_in_current} bytes, expected {self._sizes[name]}")
@@ -171,16 +174,21 @@ class StreamingSafetensorsWriter:
                 if self._next != len(self._order):
                     raise RuntimeError(f"writer closed before {self._order[self._next]} was written")
                 header = self._header_bytes(self.metadata, self._hlen)
-                self._fh.seek(0)
-                self._fh.write(struct.pack("<Q", len(header)))
-                self._fh.write(header)
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-                self._fh.close()
-                os.replace(self._tmp, self.path)
+                try:
+                    self._fh.seek(0)
+                    self._fh.write(struct.pack("<Q", len(header)))
+                    self._fh.write(header)
+                    self._fh.flush()
+                    os.fsync(self._fh.fileno())
+                    self._fh.close()
+                except OSError as exc:
+                    raise write_error(self.path, exc) from None
+                commit(self._tmp, self.path)
                 self._tmp = None
         finally:
             if self._fh and not self._fh.closed:
-                self._fh.close()
-            if self._tmp and os.path.exists(self._tmp):
+                with contextlib.suppress(OSError):
+                    self._fh.close()
+            if self._tmp and os.path.lexists(self._tmp):
                 os.unlink(self._tmp)
+            self._tmp = None

@@ -190,7 +190,21 @@ class Mask:
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="np") as f:
-            return f.get_tensor(name)
+            packed = f.get_tensor(name)
+        self._check_bits(name, packed)
+        return packed
+
+    def _check_bits(self, name: str, packed: np.ndarray) -> None:
+        """The bits are the truth: refuse a file whose metadata disagrees with them."""
+        numel = _numel(self.meta.shapes[name])
+        spare = numel % 8
+        if spare and packed.size and int(packed[-1]) >> spare:
+            raise MaskError(f"{self.path}: tensor {name!r} has padding bits set past its {numel} elements; "
+                            "the file was altered or is corrupt: re-create the mask")
+        ones = int(np.bitwise_count(packed).sum(dtype=np.int64))
+        if ones != int(self.meta.counts.get(name, -1)):
+            raise MaskError(f"{self.path}: tensor {name!r} has {ones} elements set but its metadata says "
+                            f"{self.meta.counts.get(name)}; the file was altered or is corrupt: re-create the mask")
 
     def get(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
         """Bool tensor of the parameter's shape; True = in the subnetwork."""

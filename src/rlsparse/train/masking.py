@@ -23,7 +23,6 @@ applied here to masked-in elements only; ``"refuse"`` raises instead.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -205,6 +204,7 @@ class MaskHandle:
         self._state_clean = False
         self._saved_decay: list[tuple[dict, float]] = []
         self._by_param = {id(m.param): m for m in params}
+        self._frozen_nans: list | None = None
 
     # hooks ------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -262,8 +262,11 @@ class MaskHandle:
     def _before_step(self, optimizer, args, kwargs) -> None:
         if getattr(optimizer, "handles_mask", False):
             return  # SparseAdamW steps only masked-in elements and decays only them
-        if self.order == "after_clip":
-            self.mask_grads()
+        # before_clip masked the gradients already, but clipping after a NaN/inf loss multiplies
+        # every gradient by a NaN coefficient, zeros included: fill them again after clipping.
+        self.mask_grads()
+        if self._frozen_nans is None:
+            self._frozen_nans = self._find_frozen_nans()
         if not self._state_clean:
             self.zero_masked_state()
         self._confine_weight_decay(optimizer)
@@ -297,7 +300,24 @@ class MaskHandle:
             self._saved_decay.append((group, decay))
             group["weight_decay"] = 0.0
 
+    def _find_frozen_nans(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # Arithmetic on a NaN may change its payload (NaN + 0 can come out as another NaN), so a
+        # frozen NaN is put back bit for bit after each step. Frozen elements never change, so
+        # where they are NaN is found once.
+        found = []
+        for m in self.params:
+            if m.frozen is None or not _local(m.param).is_floating_point():
+                continue
+            local = _local(m.param).detach()
+            where = (local.isnan() & m.frozen).reshape(-1).nonzero().squeeze(1)
+            if where.numel():
+                found.append((local, where, _int_view(local).reshape(-1).index_select(0, where)))
+        return found
+
     def _after_step(self, optimizer, args, kwargs) -> None:
+        for local, where, bits in self._frozen_nans or ():
+            with torch.no_grad():
+                _int_view(local).view(-1).index_copy_(0, where, bits)
         for group, decay in self._saved_decay:
             group["weight_decay"] = decay
         self._saved_decay.clear()
@@ -373,11 +393,7 @@ def attach_mask(
             "order='after_clip' masks inside optimizer.step(), but no optimizer was given; "
             "pass optimizer=..., or order='before_clip'"
         )
-    for m in params:
-        if m.count < math.prod(_global_shape(m.param)):
-            m.frozen = _shard_like(~mask.get(m.name), m.param)
-            if not bool(m.frozen.any()):
-                m.frozen = None  # this rank's shard is all trainable
+    _set_frozen(params, mask)
     handle = MaskHandle(model, mask, params, optimizer, order, weight_decay, deepspeed)
     if optimizer is not None and weight_decay == "refuse":
         handle._confine_weight_decay(_unwrap_optimizer(optimizer))  # raises now, not at step 1
@@ -446,7 +462,14 @@ def verify_unchanged(model: torch.nn.Module, mask: Mask, initial_state: Mapping[
         >>> verify_unchanged(model, mask, start)
     """
     params = match_parameters(model, mask)
-    for m in params:
-        if m.count < math.prod(_global_shape(m.param)):
-            m.frozen = _shard_like(~mask.get(m.name), m.param)
+    _set_frozen(params, mask)
     _verify(params, initial_state)
+
+
+def _set_frozen(params: list[MaskedParam], mask: Mask) -> None:
+    # From the bits, never from the metadata's counts: a file whose counts lie must not decide
+    # what trains (Mask checks its counts against its bits when they are read).
+    for m in params:
+        m.frozen = _shard_like(~mask.get(m.name), m.param)
+        if not bool(m.frozen.any()):
+            m.frozen = None  # this rank's shard is all trainable

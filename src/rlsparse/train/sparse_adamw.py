@@ -33,6 +33,8 @@ from rlsparse.train.masking import _check_not_empty, _global_shape, _local, _sha
 _BLOCK = 256  # block offsets fit in one byte
 # Bytes per element allowed for positions: 3.75% of dense AdamW's 8, inside the 5% budget.
 _OVERHEAD = 0.3
+_INT64_FROM = 2**31  # tensors with this many elements or more get int64 flat indices
+_POSITION_KEYS = ("positions", "block_counts")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -64,7 +66,7 @@ def _positions(keep: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"positions": _pack_bits(flat)}
     index = flat.nonzero().squeeze(1)
     if form == "indices":
-        return {"positions": index.to(torch.int32 if numel < 2**31 else torch.int64)}
+        return {"positions": index.to(torch.int32 if numel < _INT64_FROM else torch.int64)}
     return {"positions": (index % _BLOCK).to(torch.uint8),
             "block_counts": torch.bincount(index // _BLOCK, minlength=blocks).to(torch.int32)}
 
@@ -148,6 +150,56 @@ class SparseAdamW(torch.optim.Optimizer):
         local = _local(p)
         state["exp_avg"] = torch.zeros(count, dtype=local.dtype, device=local.device)
         state["exp_avg_sq"] = torch.zeros(count, dtype=local.dtype, device=local.device)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by ``SparseAdamW`` (positions keep their integer dtype) or by dense
+        ``torch.optim.AdamW`` (its moments are gathered at the mask's elements).
+
+        torch's ``Optimizer.load_state_dict`` casts every state tensor of a floating-point
+        parameter to the parameter's dtype, positions included (and bf16 cannot even hold index
+        257 exactly), so positions are taken back from ``state_dict`` untouched.
+        """
+        names = [g["mask_names"] for g in self.param_groups]
+        saved = state_dict.get("state", {})
+        saved_ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+        super().load_state_dict(state_dict)
+        for group, group_names in zip(self.param_groups, names):
+            group["mask_names"] = group_names  # a dense AdamW state has none; ours are the same
+        params = [(p, n) for g in self.param_groups for p, n in zip(g["params"], g["mask_names"])]
+        problems = []
+        for i, (p, name) in zip(saved_ids, params):
+            old = saved.get(i)
+            if not old:
+                continue
+            state = self.state[p]
+            if "positions" in old:
+                for key in _POSITION_KEYS:
+                    if key in old:
+                        state[key] = old[key].to(device=_local(p).device)
+                expected = int(_shard_like(self.mask.get(name), p).sum())
+                if state["exp_avg"].numel() != expected:
+                    problems.append(f"{name}: state for {state['exp_avg'].numel()} elements, mask has {expected}")
+            elif "exp_avg" in old and tuple(old["exp_avg"].shape) == tuple(_local(p).shape):
+                self._from_dense(p, name, state)
+            else:
+                raise UsageError(f"SparseAdamW: the optimizer state of {name} holds {sorted(old)}; expected "
+                                 "SparseAdamW's or AdamW's; resume with the optimizer that wrote it")
+        if problems:
+            raise MismatchError(f"SparseAdamW: the optimizer state was saved for a different mask ({len(problems)} "
+                                f"tensors differ, e.g. {problems[:2]}); resume with the mask of the saved run")
+
+    def _from_dense(self, p: torch.Tensor, name: str, state: dict) -> None:
+        keep = _shard_like(self.mask.get(name), p).reshape(-1)
+        positions = _positions(keep)
+        index = _indices(positions, keep.numel())
+        local = _local(p)
+        dense = {k: state[k] for k in ("exp_avg", "exp_avg_sq")}
+        step = state["step"]
+        state.clear()
+        state["step"] = torch.tensor(float(step))
+        state.update(positions)
+        for k, v in dense.items():
+            state[k] = _local(v).reshape(-1).index_select(0, index).to(dtype=local.dtype, device=local.device)
 
     @torch.no_grad()
     def step(self, closure=None):
