@@ -16,7 +16,7 @@ def add_parsers(sub) -> None:
 
 def _outputs(p, plot_help: str) -> None:
     p.add_argument("--json", metavar="PATH", help="write the result as versioned JSON")
-    p.add_argument("--plot", metavar="PATH", help=plot_help)
+    p.add_argument("--plot", metavar="PATH", help=plot_help + " (the suffix sets the format: .png, .pdf, .svg, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no tables")
 
 
@@ -35,6 +35,10 @@ def _start(args) -> bool:
     for path in (args.json, args.plot):
         if path:
             check_writable(path)
+    if args.plot:
+        from rlsparse.report.plots import plot_format
+
+        plot_format(args.plot)
     return not args.quiet and sys.stderr.isatty()
 
 
@@ -77,7 +81,7 @@ def add_overlap_parser(sub) -> None:
                                                      "(default: 1e-5, the paper's)")
     p.add_argument("--labels", metavar="LIST", help="comma-separated names for the inputs")
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer tables")
-    _outputs(p, "PNG: per-type o1/o2 vs random (2 inputs) or the overlap matrix (3+)")
+    _outputs(p, "figure: per-type o1/o2 vs random (2 inputs) or the overlap matrix (3+)")
     p.set_defaults(func=run_overlap)
 
 
@@ -122,7 +126,7 @@ def add_series_parser(sub) -> None:
     p.add_argument("base", help="the checkpoint the run started from")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints in training order, or a run folder")
     p.add_argument("--tolerance", default="1e-5", help="|new-old| > t is changed (default: %(default)s)")
-    _outputs(p, "PNG: the four panels (sparsity, consecutive, outside final, three-way split)")
+    _outputs(p, "figure: the four panels (sparsity, consecutive, outside final, three-way split)")
     p.set_defaults(func=run_series)
 
 
@@ -154,7 +158,7 @@ def add_rank_parser(sub) -> None:
     p.add_argument("--rtol", type=float, default=None,
                    help="singular values > rtol * s_max count (default: max(m,n) * float32 eps, torch's default)")
     _matrix_options(p)
-    _outputs(p, "PNG: rank and effective rank per matrix type")
+    _outputs(p, "figure: rank and effective rank per matrix type")
     p.set_defaults(func=run_rank)
 
 
@@ -188,7 +192,7 @@ def add_precision_parser(sub) -> None:
     p.add_argument("--tolerances", default="1e-8,1e-7,1e-6,1e-5,1e-4",
                    help="comma-separated tolerances to compare with the spacing (default: %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="also a row per tensor in the table")
-    _outputs(p, "PNG: ULP histogram and spacing-above-tolerance curve")
+    _outputs(p, "figure: ULP histogram and spacing-above-tolerance curve")
     p.set_defaults(func=run_precision)
 
 
@@ -224,7 +228,7 @@ def add_spectral_parser(sub) -> None:
     p.add_argument("finetuned")
     p.add_argument("--top-k", type=int, default=16, help="leading singular directions (default: %(default)s)")
     _matrix_options(p)
-    _outputs(p, "PNG: angles and energy outside per matrix type")
+    _outputs(p, "figure: angles and energy outside per matrix type")
     p.set_defaults(func=run_spectral)
 
 

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tolerances", default=None,
                    help="comma-separated; |new-old| > t counts as changed (default: 0,1e-08,1e-07,1e-06,1e-05)")
     p.add_argument("--json", metavar="PATH", help="write the full result as versioned JSON")
-    p.add_argument("--plot", metavar="PATH", help="write the layer x matrix-type sparsity heatmap (PNG)")
+    p.add_argument("--plot", metavar="PATH", help="write the layer x matrix-type sparsity heatmap (.png, .pdf, .svg, ...: the suffix sets the format)")
     p.add_argument("--plot-tolerance", default=None, help="tolerance for --plot (default: --mask-tolerance)")
     p.add_argument("--save-mask", metavar="PATH", help="write the subnetwork mask (rlsparse mask format)")
     p.add_argument("--mask-tolerance", default="1e-5", help="tolerance defining the mask (default: %(default)s)")
@@ -43,6 +43,10 @@ def run(args) -> int:
     for path in (args.json, args.plot):
         if path:
             check_writable(path)
+    if args.plot:
+        from rlsparse.report.plots import plot_format
+
+        plot_format(args.plot)
     if args.chunk_elements is not None and args.chunk_elements < 8:
         raise UsageError("--chunk-elements must be at least 8")
     result = rlsparse.diff(

@@ -65,7 +65,7 @@ def make_parser(algo_name: str):
 
     algo = algorithm(algo_name)
     _, config_cls = algo.classes()
-    parser = TrlParser((TrainArguments, config_cls), prog=f"rlsparse train {algo_name}")
+    parser = TrlParser((TrainArguments, config_cls), prog=f"rlsparse train {algo_name}", allow_abbrev=False)
     parser.set_defaults(**algo.defaults)  # e.g. simpo = CPO with loss_type="simpo"
     if not _accelerator_available():
         # TRL's configs default to bf16 mixed precision, which transformers refuses without an
