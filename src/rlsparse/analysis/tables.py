@@ -65,6 +65,7 @@ def series_tables(result, console: Console) -> None:
     for k, path in enumerate(result.checkpoints):
         t.add_row(path, "-" if result.steps[k] is None else str(result.steps[k]), _pct(result.sparsity[k]),
                   _pct(cons[k]), _pct(result.outside_final_fraction[k]))
+    t.caption = f"final checkpoint: {result.checkpoints[-1]}"
     console.print(t)
     s = Table(title="Every parameter over the whole run (Figure 2)", show_header=False)
     s.add_row("never updated", f"{_pct(result.never_updated)} %")

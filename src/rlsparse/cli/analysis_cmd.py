@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def add_parsers(sub) -> None:
@@ -85,6 +86,10 @@ def add_overlap_parser(sub) -> None:
     p.set_defaults(func=run_overlap)
 
 
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
 def run_overlap(args) -> int:
     from rich.console import Console
 
@@ -101,6 +106,11 @@ def run_overlap(args) -> int:
     if not args.from_checkpoints and len(args.masks) < 2:
         raise UsageError(f"overlap needs at least two mask files (got {len(args.masks)}) or "
                          "--from-checkpoints BASE_A FT_A BASE_B FT_B")
+    for path in args.masks:
+        if Path(path).is_dir():
+            kind = "a model checkpoint" if _is_model_folder(Path(path)) else "not a mask file"
+            raise UsageError(f"{path} is a folder ({kind}); overlap reads mask files: save one with `rlsparse diff "
+                             "BASE FT --save-mask M.safetensors`, or pass --from-checkpoints BASE_A FT_A BASE_B FT_B")
     progress = _start(args)
     if args.from_checkpoints:
         tolerance = "1e-5" if args.tolerance is None else args.tolerance
@@ -134,11 +144,15 @@ def run_series(args) -> int:
     from rich.console import Console
 
     from rlsparse.analysis.plots import series_plot
-    from rlsparse.analysis.series import series
+    from rlsparse.analysis.series import expand_checkpoints, series
     from rlsparse.analysis.tables import series_tables
 
     progress = _start(args)
-    result = series(args.base, args.checkpoints, tolerance=args.tolerance, progress=progress)
+    notes: list[str] = []
+    checkpoints = expand_checkpoints(args.checkpoints, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    result = series(args.base, checkpoints, tolerance=args.tolerance, progress=progress)
     _finish(args, result, series_plot)
     if not args.quiet:
         console = Console()
