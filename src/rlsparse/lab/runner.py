@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlsparse.errors import OutputError, UsageError
+from rlsparse.errors import OutputError, UsageError, require
 from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
@@ -371,13 +371,15 @@ def _versions() -> dict:
     return out
 
 
-def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
+def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = False) -> Path:
     """Run recipes (by name, path or "all") into one run folder and render the report.
 
     Args:
         names: Recipe names or JSON paths, or "all" for every built-in recipe.
         opts: Shared options (output folder, base/model, device, quick, precision).
         log: Progress printer.
+        resume: Continue the lab run already in ``opts.out``; without it an existing run folder
+            is refused (two runs merged into one folder would be reported as one).
 
     Returns:
         The run folder.
@@ -387,6 +389,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
     """
     import torch
 
+    _require_lab_extras()  # before the run folder exists: a missing extra leaves nothing behind
     if opts.device not in ("cpu", "cuda"):
         raise UsageError(f"--device {opts.device!r} is not supported; use 'cpu' or 'cuda'")
     if opts.device == "cuda" and not torch.cuda.is_available():
@@ -404,6 +407,8 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
     out = Path(opts.out)
     if out.exists() and any(out.iterdir()) and not (out / "run.json").is_file():
         raise OutputError(f"{out} exists and is not an rlsparse lab run folder; pass an empty or new --out")
+    if (out / "run.json").is_file() and not resume:
+        raise OutputError(f"{out} already holds a lab run; pass --resume to continue it, or a new --out")
     out.mkdir(parents=True, exist_ok=True)
     opts.out = out
     _quiet()
@@ -451,6 +456,11 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
         html, _ = render(out)
         log(f"report: {html}")
     return out
+
+
+def _require_lab_extras() -> None:
+    for module in ("transformers", "trl", "datasets", "accelerate"):
+        require(module, "lab")
 
 
 def _stored_dtype(path: Path) -> str | None:
