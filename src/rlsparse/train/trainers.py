@@ -168,6 +168,7 @@ def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlsparse.train import datasets as datasets_
     from rlsparse.train.masking import _check_not_empty, match_parameters
     from rlsparse.train.rewards import BUILTIN, load_reward
 
@@ -187,7 +188,8 @@ def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: s
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_dataset = load_dataset_from(dataset, split=dataset_split, name=dataset_config)
+    train_dataset = datasets_.prepare(algo_name, datasets_.load(dataset, split=dataset_split, name=dataset_config),
+                                      rewards=rewards, default=algo.columns)
     trainer = build_trainer(algo_name, model, config, train_dataset, tokenizer, mask=mask,
                             reward_funcs=reward_funcs, order=order, weight_decay=weight_decay, verify=verify,
                             sparse_optimizer=sparse_optimizer)
