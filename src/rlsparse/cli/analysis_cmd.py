@@ -18,7 +18,9 @@ def add_parsers(sub) -> None:
 def _outputs(p, plot_help: str) -> None:
     p.add_argument("--json", metavar="PATH", help="write the result as versioned JSON")
     p.add_argument("--plot", metavar="PATH", help=plot_help + " (the suffix sets the format: .png, .pdf, .svg, ...)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no tables")
+    p.add_argument("--quiet", action="store_true", help="no progress, no tables")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="auto: a bar on a terminal, else a line (done/total, rate, ETA) every ~10 s (default: %(default)s)")
 
 
 def _matrix_options(p) -> None:
@@ -29,8 +31,8 @@ def _matrix_options(p) -> None:
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer table")
 
 
-def _start(args) -> bool:
-    """Check output paths before long work; return whether to show progress."""
+def _start(args) -> str:
+    """Check output paths before long work; return the progress mode."""
     from rlsparse.io.atomic import check_writable
 
     for path in (args.json, args.plot):
@@ -40,7 +42,7 @@ def _start(args) -> bool:
         from rlsparse.report.plots import plot_format
 
         plot_format(args.plot)
-    return not args.quiet and sys.stderr.isatty()
+    return "none" if args.quiet else args.progress
 
 
 def _finish(args, result, plot) -> None:

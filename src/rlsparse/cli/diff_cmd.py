@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(sub) -> None:
@@ -25,7 +24,9 @@ def add_parser(sub) -> None:
                    help="compare the common leading rows when dim 0 differs (resized vocabulary)")
     p.add_argument("--compare-dtype", metavar="DTYPE", help="cast both sides to DTYPE (bf16, fp16, fp32) first")
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer table")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no tables")
+    p.add_argument("--quiet", action="store_true", help="no progress, no tables")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="auto: a bar on a terminal, else a line (done/total, rate, ETA) every ~10 s (default: %(default)s)")
     p.add_argument("--chunk-elements", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -52,7 +53,7 @@ def run(args) -> int:
     result = rlsparse.diff(
         args.base, args.finetuned, tolerances=tolerances, mask_path=args.save_mask,
         mask_tolerance=args.mask_tolerance, allow_missing=args.allow_missing, allow_resize=args.allow_resize,
-        compare_dtype=args.compare_dtype, progress=not args.quiet and sys.stderr.isatty(),
+        compare_dtype=args.compare_dtype, progress="none" if args.quiet else args.progress,
         chunk_elements=args.chunk_elements)
     if args.plot:
         from rlsparse.diff.result import tolerance_label

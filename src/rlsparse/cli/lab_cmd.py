@@ -44,6 +44,9 @@ def add_lab_parser(sub) -> None:
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
     run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")
+    run.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                     help="progress within each training run: auto = a bar on a terminal, else a line with "
+                          "steps/s and ETA every ~10 s (default: %(default)s)")
     run.set_defaults(func=_run)
 
     report = labsub.add_parser("report", help="render report.html and report.md for a run folder")
@@ -73,6 +76,9 @@ def add_demo_parser(sub) -> None:
     demo.add_argument("--model", metavar="PATH", default=None,
                       help="start from this HF causal LM folder instead of the tiny base (default: the tiny base)")
     demo.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
+    demo.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                     help="progress within each training run: auto = a bar on a terminal, else a line with "
+                          "steps/s and ETA every ~10 s (default: %(default)s)")
     demo.set_defaults(func=_demo)
 
 
@@ -108,6 +114,7 @@ def _run(args: argparse.Namespace) -> int:
                       compute={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[args.compute],
                       weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
+                      progress=args.progress,
                       base=BaseConfig().with_overrides(args.base))
     run_dir = run_lab(names, opts, resume=args.resume)
     print(f"run folder: {run_dir}")
@@ -135,6 +142,7 @@ def _demo(args: argparse.Namespace) -> int:
     _check_out(args.out, args.resume)
     from rlsparse.lab.demo import demo
 
-    report = demo(out=args.out, device=args.device, cache_dir=args.cache_dir, model=args.model, resume=args.resume)
+    report = demo(out=args.out, device=args.device, cache_dir=args.cache_dir, model=args.model, resume=args.resume,
+                  progress=args.progress)
     print(f"report: {report}")
     return 0

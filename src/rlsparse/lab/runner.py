@@ -28,6 +28,7 @@ from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, 
 from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
 from rlsparse.lab.trace import sparsity_trace
+from rlsparse.report.progress import training_progress
 
 RUN_SCHEMA_VERSION = 1
 DEMO_RECIPES = ("sft_ood", "sft_id", "rft", "dpo_id", "dpo_ood", "grpo", "grpo_nokl", "grpo_noclip",
@@ -60,6 +61,8 @@ class LabOptions:
             machine two threads waiting on each other ran 3x slower than one.
         trace: Record sparsity along training (bf16 and fp32 views; keeps one fp32 copy of the
             starting weights in memory). Turn off for large ``--model`` runs.
+        progress: Progress within each training run (``report.progress`` modes): ``auto`` shows the
+            trainer's bar on a terminal and a steps/s + ETA line every ~10 s otherwise.
     """
 
     out: Path
@@ -79,6 +82,7 @@ class LabOptions:
     max_new_tokens: int = 6
     threads: int = 1
     trace: bool = True
+    progress: str = "auto"
 
 
 class _Run:
@@ -236,6 +240,9 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
         autocast = precision["compute"] == "bfloat16" and precision["master_weights"] == "float32"
         args = _trl_config(recipe, lr, workdir, run.opts.device, autocast_bf16=autocast)
+        shown = training_progress(run.opts.progress, f"{recipe.name} lr={lr:g}",
+                                  write=lambda line: run.log(f"    {line}"))
+        callbacks += [shown] if shown else []
         effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
         dataset = Dataset.from_list(rows)
         if recipe.algorithm in ("sft", "rft"):
