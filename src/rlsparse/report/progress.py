@@ -93,6 +93,9 @@ class Ticker:
         self.set(self.done + n)
 
     def finish(self) -> None:
+        """A closing line, only when progress lines were printed (quick work stays silent)."""
+        if self.last == self.start:
+            return
         self.write(f"{self.description}: {_amount(self.done, self.unit)}"
                    f"{'' if self.unit == 'bytes' else ' ' + self.unit} in {_duration(self.clock() - self.start)}")
 
