@@ -50,7 +50,7 @@ def test_overlap_masks_three_way(tmp_path, capsys):
                                                         (paths[1], paths[2])]
     assert len(doc["matrix"]["overlap"]) == 3
     assert (tmp_path / "o.png").read_bytes()[:8] == PNG
-    assert "covered by column" in capsys.readouterr().out
+    assert "% of row's subnetwork covered" in capsys.readouterr().out
 
 
 def test_overlap_from_checkpoints_and_two_mask_plot(runs, capsys):

@@ -1,5 +1,5 @@
-"""PNG figures for the analyses (matplotlib without pyplot: no global state, Agg output),
-written atomically. The numbers drawn are the results' own properties, tested there."""
+"""Figures for the analyses (matplotlib without pyplot: no global state), written atomically in
+the format of the path's suffix (PNG, PDF, SVG...). The numbers drawn are the results' own properties, tested there."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from rlsparse.io.atomic import atomic_path
+from rlsparse.report.plots import save_figure
 
 
 def _figure(w: float, h: float):
@@ -17,8 +17,7 @@ def _figure(w: float, h: float):
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
 
 
 def _pct(x) -> float:

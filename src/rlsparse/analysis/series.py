@@ -163,11 +163,13 @@ def find_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def expand_checkpoints(paths: Sequence[str | os.PathLike]) -> list[str]:
+def expand_checkpoints(paths: Sequence[str | os.PathLike], notes: list[str] | None = None) -> list[str]:
     """Replace every folder that holds ``checkpoint-*`` folders by those, in step order.
 
     A training output folder that also holds weights (the final model a trainer saves next to its
-    checkpoints) contributes them last: they are the end of the run.
+    checkpoints) contributes them last: they are the end of the run. ``checkpoint-<step>`` paths
+    given out of step order are sorted by step (a line saying so, and which one is final, is
+    appended to ``notes``); out of order beside paths without a step, they are refused.
     """
     out: list[str] = []
     for p in paths:
@@ -176,8 +178,22 @@ def expand_checkpoints(paths: Sequence[str | os.PathLike]) -> list[str]:
             out.extend(str(c) for c in find_checkpoints(path))
             if _has_weights(path):
                 out.append(str(p))
+        elif path.is_dir() and not _has_weights(path) and not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: holds no model weights (*.safetensors, *.bin) and no checkpoint-<step> "
+                                  "folders; expected a checkpoint folder or a training output folder")
         else:
             out.append(str(p))
+    steps = [_step_of(p) for p in out]
+    known = [s for s in steps if s is not None]
+    if known != sorted(known):
+        given = ", ".join(f"{Path(p).name}" for p in out)
+        if None in steps:
+            raise UsageError(f"checkpoints are not in step order ({given}) and some have no step in their name; "
+                             "list them in training order")
+        out = [p for _, p in sorted(zip(steps, out), key=lambda sp: sp[0])]
+        if notes is not None:
+            notes.append(f"checkpoints were given out of step order ({given}); sorted by step, "
+                         f"so the final one is {out[-1]}")
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from rlsparse.report.tables import common_prefix, print_table
+
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
@@ -32,46 +34,55 @@ def overlap_tables(result, console: Console, *, per_layer: bool = True) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     pairs = result.pairs
+    prefix = common_prefix(result.labels)
+    short = {lab: lab[len(prefix):] for lab in result.labels}
+    number = {lab: i for i, lab in enumerate(result.labels, 1)}
     console.print("o1: share of a's subnetwork inside b's; o2: the reverse; rnd: random-guessing baseline "
                   "(Appendix E); sp: sparsity")
+    # Inputs by number in the table, so that long paths never squeeze the numbers out of 80 columns.
+    console.print("inputs" + (f" (under {prefix})" if prefix else "") + ": "
+                  + "  ".join(f"[{number[lab]}] {short[lab]}" for lab in result.labels), markup=False)
     t = _overlap_table("Subnetwork overlap", "a | b")
     for p in pairs:
-        _overlap_rows(t, {f"{p.a} | {p.b}": p.total})
-    console.print(t)
+        _overlap_rows(t, {f"{number[p.a]} | {number[p.b]}": p.total})
+    print_table(console, t)
     for p in pairs:
-        bt = _overlap_table(f"By matrix type: {p.a} | {p.b}", "type")
+        bt = _overlap_table(f"By matrix type: {short[p.a]} | {short[p.b]}", "type")
         _overlap_rows(bt, p.by_type)
-        console.print(bt)
+        print_table(console, bt)
         if per_layer:
-            bl = _overlap_table(f"By layer: {p.a} | {p.b}", "layer")
+            bl = _overlap_table(f"By layer: {short[p.a]} | {short[p.b]}", "layer")
             _overlap_rows(bl, p.by_layer)
-            console.print(bl)
+            print_table(console, bl)
     if len(result.labels) > 2:
         m = result.matrix()
         mt = Table(title="% of row's subnetwork covered by column's")
         mt.add_column("")
         for lab in result.labels:
-            mt.add_column(lab, justify="right")
+            mt.add_column(short[lab], justify="right")
         for i, lab in enumerate(result.labels):
-            mt.add_row(lab, *["-" if x != x else f"{100 * x:.1f}" for x in m[i]])
-        console.print(mt)
+            mt.add_row(short[lab], *["-" if x != x else f"{100 * x:.1f}" for x in m[i]])
+        print_table(console, mt)
 
 
 def series_tables(result, console: Console) -> None:
-    t = Table(title=f"Sparsity along the run (tolerance {result.tolerance:g}, {result.numel:,} parameters)")
+    prefix = common_prefix(result.checkpoints)
+    t = Table(title=f"Sparsity along the run (tolerance {result.tolerance:g}, {result.numel:,} parameters)"
+                    + (f"; checkpoints under {prefix}" if prefix else ""))
     for col in ("checkpoint", "step", "sparsity vs base %", "vs previous %", "outside final %"):
         t.add_column(col, justify="left" if col == "checkpoint" else "right")
     cons = [None] + result.consecutive_sparsity
     for k, path in enumerate(result.checkpoints):
-        t.add_row(path, "-" if result.steps[k] is None else str(result.steps[k]), _pct(result.sparsity[k]),
+        t.add_row(path[len(prefix):], "-" if result.steps[k] is None else str(result.steps[k]), _pct(result.sparsity[k]),
                   _pct(cons[k]), _pct(result.outside_final_fraction[k]))
-    console.print(t)
+    t.caption = f"final checkpoint: {result.checkpoints[-1]}"
+    print_table(console, t)
     s = Table(title="Every parameter over the whole run (Figure 2)", show_header=False)
     s.add_row("never updated", f"{_pct(result.never_updated)} %")
     s.add_row("updated, cancelled out by the end", f"{_pct(result.cancelled)} %")
     s.add_row("final subnetwork", f"{_pct(result.final_subnetwork)} %")
     s.add_row("ever updated but outside the final", f"{_pct(result.ever_updated_outside_final)} % of ever updated")
-    console.print(s)
+    print_table(console, s)
 
 
 def _summary_table(title: str, first: str, groups: dict, cols: list[tuple[str, str, str]]) -> Table:
@@ -95,11 +106,11 @@ def rank_tables(result, console: Console, *, per_layer: bool = True) -> None:
                   f"{len(result.matrices)} matrices in {result.elapsed_s:.1f} s")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
-    console.print(_summary_table("Update rank, mean over matrices (Table 2)", "",
+    print_table(console, _summary_table("Update rank, mean over matrices (Table 2)", "",
                                  {"all": result._summary(result.matrices)}, _RANK_COLS))
-    console.print(_summary_table("By matrix type", "type", result.by_type(), _RANK_COLS))
+    print_table(console, _summary_table("By matrix type", "type", result.by_type(), _RANK_COLS))
     if per_layer:
-        console.print(_summary_table("By layer", "layer", result.by_layer(), _RANK_COLS))
+        print_table(console, _summary_table("By layer", "layer", result.by_layer(), _RANK_COLS))
 
 
 _SPECTRAL_COLS = [("left_angle_max", "left max °", ".2f"), ("left_angle_mean", "left mean °", ".2f"),
@@ -112,11 +123,11 @@ def spectral_tables(result, console: Console, *, per_layer: bool = True) -> None
                   f"{len(result.matrices)} matrices in {result.elapsed_s:.1f} s")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
-    console.print(_summary_table("Spectral change, mean over matrices", "", {"all": result._summary(result.matrices)},
+    print_table(console, _summary_table("Spectral change, mean over matrices", "", {"all": result._summary(result.matrices)},
                                  _SPECTRAL_COLS))
-    console.print(_summary_table("By matrix type", "type", result.by_type(), _SPECTRAL_COLS))
+    print_table(console, _summary_table("By matrix type", "type", result.by_type(), _SPECTRAL_COLS))
     if per_layer:
-        console.print(_summary_table("By layer", "layer", result.by_layer(), _SPECTRAL_COLS))
+        print_table(console, _summary_table("By layer", "layer", result.by_layer(), _SPECTRAL_COLS))
 
 
 def precision_tables(result, console: Console, *, per_tensor: bool = False) -> None:
@@ -132,11 +143,11 @@ def precision_tables(result, console: Console, *, per_tensor: bool = False) -> N
         c = s.changed
         t.add_row(str(key), f"{s.numel:,}", f"{c:,}", _pct(s.ulp1 / c if c else None), _pct(s.ulp2 / c if c else None),
                   _pct(s.ulp3_plus / c if c else None), f"{s.nonfinite_changed:,}")
-    console.print(t)
+    print_table(console, t)
     sp = Table(title="% of elements whose grid spacing exceeds the tolerance (there it cannot matter)")
     sp.add_column("")
     for lab in result.labels:
         sp.add_column(f"> {lab}", justify="right")
     for key, s in groups.items():
         sp.add_row(str(key), *[_pct(s.spacing_above[lab] / s.numel if s.numel else None) for lab in result.labels])
-    console.print(sp)
+    print_table(console, sp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rlsparse.cli.options import add_ray
 
@@ -18,8 +19,10 @@ def add_parsers(sub) -> None:
 
 def _outputs(p, plot_help: str) -> None:
     p.add_argument("--json", metavar="PATH", help="write the result as versioned JSON")
-    p.add_argument("--plot", metavar="PATH", help=plot_help)
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no tables")
+    p.add_argument("--plot", metavar="PATH", help=plot_help + " (the suffix sets the format: .png, .pdf, .svg, ...)")
+    p.add_argument("--quiet", action="store_true", help="no progress, no tables")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="auto: a bar on a terminal, else a line (done/total, rate, ETA) every ~10 s (default: %(default)s)")
 
 
 def _matrix_options(p) -> None:
@@ -30,13 +33,17 @@ def _matrix_options(p) -> None:
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer table")
 
 
-def _start(args, inputs) -> bool:
-    """Check output paths (against the inputs and each other) before long work; return whether to
-    show progress."""
+def _start(args, inputs) -> str:
+    """Check output paths (against the inputs and each other, and the plot's format) before long
+    work; return the progress mode."""
     from rlsparse.io.atomic import check_outputs
 
     check_outputs({"--json": args.json, "--plot": args.plot}, inputs)
-    return not args.quiet and sys.stderr.isatty()
+    if args.plot:
+        from rlsparse.report.plots import plot_format
+
+        plot_format(args.plot)
+    return "none" if args.quiet else args.progress
 
 
 def _finish(args, result, plot) -> None:
@@ -82,8 +89,12 @@ def add_overlap_parser(sub) -> None:
     p.add_argument("--labels", metavar="LIST", help="comma-separated names for the inputs")
     add_ray(p)
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer tables")
-    _outputs(p, "PNG: per-type o1/o2 vs random (2 inputs) or the overlap matrix (3+)")
+    _outputs(p, "figure: per-type o1/o2 vs random (2 inputs) or the overlap matrix (3+)")
     p.set_defaults(func=run_overlap)
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
 
 
 def run_overlap(args) -> int:
@@ -107,6 +118,11 @@ def run_overlap(args) -> int:
     if not args.from_checkpoints and len(args.masks) < 2:
         raise UsageError(f"overlap needs at least two mask files (got {len(args.masks)}) or "
                          "--from-checkpoints BASE_A FT_A BASE_B FT_B")
+    for path in args.masks:
+        if Path(path).is_dir():
+            kind = "a model checkpoint" if _is_model_folder(Path(path)) else "not a mask file"
+            raise UsageError(f"{path} is a folder ({kind}); overlap reads mask files: save one with `rlsparse diff "
+                             "BASE FT --save-mask M.safetensors`, or pass --from-checkpoints BASE_A FT_A BASE_B FT_B")
     progress = _start(args, args.masks + list(args.from_checkpoints or []))
     if args.from_checkpoints:
         tolerance = "1e-5" if args.tolerance is None else args.tolerance
@@ -133,7 +149,7 @@ def add_series_parser(sub) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints in training order, or a run folder")
     p.add_argument("--tolerance", default="1e-5", help="|new-old| > t is changed (default: %(default)s)")
     add_ray(p)
-    _outputs(p, "PNG: the four panels (sparsity, consecutive, outside final, three-way split)")
+    _outputs(p, "figure: the four panels (sparsity, consecutive, outside final, three-way split)")
     p.set_defaults(func=run_series)
 
 
@@ -141,11 +157,15 @@ def run_series(args) -> int:
     from rich.console import Console
 
     from rlsparse.analysis.plots import series_plot
-    from rlsparse.analysis.series import series
+    from rlsparse.analysis.series import expand_checkpoints, series
     from rlsparse.analysis.tables import series_tables
 
     progress = _start(args, [args.base, *args.checkpoints])
-    result = series(args.base, args.checkpoints, tolerance=args.tolerance, progress=progress, ray=args.ray)
+    notes: list[str] = []
+    checkpoints = expand_checkpoints(args.checkpoints, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    result = series(args.base, checkpoints, tolerance=args.tolerance, progress=progress, ray=args.ray)
     _finish(args, result, series_plot)
     if not args.quiet:
         console = Console()
@@ -165,7 +185,7 @@ def add_rank_parser(sub) -> None:
     p.add_argument("--rtol", type=float, default=None,
                    help="singular values > rtol * s_max count (default: max(m,n) * float32 eps, torch's default)")
     _matrix_options(p)
-    _outputs(p, "PNG: rank and effective rank per matrix type")
+    _outputs(p, "figure: rank and effective rank per matrix type")
     p.set_defaults(func=run_rank)
 
 
@@ -199,7 +219,7 @@ def add_precision_parser(sub) -> None:
     p.add_argument("--tolerances", default="1e-8,1e-7,1e-6,1e-5,1e-4",
                    help="comma-separated tolerances to compare with the spacing (default: %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="also a row per tensor in the table")
-    _outputs(p, "PNG: ULP histogram and spacing-above-tolerance curve")
+    _outputs(p, "figure: ULP histogram and spacing-above-tolerance curve")
     p.set_defaults(func=run_precision)
 
 
@@ -235,7 +255,7 @@ def add_spectral_parser(sub) -> None:
     p.add_argument("finetuned")
     p.add_argument("--top-k", type=int, default=16, help="leading singular directions (default: %(default)s)")
     _matrix_options(p)
-    _outputs(p, "PNG: angles and energy outside per matrix type")
+    _outputs(p, "figure: angles and energy outside per matrix type")
     p.set_defaults(func=run_spectral)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from rlsparse.cli.options import add_ray
 
@@ -18,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tolerances", default=None,
                    help="comma-separated; |new-old| > t counts as changed (default: 0,1e-08,1e-07,1e-06,1e-05)")
     p.add_argument("--json", metavar="PATH", help="write the full result as versioned JSON")
-    p.add_argument("--plot", metavar="PATH", help="write the layer x matrix-type sparsity heatmap (PNG)")
+    p.add_argument("--plot", metavar="PATH", help="write the layer x matrix-type sparsity heatmap (.png, .pdf, .svg, ...: the suffix sets the format)")
     p.add_argument("--plot-tolerance", default=None, help="tolerance for --plot (default: --mask-tolerance)")
     p.add_argument("--save-mask", metavar="PATH", help="write the subnetwork mask (rlsparse mask format)")
     p.add_argument("--mask-tolerance", default="1e-5", help="tolerance defining the mask (default: %(default)s)")
@@ -27,7 +26,9 @@ def add_parser(sub) -> None:
                    help="compare the common leading rows when dim 0 differs (resized vocabulary)")
     p.add_argument("--compare-dtype", metavar="DTYPE", help="cast both sides to DTYPE (bf16, fp16, fp32) first")
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer table")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no tables")
+    p.add_argument("--quiet", action="store_true", help="no progress, no tables")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="auto: a bar on a terminal, else a line (done/total, rate, ETA) every ~10 s (default: %(default)s)")
     p.add_argument("--chunk-elements", type=int, default=None, help=argparse.SUPPRESS)
     add_ray(p)
     p.set_defaults(func=run)
@@ -48,6 +49,10 @@ def run(args) -> int:
     if atomic.same_input(args.base, args.finetuned):
         raise UsageError(f"{args.base} and {args.finetuned} are the same checkpoint; give the base and the "
                          "finetuned model")
+    if args.plot:
+        from rlsparse.report.plots import plot_format
+
+        plot_format(args.plot)
     plot_value = _plot_tolerance(args, tolerances) if args.plot else None
     # every output checked now, written to temporaries, and put in place together at the end
     outputs = atomic.Outputs({"--save-mask": args.save_mask, "--json": args.json, "--plot": args.plot},
@@ -56,7 +61,7 @@ def run(args) -> int:
         result = rlsparse.diff(
             args.base, args.finetuned, tolerances=tolerances, mask_path=out["--save-mask"],
             mask_tolerance=args.mask_tolerance, allow_missing=args.allow_missing, allow_resize=args.allow_resize,
-            compare_dtype=args.compare_dtype, progress=not args.quiet and sys.stderr.isatty(),
+            compare_dtype=args.compare_dtype, progress="none" if args.quiet else args.progress,
             chunk_elements=args.chunk_elements, ray=args.ray)
         if args.save_mask:
             result.options["mask_path"] = str(args.save_mask)

@@ -22,7 +22,9 @@ def add_lab_parser(sub) -> None:
 
     run = labsub.add_parser("run", help="run one recipe, several (comma-separated) or all")
     run.add_argument("recipes", metavar="NAME|all", help="recipe name(s), recipe JSON path(s), or 'all'")
-    run.add_argument("--out", metavar="RUN_DIR", default=None, help="run folder (default runs/lab-<time>)")
+    run.add_argument("--out", metavar="RUN_DIR", default=None,
+                     help="run folder (default runs/lab-<time>); a folder holding a lab run is refused without --resume")
+    run.add_argument("--resume", action="store_true", help="continue the lab run already in --out")
     run.add_argument("--quick", action="store_true", help="apply each recipe's quick overrides (smoke runs)")
     run.add_argument("--model", metavar="PATH", default=None,
                      help="HF causal LM folder to finetune (default: the cached tiny base)")
@@ -35,13 +37,16 @@ def add_lab_parser(sub) -> None:
                      help="autocast dtype: auto = bf16 where the device computes it natively (default)")
     run.add_argument("--pure-bf16", action="store_true",
                      help="train bf16 weights directly instead of fp32 master weights")
-    run.add_argument("--cache-dir", default=None, help="where the tiny base is cached (default ~/.cache/rlsparse/lab)")
+    run.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
     run.add_argument("--base", nargs="+", metavar="KEY=VALUE", default=[],
                      help="tiny-base overrides, e.g. --base hidden_size=256 intermediate_size=512 (a new cached base)")
     run.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
     run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")
+    run.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                     help="progress within each training run: auto = a bar on a terminal, else a line with "
+                          "steps/s and ETA every ~10 s (default: %(default)s)")
     run.set_defaults(func=_run)
 
     report = labsub.add_parser("report", help="render report.html and report.md for a run folder")
@@ -52,13 +57,46 @@ def add_lab_parser(sub) -> None:
     lst.set_defaults(func=_list)
 
 
+_CACHE_HELP = ("where the tiny base is built once and reused (default: $RLSPARSE_LAB_CACHE if set, "
+               "else ~/.cache/rlsparse/lab)")
+
+
 def add_demo_parser(sub) -> None:
-    demo = sub.add_parser("demo", help="the miniature end-to-end reproduction (minutes on CPU)")
-    demo.add_argument("--out", metavar="RUN_DIR", default=None)
-    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    demo.add_argument("--model", metavar="PATH", default=None, help="start from this HF folder instead")
-    demo.add_argument("--cache-dir", default=None)
+    demo = sub.add_parser(
+        "demo", help="the miniature end-to-end reproduction (minutes on CPU)",
+        description="Build (or reuse) a tiny Llama base, finetune it with SFT, RFT, DPO and GRPO at three learning "
+                    "rates each through TRL, diff every checkpoint, retrain the DPO and GRPO subnetworks alone "
+                    "(Conjecture 1) and write report.html / report.md with each number beside the paper's. "
+                    "Environment: RLSPARSE_LAB_CACHE sets the base cache folder.")
+    demo.add_argument("--out", metavar="RUN_DIR", default=None,
+                      help="run folder (default: runs/demo-<date>-<time>); a folder holding a run is refused "
+                           "without --resume")
+    demo.add_argument("--resume", action="store_true", help="continue the demo run already in --out")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
+    demo.add_argument("--model", metavar="PATH", default=None,
+                      help="start from this HF causal LM folder instead of the tiny base (default: the tiny base)")
+    demo.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
+    demo.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                     help="progress within each training run: auto = a bar on a terminal, else a line with "
+                          "steps/s and ETA every ~10 s (default: %(default)s)")
     demo.set_defaults(func=_demo)
+
+
+def _check_out(out, resume: bool) -> None:
+    """Refuse to mix two runs in one folder before any work (the lab also refuses; this is earlier)."""
+    from pathlib import Path
+
+    from rlsparse.errors import UsageError
+
+    if out is None:
+        if resume:
+            raise UsageError("--resume needs --out RUN_DIR, the folder of the run to continue")
+        return
+    held = (Path(out) / "run.json").is_file()
+    if held and not resume:
+        raise UsageError(f"--out {out} already holds a lab run; pass --resume to continue it, or choose a new --out")
+    if resume and not held:
+        raise UsageError(f"--resume: {out} holds no lab run (no run.json) to continue; drop --resume to start one")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -68,6 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     from rlsparse.lab.base import BaseConfig
     from rlsparse.lab.runner import LabOptions, run_lab
 
+    _check_out(args.out, args.resume)
     names = args.recipes if args.recipes == "all" else [n for n in args.recipes.split(",") if n]
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
@@ -75,8 +114,9 @@ def _run(args: argparse.Namespace) -> int:
                       compute={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[args.compute],
                       weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
+                      progress=args.progress,
                       base=BaseConfig().with_overrides(args.base))
-    run_dir = run_lab(names, opts)
+    run_dir = run_lab(names, opts, resume=args.resume)
     print(f"run folder: {run_dir}")
     return 0
 
@@ -99,8 +139,10 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _check_out(args.out, args.resume)
     from rlsparse.lab.demo import demo
 
-    report = demo(out=args.out, device=args.device, cache_dir=args.cache_dir, model=args.model)
+    report = demo(out=args.out, device=args.device, cache_dir=args.cache_dir, model=args.model, resume=args.resume,
+                  progress=args.progress)
     print(f"report: {report}")
     return 0

@@ -12,11 +12,31 @@ import sys
 from rlsparse._version import __version__
 
 
+class Parser(argparse.ArgumentParser):
+    """Every parser of the CLI, subcommands included (argparse gives subparsers the parent's class).
+
+    Abbreviations are off: ``--tolerance 1e-5`` must not silently mean ``--tolerances``. An option
+    a subcommand does not know is reported with that subcommand's usage, not the top level's.
+    """
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog != _PROG:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
+_PROG = "rlsparse"
+
+
 def make_parser() -> argparse.ArgumentParser:
     from rlsparse.cli import diff_cmd
 
-    parser = argparse.ArgumentParser(
-        prog="rlsparse",
+    parser = Parser(
+        prog=_PROG,
         description="Measure, compare, train and ship the sparse subnetworks that RL finetuning updates.")
     parser.add_argument("--version", action="version", version=f"rlsparse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

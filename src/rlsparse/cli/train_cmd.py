@@ -43,6 +43,8 @@ class TrainArguments:
         "help": "At the end, fail unless every masked-out weight is bit-identical to the start."})
     sparse_optimizer: bool = field(default=False, metadata={
         "help": "Use SparseAdamW: optimizer state for the subnetwork only (needs --mask)."})
+    progress: str = field(default="auto", metadata={
+        "help": "auto (a bar on a terminal, else a line with steps/s and ETA every ~10 s), bar, lines or none."})
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -65,7 +67,7 @@ def make_parser(algo_name: str):
 
     algo = algorithm(algo_name)
     _, config_cls = algo.classes()
-    parser = TrlParser((TrainArguments, config_cls), prog=f"rlsparse train {algo_name}")
+    parser = TrlParser((TrainArguments, config_cls), prog=f"rlsparse train {algo_name}", allow_abbrev=False)
     parser.set_defaults(**algo.defaults)  # e.g. simpo = CPO with loss_type="simpo"
     if not _accelerator_available():
         # TRL's configs default to bf16 mixed precision, which transformers refuses without an
@@ -85,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     from rlsparse.errors import UsageError, require
 
     require("trl", "train")
-    from rlsparse.train.trainers import train
+    from rlsparse.train.trainers import quiet_renamed_option_warnings, train
+
+    quiet_renamed_option_warnings()
 
     try:
         opts, config = make_parser(args.algo).parse_args_and_config(args.options)
@@ -96,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--mask_order {opts.mask_order}: expected after_clip or before_clip")
     if opts.mask_weight_decay not in ("mask", "refuse"):
         raise UsageError(f"--mask_weight_decay {opts.mask_weight_decay}: expected mask or refuse")
+    if opts.progress not in ("auto", "bar", "lines", "none"):
+        raise UsageError(f"--progress {opts.progress}: expected auto, bar, lines or none")
     out = train(args.algo, config, opts.model, opts.dataset, mask_path=opts.mask, rewards=opts.reward,
                 dataset_split=opts.dataset_split, dataset_config=opts.dataset_config, dtype=opts.dtype,
                 order=opts.mask_order, weight_decay=opts.mask_weight_decay, verify=opts.verify,
-                sparse_optimizer=opts.sparse_optimizer)
+                sparse_optimizer=opts.sparse_optimizer, progress=opts.progress, log=print)
     what = f"subnetwork of {opts.mask}" if opts.mask else "all parameters"
     print(f"trained {what} with {args.algo}; model saved to {out}")
     return 0

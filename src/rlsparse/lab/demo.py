@@ -15,7 +15,7 @@ from rlsparse.lab.runner import DEMO_RECIPES, LabOptions, run_lab
 
 
 def demo(out: str | Path | None = None, device: str = "cpu", cache_dir: str | None = None,
-         model: str | None = None, log=print) -> Path:
+         model: str | None = None, log=print, resume: bool = False, progress: str = "auto") -> Path:
     """Run the miniature lab (quick recipes) and return the report's path.
 
     Args:
@@ -24,6 +24,8 @@ def demo(out: str | Path | None = None, device: str = "cpu", cache_dir: str | No
         cache_dir: Where the tiny base is cached (default ``~/.cache/rlsparse/lab``).
         model: Start from this HF folder instead of the tiny base.
         log: Progress printer.
+        progress: Progress within each training run (``--progress`` mode).
+        resume: Continue the demo run already in ``out`` (otherwise an existing run is refused).
 
     Returns:
         Path of ``report.html``.
@@ -35,6 +37,7 @@ def demo(out: str | Path | None = None, device: str = "cpu", cache_dir: str | No
     start = time.time()
     clock = (lambda m: log(f"[{time.time() - start:5.0f}s] {m}"))
     run_dir = run_lab(list(DEMO_RECIPES), LabOptions(out=out, quick=True, device=device, cache_dir=cache_dir,
-                                                     model=model), log=clock)
+                                                     model=model, progress=progress),
+                      log=clock, resume=resume)
     clock("done")
     return run_dir / "report.html"

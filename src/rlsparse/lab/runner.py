@@ -21,13 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlsparse.errors import OutputError, UsageError
+from rlsparse.errors import OutputError, UsageError, require
 from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
 from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
 from rlsparse.lab.trace import sparsity_trace
+from rlsparse.report.progress import training_progress
 
 RUN_SCHEMA_VERSION = 1
 DEMO_RECIPES = ("sft_ood", "sft_id", "rft", "dpo_id", "dpo_ood", "grpo", "grpo_nokl", "grpo_noclip",
@@ -60,6 +61,8 @@ class LabOptions:
             machine two threads waiting on each other ran 3x slower than one.
         trace: Record sparsity along training (bf16 and fp32 views; keeps one fp32 copy of the
             starting weights in memory). Turn off for large ``--model`` runs.
+        progress: Progress within each training run (``report.progress`` modes): ``auto`` shows the
+            trainer's bar on a terminal and a steps/s + ETA line every ~10 s otherwise.
     """
 
     out: Path
@@ -79,6 +82,7 @@ class LabOptions:
     max_new_tokens: int = 6
     threads: int = 1
     trace: bool = True
+    progress: str = "auto"
 
 
 class _Run:
@@ -236,6 +240,9 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
         autocast = precision["compute"] == "bfloat16" and precision["master_weights"] == "float32"
         args = _trl_config(recipe, lr, workdir, run.opts.device, autocast_bf16=autocast)
+        shown = training_progress(run.opts.progress, f"{recipe.name} lr={lr:g}",
+                                  write=lambda line: run.log(f"    {line}"))
+        callbacks += [shown] if shown else []
         effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
         dataset = Dataset.from_list(rows)
         if recipe.algorithm in ("sft", "rft"):
@@ -371,13 +378,15 @@ def _versions() -> dict:
     return out
 
 
-def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
+def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = False) -> Path:
     """Run recipes (by name, path or "all") into one run folder and render the report.
 
     Args:
         names: Recipe names or JSON paths, or "all" for every built-in recipe.
         opts: Shared options (output folder, base/model, device, quick, precision).
         log: Progress printer.
+        resume: Continue the lab run already in ``opts.out``; without it an existing run folder
+            is refused (two runs merged into one folder would be reported as one).
 
     Returns:
         The run folder.
@@ -387,6 +396,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
     """
     import torch
 
+    _require_lab_extras()  # before the run folder exists: a missing extra leaves nothing behind
     if opts.device not in ("cpu", "cuda"):
         raise UsageError(f"--device {opts.device!r} is not supported; use 'cpu' or 'cuda'")
     if opts.device == "cuda" and not torch.cuda.is_available():
@@ -404,6 +414,8 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
     out = Path(opts.out)
     if out.exists() and any(out.iterdir()) and not (out / "run.json").is_file():
         raise OutputError(f"{out} exists and is not an rlsparse lab run folder; pass an empty or new --out")
+    if (out / "run.json").is_file() and not resume:
+        raise OutputError(f"{out} already holds a lab run; pass --resume to continue it, or a new --out")
     out.mkdir(parents=True, exist_ok=True)
     opts.out = out
     _quiet()
@@ -451,6 +463,11 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
         html, _ = render(out)
         log(f"report: {html}")
     return out
+
+
+def _require_lab_extras() -> None:
+    for module in ("transformers", "trl", "datasets", "accelerate"):
+        require(module, "lab")
 
 
 def _stored_dtype(path: Path) -> str | None:

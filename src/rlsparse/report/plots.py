@@ -1,4 +1,4 @@
-"""Plots (matplotlib's object API, no pyplot state): written atomically as PNG."""
+"""Plots (matplotlib's object API, no pyplot state): written atomically, in the format the file name asks for."""
 
 from __future__ import annotations
 
@@ -8,6 +8,34 @@ import numpy as np
 
 from rlsparse.io.atomic import atomic_path
 from rlsparse.io.naming import type_sort_key
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The matplotlib format for a plot path's suffix (``out.pdf`` -> ``"pdf"``).
+
+    Raises UsageError for a suffix matplotlib cannot write, before any work is done.
+
+    Example:
+        >>> plot_format("fig.svg")
+        'svg'
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from rlsparse.errors import UsageError
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if suffix not in supported:
+        raise UsageError(f"--plot {os.fspath(path)}: cannot tell the format from {'.' + suffix if suffix else 'no suffix'}; "
+                         f"expected a file name ending in one of {', '.join('.' + s for s in sorted(supported))}")
+    return suffix
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically, in the format of ``path``'s suffix."""
+    fmt = plot_format(path)
+    with atomic_path(path, suffix="." + fmt) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=fmt)
 
 
 def grid_matrix(result, label: str) -> tuple[list[int], list[str], np.ndarray]:
@@ -22,7 +50,7 @@ def grid_matrix(result, label: str) -> tuple[list[int], list[str], np.ndarray]:
 
 
 def sparsity_heatmap(result, path: str | os.PathLike, label: str) -> None:
-    """Layer x matrix-type update sparsity (the paper's Figure 3) as a PNG."""
+    """Layer x matrix-type update sparsity (the paper's Figure 3), in the format of ``path``'s suffix."""
     from matplotlib.figure import Figure  # the object API: no global backend, nothing to close
 
     layers, types, m = grid_matrix(result, label)
@@ -46,5 +74,4 @@ def sparsity_heatmap(result, path: str | os.PathLike, label: str) -> None:
                             color="white" if m[i, j] < 0.6 else "black")
     fig.colorbar(im, ax=ax, label="sparsity %")
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)

@@ -38,6 +38,7 @@ class MaskCallback(TrainerCallback):
         self.verify = verify
         self.handle: MaskHandle | None = None
         self._start = None
+        self.verified: int | None = None  # masked-out elements found bit-identical (this rank), after verify
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         # Fail while the trainer is being built, not after minutes of data preparation.
@@ -59,3 +60,4 @@ class MaskCallback(TrainerCallback):
         if self._start is not None:
             start, self._start = self._start, None
             handle.verify(start)
+            self.verified = sum(int(m.frozen.sum()) for m in handle.params if m.frozen is not None)

@@ -151,14 +151,28 @@ def build_trainer(algo_name: str, model, config, train_dataset, processing_class
     return trainer
 
 
+def quiet_renamed_option_warnings() -> None:
+    """Hide transformers' "`X` is deprecated and will be removed in v6. Use `Y` instead." warnings.
+
+    TRL 1.16 still sets options transformers 5.24 renamed (``gradient_checkpointing`` ...): a
+    FutureWarning per run that a user cannot act on. Only that exact phrasing is hidden.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`\w+` is deprecated and will be removed in v6\. Use `\w+` instead\.")
+
+
 def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: str | None = None,
           rewards: list[str] | None = None, dataset_split: str = "train", dataset_config: str | None = None,
           dtype: str = "auto", order: str = "after_clip", weight_decay: str = "mask", verify: bool = False,
-          sparse_optimizer: bool = False) -> Path:
+          sparse_optimizer: bool = False, progress: bool | str = False, log=None) -> Path:
     """Load everything, train, and save the model as a normal HF folder in ``config.output_dir``.
 
     Inputs are checked before the model trains: the mask file and its fit to the model, the
     dataset's columns, the rewards. A run that fails verification saves no model.
+    ``progress`` is a ``--progress`` mode (``report.progress``); ``log`` (e.g. ``print``) receives
+    the verification line.
 
     Example:
         >>> train("grpo", GRPOConfig(output_dir="out"), "base/", "math.jsonl", mask_path="sub.mask.safetensors",
@@ -168,6 +182,9 @@ def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlsparse.report.progress import training_progress
+    from rlsparse.train import datasets as datasets_
+    from rlsparse.train.callback import MaskCallback
     from rlsparse.train.masking import _check_not_empty, match_parameters
     from rlsparse.train.rewards import BUILTIN, load_reward
 
@@ -187,11 +204,18 @@ def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: s
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_dataset = load_dataset_from(dataset, split=dataset_split, name=dataset_config)
+    train_dataset = datasets_.prepare(algo_name, datasets_.load(dataset, split=dataset_split, name=dataset_config),
+                                      rewards=rewards, default=algo.columns)
+    shown = training_progress(progress, algo_name)
+    if shown is not None:
+        config.disable_tqdm = True  # ours draws instead (a line every ~10 s when not on a terminal)
     trainer = build_trainer(algo_name, model, config, train_dataset, tokenizer, mask=mask,
                             reward_funcs=reward_funcs, order=order, weight_decay=weight_decay, verify=verify,
-                            sparse_optimizer=sparse_optimizer)
+                            sparse_optimizer=sparse_optimizer, callbacks=[shown] if shown else None)
     trainer.train()
+    checked = next((c.verified for c in trainer.callback_handler.callbacks if isinstance(c, MaskCallback)), None)
+    if log is not None and checked is not None and trainer.is_world_process_zero():
+        log(f"verified: {checked:,} masked-out parameters bit-identical")
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
