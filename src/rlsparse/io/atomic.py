@@ -63,10 +63,13 @@ def _destination(path: str | os.PathLike) -> Path:
     return p
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early (before long work) when ``path`` cannot be created; returns it as a Path."""
+def check_writable(path: str | os.PathLike, *, folder_output: bool = False) -> Path:
+    """Fail early (before long work) when ``path`` cannot be created; returns it as a Path.
+
+    ``folder_output=True`` accepts an existing folder at ``path`` (an output folder to be replaced).
+    """
     p = Path(path)
-    dest = _destination(p)
+    dest = p if folder_output and p.is_dir() and not p.is_symlink() else _destination(p)
     if _is_stream(str(dest)):
         if not os.access(dest, os.W_OK):
             raise OutputError(f"{p}: is not writable; choose another path")
@@ -183,16 +186,22 @@ def _remove(tmp) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", *, folder_output: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; put it in place only on success.
+
+    Works for files and, with ``folder_output=True``, for folders (e.g. a ``save_pretrained``
+    output): the temporary path is then free for the caller to create, and an existing output
+    folder is replaced.
 
     Example:
         >>> with atomic_path("out.png", suffix=".png") as tmp:
         ...     fig.savefig(tmp)
     """
-    check_writable(path)
+    check_writable(path, folder_output=folder_output)
     fd, tmp = create_temp(path, suffix or ".tmp")
     os.close(fd)
+    if folder_output:
+        os.unlink(tmp)  # the caller creates the folder; the name stays ours (pid-tagged)
     try:
         try:
             yield tmp
@@ -200,16 +209,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise write_error(path, exc) from None
             raise
+        if folder_output and os.path.isdir(tmp) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
         commit(tmp, path)
     finally:
         _remove(tmp)
 
 
-def write_json(path: str | os.PathLike, doc) -> None:
-    """Write a JSON document atomically (sorted keys off, 2-space indent)."""
-    text = json.dumps(doc, indent=2, allow_nan=False)
-    with atomic_path(path, suffix=".json") as tmp:
-        tmp.write_text(text + "\n")
+def write_json(path: str | os.PathLike, doc, *, indent: int = 2, sort_keys: bool = False, allow_nan: bool = False,
+               default=None) -> None:
+    """Write a JSON document atomically (2-space indent; the keywords are ``json.dumps``'s)."""
+    text = json.dumps(doc, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan, default=default)
+    write_text(path, text + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _resolved(path) -> str:
