@@ -70,13 +70,9 @@ def test_sparsity_rejects_other_models(tiny_base, tmp_path):
         measure.sparsity(tiny_base, tmp_path / "nothing")
 
 
-def test_masked_training_is_the_train_stage_callback_with_verification(tiny_base, tmp_path):
-    from rlsparse.train import MaskCallback
-
+def test_changed_outside_counts_elements_moved_outside_the_mask(tiny_base, tmp_path):
     _copy_with_changes(tiny_base, tmp_path / "ft", {"model.layers.0.mlp.up_proj.weight": ([1, 2], 1.0)})
     mask = measure.subnetwork_mask(tiny_base, tmp_path / "ft", tmp_path / "m.safetensors")
-    cb = measure.masked_training(mask)
-    assert isinstance(cb, MaskCallback)
     # the full model moved only inside the mask; a run that touched another element is caught
     _copy_with_changes(tiny_base, tmp_path / "other", {"model.layers.1.mlp.up_proj.weight": ([4], 1.0)})
     assert measure.changed_outside(tiny_base, tmp_path / "other", mask) == 1

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlsparse.errors import CheckpointError, UsageError
+from rlsparse.io.atomic import atomic_path
 
 BASE_SCHEMA_VERSION = 1
 
@@ -103,7 +104,6 @@ def save_model(model, tokenizer, path: str | os.PathLike, dtype: str = "bfloat16
     The model is cast on a copy so the caller's fp32 master weights are untouched.
     """
     import copy
-    import shutil
 
     import torch
 
@@ -112,17 +112,13 @@ def save_model(model, tokenizer, path: str | os.PathLike, dtype: str = "bfloat16
         raise UsageError(f"checkpoint dtype {dtype!r} is not supported; use 'bfloat16' or 'float32'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     saved = copy.deepcopy(model).to(dtypes[dtype])
     saved.config.dtype = dtype
-    saved.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if meta is not None:
-        (tmp / "rlsparse_lab.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_path(path, folder_output=True) as tmp:
+        saved.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if meta is not None:
+            (tmp / "rlsparse_lab.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", weights: str = "float32"):

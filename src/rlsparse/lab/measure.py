@@ -74,9 +74,3 @@ def changed_outside(base: str | os.PathLike, trained: str | os.PathLike, mask) -
         moved.check_compatible(mask, "the trained model and the subnetwork mask")
         return sum(int((moved.get(n) & ~mask.get(n)).sum()) for n in moved.names)
 
-
-def masked_training(mask):
-    """A trainer callback that trains only ``mask`` and, at the end, verifies that nothing else moved."""
-    from rlsparse.train import MaskCallback
-
-    return MaskCallback(mask, verify=True)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlsparse.errors import CheckpointError
+from rlsparse.io.atomic import atomic_path, write_text
 from rlsparse.lab.recipes import LEARNED_GAIN
 
 REPORT_SCHEMA_VERSION = 1
@@ -437,10 +438,9 @@ def _plot(f: Finding, results: dict, figdir: Path) -> None:
     else:  # pragma: no cover
         return
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _precision_text(run: dict) -> str:
@@ -508,9 +508,7 @@ def _html(md_items: list[Finding], results: dict) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def render(run_dir: str | os.PathLike) -> tuple[Path, Path]:

@@ -14,7 +14,6 @@ Run folder layout::
 from __future__ import annotations
 
 import json
-import os
 import platform
 import tempfile
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlsparse.errors import OutputError, UsageError
+from rlsparse.io.atomic import write_json
 from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
@@ -188,38 +188,57 @@ def _native_bf16(device: str) -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str, autocast_bf16: bool = False):
-    import trl
+# The lab's trainer name for each recipe algorithm: RFT is SFT on the policy's own correct samples.
+_TRAINER = {"rft": "sft"}
+# Lab-wide defaults per trainer (answers are a few tokens); a recipe's "trl" block overrides them.
+_GENERATION = dict(max_completion_length=6, temperature=1.0)
+_LAB_DEFAULTS = {
+    "sft": dict(max_length=32, packing=False, completion_only_loss=True),
+    "dpo": dict(max_length=32, beta=0.1),
+    "kto": dict(max_length=32, beta=0.1),
+    "orpo": dict(max_length=32, beta=0.1),
+    "simpo": dict(max_length=32),
+    "grpo": dict(num_generations=8, loss_type="grpo", beta=0.0, log_completions=False, **_GENERATION),
+    "rloo": dict(num_generations=8, beta=0.0, log_completions=False, **_GENERATION),
+    "ppo": dict(**_GENERATION),
+    "prime": dict(num_generations=4, **_GENERATION),
+}
 
+
+def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str, autocast_bf16: bool = False):
+    from rlsparse.train.trainers import algorithm
+
+    name = _TRAINER.get(recipe.algorithm, recipe.algorithm)
+    algo = algorithm(name)
+    _, cls = algo.classes()
     common = dict(output_dir=workdir, learning_rate=lr, max_steps=recipe.steps,
                   per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=1, logging_steps=1,
                   save_strategy="no", report_to="none", seed=recipe.seed, data_seed=recipe.seed,
                   use_cpu=(device == "cpu"), bf16=autocast_bf16, fp16=False, disable_tqdm=True, weight_decay=0.0,
                   dataloader_num_workers=0)
     extra = dict(recipe.trl)
-    if recipe.algorithm in ("sft", "rft"):
-        cls, defaults = trl.SFTConfig, dict(max_length=32, packing=False, completion_only_loss=True)
-    elif recipe.algorithm == "dpo":
-        cls, defaults = trl.DPOConfig, dict(max_length=32, beta=0.1)
-    else:
-        cls, defaults = trl.GRPOConfig, dict(num_generations=8, max_completion_length=6, temperature=1.0,
-                                             loss_type="grpo", beta=0.0, log_completions=False)
     unknown = sorted(set(extra) - set(cls.__dataclass_fields__))
     if unknown:
         raise UsageError(f"recipe {recipe.name}: trl fields {unknown} are not {cls.__name__} fields; "
                          "fix the recipe's 'trl' block (see the TRL docs for the config)")
     try:
-        return cls(**{**common, **defaults, **extra})
+        return cls(**{**common, **algo.defaults, **_LAB_DEFAULTS.get(name, {}), **extra})
     except ValueError as exc:
         raise UsageError(f"recipe {recipe.name}: TRL rejected the config ({exc}); fix the recipe") from None
 
 
 def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask=None) -> dict:
-    """Train one recipe at one learning rate from the base; save the checkpoint; return its log."""
+    """Train one recipe at one learning rate from the base; save the checkpoint; return its log.
+
+    Training goes through ``rlsparse.train.trainers.build_trainer``, the path ``rlsparse train``
+    takes: a masked rerun is the same trainer with ``MaskCallback`` (verified at the end).
+    """
     import warnings
 
-    import trl
     from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+
+    from rlsparse.train.trainers import algorithm, build_trainer
 
     # TRL 1.16 sets transformers options that transformers 5.24 renamed: a FutureWarning per run
     # that tells a lab user nothing.
@@ -227,34 +246,22 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     _set_seed(recipe.seed)
     precision = resolve_precision(run.opts)
     model, tok = load_model(run.base_path, run.opts.device, weights=precision["master_weights"])
-    callbacks = []
-    if mask is not None:
-        callbacks.append(measure.masked_training(mask))
+    name = _TRAINER.get(recipe.algorithm, recipe.algorithm)
     tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
-    if tracer is not None:
-        callbacks.append(tracer)
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
         autocast = precision["compute"] == "bfloat16" and precision["master_weights"] == "float32"
         args = _trl_config(recipe, lr, workdir, run.opts.device, autocast_bf16=autocast)
         effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
-        dataset = Dataset.from_list(rows)
-        if recipe.algorithm in ("sft", "rft"):
-            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                                     callbacks=callbacks)
-        elif recipe.algorithm == "dpo":
-            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                                     callbacks=callbacks)
-        else:
-            trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                                      processing_class=tok, callbacks=callbacks)
-        from transformers.trainer_callback import PrinterCallback
-
+        trainer = build_trainer(name, model, args, Dataset.from_list(rows), tok, mask=mask, verify=mask is not None,
+                                reward_funcs=[reward] if algorithm(name).uses_rewards else None,
+                                callbacks=[tracer] if tracer is not None else None)
         trainer.remove_callback(PrinterCallback)
         start = time.time()
         trainer.train()
         seconds = time.time() - start
         history = _losses(trainer.state.log_history)
         final = trainer.model
+        trainer_name = type(trainer).__name__
     save_model(final, tok, out, dtype=run.opts.checkpoint_dtype,
                meta={"recipe": recipe.name, "learning_rate": lr, "subnetwork_only": mask is not None,
                      "precision": precision})
@@ -264,7 +271,7 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     acc = {f: accuracy(saved, tok, probs, max_new_tokens=run.opts.max_new_tokens)
            for f, probs in run.test_sets(recipe).items()}
     return {"seconds": round(seconds, 2), "accuracy": acc, "rows": len(rows), "log_history": history,
-            "trainer": type(args).__name__.replace("Config", "Trainer"), "trl_config": effective,
+            "trainer": trainer_name, "trl_config": effective,
             "trace": tracer.trace if tracer is not None else None}
 
 
@@ -354,9 +361,8 @@ def choose_subnetwork_run(points: list[dict], family: str) -> dict:
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=float))
-    os.replace(tmp, path)
+    # NaN stands for "not measured" (e.g. a gain without a base accuracy); numpy scalars become floats.
+    write_json(path, obj, indent=1, sort_keys=True, allow_nan=True, default=float)
 
 
 def _versions() -> dict:
