@@ -20,7 +20,7 @@ import numpy as np
 from rlsparse.io import dtypes
 
 HIST_BINS = 2048  # |delta| as float32 bits >> 20: 8 exponent bits, 3 mantissa bits
-FP8_BLOCK = 128
+FP8_BLOCK = dtypes.FP8_BLOCK
 
 
 def hist_edges() -> np.ndarray:
@@ -71,7 +71,7 @@ class Accumulator:
         self.changed = np.zeros(self.ntol, dtype=np.int64)
         self.hist = np.zeros(HIST_BINS, dtype=np.int64)
 
-    def add(self, r: ChunkResult) -> None:
+    def add(self, r: "ChunkResult | Accumulator") -> None:
         self.numel += r.numel
         self.bit_changed = None if self.bit_changed is None or r.bit_changed is None else self.bit_changed + r.bit_changed
         self.changed += r.changed
@@ -81,6 +81,11 @@ class Accumulator:
         self.nan_finetuned += r.nan_finetuned
         self.inf_base += r.inf_base
         self.inf_finetuned += r.inf_finetuned
+
+    def add_from(self, r: "ChunkResult | Accumulator") -> "Accumulator":
+        """``add`` that returns self (the stream engine's merge)."""
+        self.add(r)
+        return self
 
 
 @dataclass(frozen=True)

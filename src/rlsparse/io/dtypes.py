@@ -24,6 +24,7 @@ _DTYPES: dict[str, tuple[int, str, object]] = {
     "F8_E5M2": (1, "float8_e5m2", None),
 }
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+FP8_BLOCK = 128  # block-scaled FP8 (DeepSeek-V3 style): one scale per 128 x 128 block of a matrix
 FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 
 

@@ -116,6 +116,14 @@ class TensorReader:
         return t.reshape(info.shape)
 
 
+def aligned_empty(nbytes: int, alignment: int = 4096) -> np.ndarray:
+    """An uninitialised uint8 buffer of ``nbytes`` whose start is ``alignment``-aligned (page
+    alignment lets the kernel copy whole pages and allows ``O_DIRECT`` reads into it)."""
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    skip = (-raw.ctypes.data) % alignment
+    return raw[skip:skip + nbytes]
+
+
 def _int_dtype(size: int):
     import torch
 
