@@ -13,3 +13,12 @@ from rlsparse.delta.sync import SyncReceiver, SyncReport, SyncSender
 
 __all__ = ["pack", "apply", "apply_to_state_dict", "apply_to_module", "inspect", "Manifest", "PatchReader",
            "SyncSender", "SyncReceiver", "SyncReport"]
+
+
+def __getattr__(name: str):
+    # transformers is heavy: the callback is imported only when asked for
+    if name == "DeltaSyncCallback":
+        from rlsparse.delta.callback import DeltaSyncCallback
+
+        return DeltaSyncCallback
+    raise AttributeError(name)

@@ -10,8 +10,11 @@ decode in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rlsparse.delta import codec
-from rlsparse.delta.format import PatchReader, TensorEntry, blob_name, new_hasher
+from rlsparse.delta.format import PatchReader, TensorEntry, new_hasher
 from rlsparse.delta.pack import chunk_digest
 from rlsparse.delta.sources import tensor_bits
 from rlsparse.diff import stream
@@ -107,7 +110,7 @@ class ApplyKernel:
         if k >= len(e.chunks):
             raise PatchError(f"{self.patch.where}: {e.name} has {len(e.chunks)} chunks, expected more; the patch is corrupt")
         enc, size = e.chunks[k]
-        data = self.patch.read_blob(blob_name(e.name), self.offsets[i][k], size)
+        data = self.patch.read(self.offsets[i][k], size)
         udt = dtypes.uint_view(e.dtype)
         new = codec.decode_chunk(enc, data, old, count, udt, e.dtype in dtypes.FLOAT_CODES,
                                  f"{self.patch.where}: {e.name} chunk {k}")
@@ -196,7 +199,6 @@ def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
     Example:
         >>> rlsparse.delta.apply("base/", "step30.rlpatch", "step30/")
     """
-    from rlsparse.io.atomic import atomic_path
     from rlsparse.report.progress import progress_bar
 
     t0 = time.perf_counter()
@@ -213,8 +215,7 @@ def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
         deltas = [e for e in m.tensors if e.action == "delta"]
         wholes = [e for e in m.tensors if e.action == "whole"]
         try:
-            with atomic_path(out) as tmp:
-                tmp.mkdir()
+            with _atomic_folder(out) as tmp:
                 output = _ShardedOutput(tmp, deltas + wholes, max_shard_bytes)
                 try:
                     with progress_bar(output.total, "apply", enabled=progress) as advance:
@@ -233,6 +234,31 @@ def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
         if close:
             reader.close()
     return ApplyResult(out, len(deltas) + len(wholes), output.total, time.perf_counter() - t0, len(output.names))
+
+
+@contextlib.contextmanager
+def _atomic_folder(out: Path):
+    """A temporary folder next to ``out``, moved into place on success (an existing ``out`` is
+    replaced only then); removed on failure, so no half-written folder is ever left."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{out}: folder {parent} does not exist; create it or choose another path")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write in {parent} ({exc.strerror}); choose a writable folder") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_deltas(ck: Checkpoint, reader: PatchReader, deltas, output: _ShardedOutput, workers, advance) -> None:

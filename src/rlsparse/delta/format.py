@@ -1,15 +1,17 @@
 """The patch file: one safetensors file (no pickle) that describes itself.
 
-Layout (``schema_version`` 1):
+Layout (``schema_version`` 1), two ``U8`` tensors:
 
-- ``__metadata__``: ``format = "rlsparse.delta"``, ``schema_version``, ``rlsparse`` = the
-  manifest as JSON (:class:`Manifest`): per tensor its dtype, shape, what to do (``delta``
-  against the base tensor of the same name, ``whole`` for tensors stored in full, ``remove``),
-  the base tensor's dtype/shape/content hash, the result's hash, the number of changed elements,
-  the chunk size and, per chunk, its encoding and coded length; the non-weight files.
-- one ``U8`` tensor ``delta/<name>`` per tensor with coded bytes: its chunks' codes, concatenated
-  in order (chunk i covers elements ``[i * chunk_elements, (i + 1) * chunk_elements)``);
-- one ``U8`` tensor ``file/<name>`` per non-weight file (config, tokenizer...), zstd-compressed.
+- ``manifest``: the manifest (:class:`Manifest`) as zstd-compressed JSON: per tensor its dtype,
+  shape, what to do (``delta`` against the base tensor of the same name, ``whole`` for tensors
+  stored in full, ``remove``), the base tensor's dtype/shape/content hash, the result's hash, the
+  number of changed elements, the chunk size, where its code starts in ``data`` and, per chunk,
+  its encoding and coded length; the non-weight files (name, size, hash, where in ``data``).
+- ``data``: every tensor's chunk codes (chunk i covers elements ``[i * chunk_elements,
+  (i + 1) * chunk_elements)``), then every non-weight file (config, tokenizer...), zstd-compressed.
+
+``__metadata__`` holds ``format = "rlsparse.delta"`` and ``schema_version``, so a reader can
+refuse a file that is not a patch, or is newer than it, before reading anything else.
 
 Hashes are xxh3-128 of a tensor's stored bytes (row-major, little-endian), in hex.
 """
@@ -54,6 +56,7 @@ class TensorEntry:
     hash: str | None = None
     changed: int = 0
     chunk_elements: int = 0
+    offset: int = 0  # where its code starts in ``data``
     chunks: list[list[int]] = field(default_factory=list)  # [encoding, coded bytes]
 
     @property
@@ -74,6 +77,7 @@ class FileEntry:
     size: int
     hash: str
     stored: int
+    offset: int = 0
 
 
 @dataclass
@@ -113,21 +117,13 @@ class Manifest:
         return cls(tensors=tensors, files=files, schema_version=version, **rest)
 
 
-def blob_name(tensor: str) -> str:
-    return "delta/" + tensor
-
-
-def file_blob_name(name: str) -> str:
-    return "file/" + name
-
-
 class PatchWriter:
-    """Collect coded blobs (spooled to disk or memory), then write the safetensors patch.
+    """Collect coded bytes (spooled to disk or memory), then write the safetensors patch.
 
-    The header lists every blob with its length, which is known only at the end, so blobs go to
-    a spool first and are copied behind the header on ``close``; the patch appears at ``path``
-    only on success (temporary file, then rename). With ``path=None`` the patch is built in
-    memory and ``close`` returns its bytes.
+    The manifest is known only at the end and goes in front of the data, so the data goes to a
+    spool first and is copied behind the header on ``close``; the patch appears at ``path`` only
+    on success (temporary file, then rename). With ``path=None`` the patch is built in memory and
+    ``close`` returns its bytes.
     """
 
     def __init__(self, path: str | os.PathLike | None):
@@ -136,44 +132,31 @@ class PatchWriter:
             self._spool = io.BytesIO()
         else:
             self._spool = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.spool")
-        self._blobs: list[tuple[str, int]] = []
-        self._current: str | None = None
-        self._current_size = 0
-
-    def begin(self, name: str) -> None:
-        self._end_current()
-        self._current, self._current_size = name, 0
+        self.offset = 0
 
     def write(self, data: bytes) -> None:
         self._spool.write(data)
-        self._current_size += len(data)
-
-    def _end_current(self) -> None:
-        if self._current is not None and self._current_size:
-            self._blobs.append((self._current, self._current_size))
-        self._current = None
+        self.offset += len(data)
 
     def close(self, manifest: Manifest) -> bytes | None:
-        self._end_current()
-        header: dict = {"__metadata__": {"format": FORMAT, "schema_version": str(SCHEMA_VERSION),
-                                         "rlsparse": manifest.to_json()}}
-        offset = 0
-        for name, size in self._blobs:
-            header[name] = {"dtype": "U8", "shape": [size], "data_offsets": [offset, offset + size]}
-            offset += size
+        import zstandard
+
+        packed = zstandard.ZstdCompressor(level=10).compress(manifest.to_json().encode())
+        header = {"__metadata__": {"format": FORMAT, "schema_version": str(SCHEMA_VERSION)},
+                  "manifest": {"dtype": "U8", "shape": [len(packed)], "data_offsets": [0, len(packed)]},
+                  "data": {"dtype": "U8", "shape": [self.offset],
+                           "data_offsets": [len(packed), len(packed) + self.offset]}}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        if len(raw) > MAX_HEADER:
-            raise PatchError(f"patch manifest is {len(raw)} bytes, over the safetensors limit; use a larger chunk size")
         self._spool.seek(0)
         if self.path is None:
-            data = struct.pack("<Q", len(raw)) + raw + self._spool.getvalue()
-            return data
+            return struct.pack("<Q", len(raw)) + raw + packed + self._spool.getvalue()
         from rlsparse.io.atomic import atomic_path
 
         with atomic_path(self.path) as tmp, open(tmp, "wb") as out:
             out.write(struct.pack("<Q", len(raw)))
             out.write(raw)
+            out.write(packed)
             while True:
                 block = self._spool.read(16 << 20)
                 if not block:
@@ -191,25 +174,27 @@ class PatchWriter:
 class PatchReader:
     """Open a patch (file path or bytes) and read its manifest and coded chunks.
 
+    Reads are positioned (``os.pread``), so worker threads may share one reader.
+
     Example:
         >>> with PatchReader.open("model.rlpatch") as p:
         ...     [t.name for t in p.manifest.tensors]
     """
 
-    def __init__(self, where: str, manifest: Manifest, blobs: dict[str, tuple[int, int]], fd: int | None,
+    def __init__(self, where: str, manifest: Manifest, data_start: int, data_size: int, fd: int | None,
                  data: memoryview | None):
         self.where = where
         self.manifest = manifest
-        self._blobs = blobs
+        self._start = data_start
+        self.size = data_size
         self._fd = fd
         self._data = data
-        self.size = sum(n for _, n in blobs.values())
 
     @classmethod
     def open(cls, source) -> "PatchReader":
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = memoryview(source)
-            return cls._parse("patch bytes", bytes(data[:8]), lambda n: bytes(data[8:8 + n]), len(data), None, data)
+            return cls._parse("patch bytes", lambda n, at: bytes(data[at:at + n]), len(data), None, data)
         path = Path(source)
         if path.is_dir():
             raise PatchError(f"{path}: is a folder, expected a patch file written by `rlsparse delta pack`")
@@ -218,14 +203,16 @@ class PatchReader:
         except OSError as exc:
             raise PatchError(f"{path}: cannot open the patch ({exc.strerror}); check the path") from None
         try:
-            size = os.fstat(fd).st_size
-            return cls._parse(str(path), os.pread(fd, 8, 0), lambda n: os.pread(fd, n, 8), size, fd, None)
+            return cls._parse(str(path), lambda n, at: os.pread(fd, n, at), os.fstat(fd).st_size, fd, None)
         except BaseException:
             os.close(fd)
             raise
 
     @classmethod
-    def _parse(cls, where, head, read_header, size, fd, data) -> "PatchReader":
+    def _parse(cls, where, read, size, fd, data) -> "PatchReader":
+        import zstandard
+
+        head = read(8, 0)
         if len(head) < 8:
             raise PatchError(f"{where}: {size} bytes is too short for a patch; the file is truncated: re-create it")
         (n,) = struct.unpack("<Q", head)
@@ -233,48 +220,59 @@ class PatchReader:
             raise PatchError(f"{where}: header claims {n} bytes but the patch has {size}; "
                              "the file is truncated or not a patch: re-create it")
         try:
-            header = json.loads(read_header(n).decode("utf-8"))
-            meta = header.pop("__metadata__")
-        except (UnicodeDecodeError, ValueError, KeyError, AttributeError):
+            header = json.loads(read(n, 8).decode("utf-8"))
+            meta = header.get("__metadata__")
+        except (UnicodeDecodeError, ValueError, AttributeError):
             raise PatchError(f"{where}: not a patch written by `rlsparse delta pack` (no valid header)") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise PatchError(f"{where}: safetensors file is not an rlsparse patch (format "
                              f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
-        manifest = Manifest.from_json(meta.get("rlsparse", "{}"), where)
-        blobs: dict[str, tuple[int, int]] = {}
-        start = 8 + n
-        for name, spec in header.items():
+        try:
+            version = int(meta.get("schema_version", "0"))
+        except ValueError:
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise PatchError(f"{where}: patch schema version {version} is newer than this rlsparse reads "
+                             f"({SCHEMA_VERSION}); upgrade rlsparse to apply it")
+        spans = {}
+        for name in ("manifest", "data"):
             try:
-                b, e = (int(x) for x in spec["data_offsets"])
+                b, e = (int(x) for x in header[name]["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise PatchError(f"{where}: header entry {name!r} is malformed; the patch is corrupt") from None
-            if start + e > size or b > e:
-                raise PatchError(f"{where}: {name!r} ends at byte {start + e} but the patch has {size}; "
+                raise PatchError(f"{where}: header has no valid {name!r} entry; the patch is corrupt: re-create it") from None
+            if 8 + n + e > size or b > e:
+                raise PatchError(f"{where}: {name!r} ends at byte {8 + n + e} but the patch has {size}; "
                                  "the file is truncated: re-create it")
-            blobs[name] = (start + b, e - b)
+            spans[name] = (8 + n + b, e - b)
+        try:
+            text = zstandard.ZstdDecompressor().decompress(read(spans["manifest"][1], spans["manifest"][0]),
+                                                           max_output_size=MAX_HEADER)
+        except zstandard.ZstdError:
+            raise PatchError(f"{where}: the manifest is corrupt; re-create the patch") from None
+        manifest = Manifest.from_json(text.decode("utf-8", "replace"), where)
+        start, dsize = spans["data"]
         for t in manifest.tensors:
-            have = blobs.get(blob_name(t.name), (0, 0))[1]
-            if have != t.nbytes:
-                raise PatchError(f"{where}: {t.name} has {have} coded bytes, its manifest says {t.nbytes}; "
-                                 "the patch is corrupt: re-create it")
+            if t.offset < 0 or t.offset + t.nbytes > dsize:
+                raise PatchError(f"{where}: {t.name} needs bytes up to {t.offset + t.nbytes} of the data but it has "
+                                 f"{dsize}; the patch is truncated or corrupt: re-create it")
             if t.action != "remove" and not dtypes.known(t.dtype or ""):
                 raise PatchError(f"{where}: {t.name} has dtype {t.dtype!r}, which this rlsparse cannot write")
-        return cls(where, manifest, blobs, fd, data)
+        return cls(where, manifest, start, dsize, fd, data)
 
-    def read_blob(self, name: str, offset: int = 0, size: int | None = None) -> bytes:
-        start, total = self._blobs.get(name, (0, 0))
-        size = total - offset if size is None else size
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of ``data`` from ``offset``."""
         if size == 0:
             return b""
         if self._data is not None:
-            return bytes(self._data[start + offset:start + offset + size])
-        got = os.pread(self._fd, size, start + offset)
+            return bytes(self._data[self._start + offset:self._start + offset + size])
+        got = os.pread(self._fd, size, self._start + offset)
         if len(got) != size:
-            raise PatchError(f"{self.where}: ended while reading {name}; the file is truncated: re-create it")
+            raise PatchError(f"{self.where}: ended while reading; the file is truncated: re-create it")
         return got
 
     def chunk_offsets(self, entry: TensorEntry) -> list[int]:
-        out, pos = [], 0
+        """Where each chunk's code starts in ``data``."""
+        out, pos = [], entry.offset
         for _, size in entry.chunks:
             out.append(pos)
             pos += size
@@ -283,7 +281,7 @@ class PatchReader:
     def read_file(self, entry: FileEntry) -> bytes:
         import zstandard
 
-        raw = self.read_blob(file_blob_name(entry.name))
+        raw = self.read(entry.offset, entry.stored)
         try:
             data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=entry.size)
         except zstandard.ZstdError:

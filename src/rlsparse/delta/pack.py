@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rlsparse.delta import codec
-from rlsparse.delta.format import FileEntry, Manifest, PatchWriter, TensorEntry, blob_name, file_blob_name, new_hasher
+from rlsparse.delta.format import FileEntry, Manifest, PatchWriter, TensorEntry, new_hasher
 from rlsparse.delta.sources import CheckpointSource, StateDictSource, open_source
 from rlsparse.diff import stream
 from rlsparse.io import dtypes
@@ -160,7 +160,7 @@ class _Sink:
         enc, changed, data, (dig_old, dig_new), hist = piece
         e = self._by_item[span.item]
         if span.first:
-            self._writer.begin(blob_name(e.name))
+            e.offset = self._writer.offset
             self._hashers = (new_hasher(), new_hasher())
             if span.count:
                 e.chunk_elements = span.count
@@ -232,9 +232,8 @@ def _add_files(fsrc, writer: PatchWriter) -> list[FileEntry]:
         h = new_hasher()
         h.update(data)
         packed = zstandard.ZstdCompressor(level=10).compress(data)
-        writer.begin(file_blob_name(path.name))
+        out.append(FileEntry(path.name, len(data), h.hexdigest(), len(packed), writer.offset))
         writer.write(packed)
-        out.append(FileEntry(path.name, len(data), h.hexdigest(), len(packed)))
     return out
 
 
