@@ -92,7 +92,10 @@ def apply_ulp_delta(old: np.ndarray, z: np.ndarray, is_float: bool) -> np.ndarra
 def _bit_length(v: np.ndarray) -> np.ndarray:
     if v.dtype.itemsize <= 2:
         return _BITLEN16[v]
-    if v.dtype.itemsize == 4:
+    top = int(v.max(initial=0))
+    if top < 1 << 16:
+        return _BITLEN16[v.astype(np.uint16)]
+    if top < 1 << 53:
         return np.frexp(v.astype(np.float64))[1].astype(np.int64)  # exact below 2**53
     out = np.zeros(v.shape, dtype=np.int64)
     x = v.astype(np.uint64)
@@ -121,9 +124,9 @@ def _entropy_bytes(counts: np.ndarray) -> float:
     return float((c * np.log2(n / c)).sum()) / 8 + 2 * len(c) + 8 if n else 1.0
 
 
-def estimate_uints(v: np.ndarray) -> float:
-    """Estimated coded size in bytes of ``_encode_uints(v)``."""
-    sym, nbits, _ = _symbolize(v)
+def estimate_uints(v) -> float:
+    """Estimated coded size in bytes of ``_encode_uints(v)`` (``v``: values or their symbols)."""
+    sym, nbits, _ = _symbolize(v) if isinstance(v, np.ndarray) else v
     return _entropy_bytes(np.bincount(sym, minlength=_ALPHABET)) + float(nbits.sum()) / 8
 
 
@@ -227,11 +230,15 @@ def _decode_symbols(inp: _In, n: int) -> np.ndarray:
     return np.asarray(sym, dtype=np.int32)
 
 
-def _encode_uints(out: _Out, v: np.ndarray) -> None:
-    sym, nbits, extra = _symbolize(v)
+def _encode_uints(out: _Out, v) -> None:
+    sym, nbits, extra = _symbolize(v) if isinstance(v, np.ndarray) else v
     _encode_symbols(out, sym)
-    for k in np.unique(nbits[nbits > 0]):
-        vals = extra[nbits == k]
+    # the raw low bits of values with the same bit count, packed together (ascending count)
+    order = np.argsort(nbits, kind="stable")
+    counts = np.bincount(nbits, minlength=65)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for k in np.flatnonzero(counts[1:]) + 1:
+        vals = extra[order[starts[k]:starts[k + 1]]]
         bitmat = ((vals[:, None] >> np.arange(k, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
         out.parts.append(np.packbits(bitmat, bitorder="little").tobytes())
 
@@ -290,14 +297,15 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool) -> tup
         return SAME, 0, b""
     candidates: dict[int, float] = {}
     if k <= n // 2:
-        gaps = np.diff(idx, prepend=-1) - 1
+        gaps = _symbolize((np.diff(idx, prepend=-1) - 1).astype(np.uint32 if n < 1 << 32 else np.uint64))
         gap_size = estimate_uints(gaps)
         o, w = old[idx], new[idx]
-        delta = ulp_delta(o, w, is_float)
+        delta = _symbolize(ulp_delta(o, w, is_float))
         candidates[SPARSE_DELTA] = gap_size + estimate_uints(delta)
         candidates[SPARSE_BITS] = gap_size + estimate_planes(w)
     if k >= n // 8:
-        candidates[DENSE_DELTA] = estimate_uints(ulp_delta(old, new, is_float))
+        dense = _symbolize(ulp_delta(old, new, is_float))
+        candidates[DENSE_DELTA] = estimate_uints(dense)
         candidates[DENSE_BITS] = estimate_planes(new)
     best = min(candidates, key=candidates.__getitem__)
     out = _Out()
@@ -309,7 +317,7 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool) -> tup
         else:
             _encode_planes(out, w)
     elif best == DENSE_DELTA:
-        _encode_uints(out, ulp_delta(old, new, is_float))
+        _encode_uints(out, dense)
     else:
         _encode_planes(out, new)
     return best, k, out.getvalue()
