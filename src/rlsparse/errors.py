@@ -25,6 +25,10 @@ class MaskError(RlsparseError):
     """A mask file is not ours, is corrupt, or does not fit the model it is applied to."""
 
 
+class PatchError(RlsparseError):
+    """A delta patch is not ours, is truncated or corrupt, or comes from a newer rlsparse."""
+
+
 class OutputError(RlsparseError):
     """An output path cannot be written."""
 

@@ -47,6 +47,9 @@ def make_parser() -> argparse.ArgumentParser:
     diff_cmd.add_parser(sub)
     analysis_cmd.add_parsers(sub)
     train_cmd.add_parser(sub)
+    from rlsparse.cli import delta_cmd
+
+    delta_cmd.add_parser(sub)
     return parser
 
 

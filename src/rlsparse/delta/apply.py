@@ -1,0 +1,407 @@
+"""``rlsparse.delta.apply``: rebuild the finetuned model from its base and a patch.
+
+To a folder: the base streams through the shared engine (``diff.stream``) with ``ApplyKernel``
+(decode one span on a worker thread), spans come back in order and go straight into the output
+shards (``StreamingSafetensorsWriter``); everything is written into a temporary folder that is
+renamed into place only when every hash matched. In memory: ``apply_to_state_dict`` and
+``apply_to_module`` first check every base hash (nothing is touched on a wrong base), then
+decode in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rlsparse.delta import codec
+from rlsparse.delta.format import PatchReader, TensorEntry, new_hasher
+from rlsparse.delta.pack import chunk_digest
+from rlsparse.delta.sources import tensor_bits
+from rlsparse.diff import stream
+from rlsparse.errors import MismatchError, OutputError, PatchError
+from rlsparse.io import dtypes
+from rlsparse.io.checkpoint import Checkpoint
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass
+class ApplyResult:
+    """What ``apply`` wrote."""
+
+    path: Path
+    tensors: int
+    bytes_written: int
+    seconds: float
+    shards: int
+
+
+def open_patch(patch) -> tuple[PatchReader, bool]:
+    """(reader, whether we opened it and must close it)."""
+    if isinstance(patch, PatchReader):
+        return patch, False
+    return PatchReader.open(patch), True
+
+
+def spans_of(e: TensorEntry) -> list[tuple[int, int]]:
+    """(start, count) of each coded chunk of an entry, as ``pack`` cut them."""
+    if e.numel == 0:
+        return [(0, 0)]
+    step = e.chunk_elements or e.numel
+    return [(s, min(step, e.numel - s)) for s in range(0, e.numel, step)]
+
+
+def check_base(manifest, base: dict[str, tuple[str, tuple[int, ...]]], where: str, whole_set: bool = True) -> None:
+    """Refuse a base whose tensor names, dtypes or shapes differ from what the patch was made
+    against (cheap: no data read). ``base`` maps name -> (dtype code, shape)."""
+    problems = []
+    expected = set()
+    for e in manifest.tensors:
+        if e.base_dtype is None:
+            if whole_set and e.name in base:
+                problems.append(f"{e.name} is in the base but the patch adds it as new")
+            continue
+        expected.add(e.name)
+        got = base.get(e.name)
+        if got is None:
+            problems.append(f"{e.name} is missing from the base")
+        elif got[0] != e.base_dtype or list(got[1]) != list(e.base_shape):
+            problems.append(f"{e.name} is {got[0]}{list(got[1])} in the base, the patch expects "
+                            f"{e.base_dtype}{list(e.base_shape)}")
+    if whole_set:
+        extra = sorted(set(base) - expected - {e.name for e in manifest.tensors})
+        problems += [f"{n} is in the base but not in the patch's base" for n in extra[:1]]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MismatchError(f"{where}: this is not the base the patch was made against: first difference: "
+                            f"{problems[0]}{more}; apply the patch to the base it was packed from")
+
+
+def _wrong_base(where: str, name: str) -> MismatchError:
+    return MismatchError(f"{where}: this is not the base the patch was made against: first differing tensor: "
+                         f"{name} (content hash differs); apply the patch to the base it was packed from")
+
+
+def _corrupt(where: str, name: str) -> PatchError:
+    return PatchError(f"{where}: {name} decodes to data whose hash differs from the recorded result; "
+                      "the patch is corrupt: re-create it")
+
+
+class ApplyKernel:
+    """Stream kernel: decode one span of one tensor against the base's bits."""
+
+    def __init__(self, patch: PatchReader, entries: list[TensorEntry]):
+        self.patch = patch
+        self.entries = entries
+        self.offsets = [patch.chunk_offsets(e) for e in entries]
+
+    def decode(self, i: int, start: int, count: int, old: np.ndarray | None) -> tuple[np.ndarray, bytes | None, bytes]:
+        e = self.entries[i]
+        k = start // e.chunk_elements if e.chunk_elements else 0
+        if k >= len(e.chunks):
+            raise PatchError(f"{self.patch.where}: {e.name} has {len(e.chunks)} chunks, expected more; the patch is corrupt")
+        enc, size = e.chunks[k]
+        data = self.patch.read(self.offsets[i][k], size)
+        udt = dtypes.uint_view(e.dtype)
+        new = codec.decode_chunk(enc, data, old, count, udt, e.dtype in dtypes.FLOAT_CODES,
+                                 f"{self.patch.where}: {e.name} chunk {k}")
+        if new.size != count:
+            raise _corrupt(self.patch.where, e.name)
+        dig_old = chunk_digest(old) if old is not None else None
+        if new is old:
+            new = old.copy()
+        return new, dig_old, chunk_digest(new)
+
+    def compute(self, chunk: stream.Chunk):
+        old = chunk.raw[0] if chunk.raw else None
+        return None, self.decode(chunk.span.item, chunk.span.start, chunk.span.count, old)
+
+    def merge(self, acc, partial):
+        return None
+
+
+class _ShardedOutput:
+    """The output folder's shards, opened one at a time as tensors arrive in layout order."""
+
+    def __init__(self, folder: Path, entries: list[TensorEntry], max_shard_bytes: int):
+        from rlsparse.io.safetensors_format import StreamingSafetensorsWriter
+
+        groups: list[list[TensorEntry]] = [[]]
+        size = 0
+        for e in entries:
+            nbytes = e.numel * dtypes.itemsize(e.dtype)
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(e)
+            size += nbytes
+        n = len(groups)
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._writers = []
+        self.weight_map = {}
+        for name, group in zip(self.names, groups):
+            layout = [(e.name, e.dtype, tuple(e.shape)) for e in group]
+            w = StreamingSafetensorsWriter(folder / name, layout)
+            w.metadata = {"format": "pt"}
+            self._writers.append((w, {e.name for e in group}))
+            for e in group:
+                self.weight_map[e.name] = name
+        self._current = -1
+        self.total = sum(e.numel * dtypes.itemsize(e.dtype) for e in entries)
+
+    def write(self, name: str, bits: np.ndarray) -> None:
+        while self._current < 0 or name not in self._writers[self._current][1]:
+            if self._current >= 0:
+                self._writers[self._current][0].__exit__(None, None, None)
+            self._current += 1
+            self._writers[self._current][0].__enter__()
+        self._writers[self._current][0].write(name, bits)
+
+    def finish(self, folder: Path) -> None:
+        while self._current + 1 < len(self._writers):  # shards holding only empty tensors
+            self.write(next(iter(self._writers[self._current + 1][1])), np.empty(0, np.uint8))
+        self._writers[self._current][0].__exit__(None, None, None)
+        if len(self.names) > 1:
+            (folder / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, indent=2))
+
+    def abort(self) -> None:
+        if 0 <= self._current < len(self._writers):
+            self._writers[self._current][0].__exit__(OutputError, OutputError("aborted"), None)
+
+
+def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, workers: int = 2, progress: bool = False) -> ApplyResult:
+    """Write ``base`` + ``patch`` as a Hugging Face folder at ``out``, bit-identical to the
+    finetuned model the patch was packed from.
+
+    Args:
+        base: The base checkpoint (any layout ``Checkpoint.open`` reads).
+        patch: Patch file path, bytes or an open ``PatchReader``.
+        out: Output folder; must not exist unless ``overwrite``.
+        overwrite: Replace an existing ``out`` (only once the new folder is complete).
+        max_shard_bytes: Split the weights into shards of at most this size (plus an index).
+        workers: Decoding threads.
+        progress: Progress bar on stderr.
+
+    Returns:
+        ApplyResult
+
+    Example:
+        >>> rlsparse.delta.apply("base/", "step30.rlpatch", "step30/")
+    """
+    from rlsparse.report.progress import progress_bar
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: already exists; choose another folder or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; choose a folder path")
+    reader, close = open_patch(patch)
+    ck = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
+    try:
+        m = reader.manifest
+        check_base(m, {n: (t.dtype, t.shape) for n, t in ck.tensors.items()}, reader.where)
+        deltas = [e for e in m.tensors if e.action == "delta"]
+        wholes = [e for e in m.tensors if e.action == "whole"]
+        try:
+            with _atomic_folder(out) as tmp:
+                output = _ShardedOutput(tmp, deltas + wholes, max_shard_bytes)
+                try:
+                    with progress_bar(output.total, "apply", enabled=progress) as advance:
+                        _write_deltas(ck, reader, deltas, output, workers, advance)
+                        _write_wholes(reader, wholes, output, workers, advance)
+                    output.finish(tmp)
+                except BaseException:
+                    output.abort()
+                    raise
+                for f in m.files:
+                    (tmp / f.name).write_bytes(reader.read_file(f))
+        except OSError as exc:
+            raise OutputError(f"{out}: writing failed ({exc.strerror or exc}); nothing was left behind: "
+                              "free space or choose another folder") from None
+    finally:
+        if close:
+            reader.close()
+    return ApplyResult(out, len(deltas) + len(wholes), output.total, time.perf_counter() - t0, len(output.names))
+
+
+@contextlib.contextmanager
+def _atomic_folder(out: Path):
+    """A temporary folder next to ``out``, moved into place on success (an existing ``out`` is
+    replaced only then); removed on failure, so no half-written folder is ever left."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{out}: folder {parent} does not exist; create it or choose another path")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write in {parent} ({exc.strerror}); choose a writable folder") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_deltas(ck: Checkpoint, reader: PatchReader, deltas, output: _ShardedOutput, workers, advance) -> None:
+    if not deltas:
+        return
+    kernel = ApplyKernel(reader, deltas)
+    items = [stream.Item(e.name, (ck.tensors[e.name],)) for e in deltas]
+    spans = [stream.Span(i, s, c, 0, s == 0, s + c >= e.numel)
+             for i, e in enumerate(deltas) for s, c in spans_of(e)]
+    hashers: list = [None, None]
+
+    def sink(span: stream.Span, piece) -> None:
+        new, dig_old, dig_new = piece
+        e = deltas[span.item]
+        if span.first:
+            hashers[:] = [new_hasher(), new_hasher()]
+        hashers[0].update(dig_old)
+        hashers[1].update(dig_new)
+        output.write(e.name, new)
+        advance(new.nbytes)
+        if span.last:
+            if hashers[0].hexdigest() != e.base_hash:
+                raise _wrong_base(reader.where, e.name)
+            if hashers[1].hexdigest() != e.hash:
+                raise _corrupt(reader.where, e.name)
+
+    stream.run(items, kernel, spans=spans, workers=workers, sink=sink)
+
+
+def _write_wholes(reader: PatchReader, wholes, output: _ShardedOutput, workers, advance) -> None:
+    kernel = ApplyKernel(reader, wholes)
+    for i, e in enumerate(wholes):
+        h = new_hasher()
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for new, _, dig in pool.map(lambda sc: kernel.decode(i, sc[0], sc[1], None), spans_of(e)):
+                h.update(dig)
+                output.write(e.name, new)
+                advance(new.nbytes)
+        if h.hexdigest() != e.hash:
+            raise _corrupt(reader.where, e.name)
+
+
+def apply_to_state_dict(state_dict: dict, patch, *, workers: int = 2) -> dict:
+    """Apply a patch to ``{name: tensor}`` in place (tensors the patch adds or resizes are
+    replaced, removed ones deleted); returns the same dict.
+
+    Every base hash is checked before anything changes, so a wrong base leaves the state dict
+    untouched; each result is checked against its recorded hash.
+
+    Example:
+        >>> sd = model.state_dict()
+        >>> rlsparse.delta.apply_to_state_dict(sd, "step30.rlpatch")
+    """
+    import torch
+
+    reader, close = open_patch(patch)
+    try:
+        m = reader.manifest
+        check_base(m, {n: (dtypes.code_of(t.dtype), tuple(t.shape)) for n, t in state_dict.items()},
+                   reader.where, whole_set=False)
+        deltas = [e for e in m.tensors if e.action == "delta"]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for e in deltas:  # pass 1: identity, before any write
+                bits = tensor_bits(state_dict[e.name])
+                h = new_hasher()
+                for dig in pool.map(lambda sc: chunk_digest(bits[sc[0]:sc[0] + sc[1]]), spans_of(e)):
+                    h.update(dig)
+                if h.hexdigest() != e.base_hash:
+                    raise _wrong_base(reader.where, e.name)
+            kernel = ApplyKernel(reader, deltas)
+            done: set[int] = set()
+            for i, e in enumerate(deltas):  # pass 2: decode in place
+                t = state_dict[e.name]
+                bits = tensor_bits(t)
+                key = t.data_ptr() if t.numel() else None
+                if key in done:  # an alias of a tensor already written (tied weights)
+                    continue
+                shared = t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0
+                h = new_hasher()
+
+                def one(sc, bits=bits, i=i):
+                    new, _, dig = kernel.decode(i, sc[0], sc[1], bits[sc[0]:sc[0] + sc[1]])
+                    return sc, new, dig
+
+                out = bits if shared else bits.copy()
+                for (s, c), new, dig in pool.map(one, spans_of(e)):
+                    out[s:s + c] = new
+                    h.update(dig)
+                if h.hexdigest() != e.hash:
+                    raise _corrupt(reader.where, e.name)
+                if not shared:
+                    with torch.no_grad():
+                        t.copy_(_as_tensor(out, e).to(t.device))
+                if key is not None:
+                    done.add(key)
+        for e in m.tensors:
+            if e.action == "whole":
+                kernel = ApplyKernel(reader, [e])
+                h = new_hasher()
+                parts = []
+                for s, c in spans_of(e):
+                    new, _, dig = kernel.decode(0, s, c, None)
+                    parts.append(new)
+                    h.update(dig)
+                if h.hexdigest() != e.hash:
+                    raise _corrupt(reader.where, e.name)
+                bits = np.concatenate(parts) if parts else np.empty(0, dtypes.uint_view(e.dtype))
+                state_dict[e.name] = _as_tensor(bits, e)
+            elif e.action == "remove":
+                state_dict.pop(e.name, None)
+    finally:
+        if close:
+            reader.close()
+    return state_dict
+
+
+def _as_tensor(bits: np.ndarray, e: TensorEntry):
+    import torch
+
+    size = dtypes.itemsize(e.dtype)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+    signed = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[size]
+    t = torch.from_numpy(np.ascontiguousarray(bits).view(signed).copy()).view(ints)
+    return t.view(dtypes.torch_dtype(e.dtype)).reshape(e.shape)
+
+
+def apply_to_module(module, patch, *, workers: int = 2):
+    """Apply a patch to a ``torch.nn.Module``'s parameters and buffers in place.
+
+    The patch must not add, remove or resize tensors (a module cannot change its parameters);
+    tied weights are written once.
+
+    Example:
+        >>> rlsparse.delta.apply_to_module(model, "step30.rlpatch")
+    """
+    reader, close = open_patch(patch)
+    try:
+        bad = [e.name for e in reader.manifest.tensors if e.action != "delta"]
+        if bad:
+            raise PatchError(f"{reader.where}: the patch adds, removes or resizes {len(bad)} tensor(s) (e.g. {bad[0]}); "
+                             "a module cannot change its parameters: apply it to a folder or a state dict")
+        apply_to_state_dict(module.state_dict(keep_vars=False), reader, workers=workers)
+    finally:
+        if close:
+            reader.close()
+    return module

@@ -1,0 +1,369 @@
+"""Lossless coding of one chunk of a tensor's update: what changed, and how.
+
+A chunk is a run of elements of one tensor, given as raw bits (unsigned ints of the dtype's
+width) on both sides. Four encodings; the smallest is chosen per chunk from symbol histograms
+(estimated sizes, so only the winner is actually coded):
+
+- ``SPARSE_DELTA``: positions as gaps between changed indices, values as the difference of the
+  two elements in the dtype's *ordered* integer view (for floats: sign-magnitude mapped onto a
+  monotone integer line, so a change of k units in the last place is the integer k, across zero
+  too: -0.0 and +0.0 are one apart).
+- ``SPARSE_BITS``: gaps, and the new bits of the changed elements, one byte plane at a time.
+- ``DENSE_DELTA``: the ordered-integer difference of every element (zero where unchanged).
+- ``DENSE_BITS``: the new bits of every element, byte plane by byte plane (used alone when
+  there is no base element: added or resized tensors).
+
+Every integer sequence is coded by ``_encode_uints``: small values (< 16) are symbols of their
+own, larger ones a symbol for (bit length, next two bits) plus the remaining low bits stored
+raw; the symbols go through an order-0 ANS coder (``constriction``) whose model is the chunk's
+own symbol histogram, stored in front. Byte planes are coded as symbols directly. All maps are
+bijections on bits, so NaN payloads and signed zeros survive.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rlsparse.errors import PatchError, require
+
+SAME, SPARSE_DELTA, SPARSE_BITS, DENSE_DELTA, DENSE_BITS = range(5)
+ENCODING_NAMES = {SAME: "same", SPARSE_DELTA: "sparse-delta", SPARSE_BITS: "sparse-bits",
+                  DENSE_DELTA: "dense-delta", DENSE_BITS: "dense-bits"}
+_DIRECT = 16  # values below this are symbols of their own
+_ALPHABET = 256
+_BITLEN16 = np.zeros(1 << 16, dtype=np.int64)
+_BITLEN16[1:] = np.floor(np.log2(np.arange(1, 1 << 16))).astype(np.int64) + 1
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _constriction():
+    return require("constriction", "delta")
+
+
+# ---------------------------------------------------------------- ordered integer view
+
+def to_ordered(bits: np.ndarray, is_float: bool) -> np.ndarray:
+    """Map float bits onto a monotone unsigned integer line (a bijection); other dtypes unchanged."""
+    if not is_float:
+        return bits
+    width = bits.dtype.itemsize * 8
+    t = bits.dtype.type
+    sign = bits >> t(width - 1)
+    # positive: set the sign bit; negative: flip every bit
+    return bits ^ ((sign * t((1 << (width - 1)) - 1)) | t(1 << (width - 1)))
+
+
+def from_ordered(keys: np.ndarray, is_float: bool) -> np.ndarray:
+    """Inverse of :func:`to_ordered`."""
+    if not is_float:
+        return keys
+    width = keys.dtype.itemsize * 8
+    t = keys.dtype.type
+    positive = keys >> t(width - 1)
+    return keys ^ (((t(1) - positive) * t((1 << (width - 1)) - 1)) | t(1 << (width - 1)))
+
+
+def zigzag(d: np.ndarray) -> np.ndarray:
+    """Wrapped difference (unsigned) -> small unsigned for small magnitudes of either sign."""
+    width = d.dtype.itemsize * 8
+    s = d.view(_INT[d.dtype.itemsize])
+    return ((s << s.dtype.type(1)) ^ (s >> s.dtype.type(width - 1))).view(d.dtype)
+
+
+def unzigzag(z: np.ndarray) -> np.ndarray:
+    t = z.dtype.type
+    return (z >> t(1)) ^ (t(0) - (z & t(1)))
+
+
+def ulp_delta(old: np.ndarray, new: np.ndarray, is_float: bool) -> np.ndarray:
+    """Zigzagged difference new - old in the ordered integer view (|d| in units in the last place)."""
+    with np.errstate(over="ignore"):
+        return zigzag(to_ordered(new, is_float) - to_ordered(old, is_float))
+
+
+def apply_ulp_delta(old: np.ndarray, z: np.ndarray, is_float: bool) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return from_ordered(to_ordered(old, is_float) + unzigzag(z), is_float)
+
+
+# ---------------------------------------------------------------- symbols
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+    if v.dtype.itemsize <= 2:
+        return _BITLEN16[v]
+    top = int(v.max(initial=0))
+    if top < 1 << 16:
+        return _BITLEN16[v.astype(np.uint16)]
+    if top < 1 << 53:
+        return np.frexp(v.astype(np.float64))[1].astype(np.int64)  # exact below 2**53
+    out = np.zeros(v.shape, dtype=np.int64)
+    x = v.astype(np.uint64)
+    for s in (32, 16, 8, 4, 2, 1):
+        m = (x >> np.uint64(s)) != 0
+        x = np.where(m, x >> np.uint64(s), x)
+        out += m * s
+    return out + (x != 0)
+
+
+def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(symbol, raw-bit count, raw bits) per value."""
+    length = _bit_length(v)
+    big = length > 4
+    nbits = np.where(big, length - 3, 0)
+    v64 = v.astype(np.uint64)
+    top = (v64 >> nbits.astype(np.uint64)) & np.uint64(3)
+    sym = np.where(big, _DIRECT + (length - 5) * 4 + top.astype(np.int64), v64.astype(np.int64))
+    extra = v64 & ((np.uint64(1) << nbits.astype(np.uint64)) - np.uint64(1))
+    return sym.astype(np.int32), nbits, extra
+
+
+def _entropy_bytes(counts: np.ndarray) -> float:
+    c = counts[counts > 0].astype(np.float64)
+    n = c.sum()
+    return float((c * np.log2(n / c)).sum()) / 8 + 2 * len(c) + 8 if n else 1.0
+
+
+def estimate_uints(v) -> float:
+    """Estimated coded size in bytes of ``_encode_uints(v)`` (``v``: values or their symbols)."""
+    sym, nbits, _ = _symbolize(v) if isinstance(v, np.ndarray) else v
+    return _entropy_bytes(np.bincount(sym, minlength=_ALPHABET)) + float(nbits.sum()) / 8
+
+
+def estimate_planes(bits: np.ndarray) -> float:
+    size = bits.dtype.itemsize
+    planes = bits.view(np.uint8).reshape(-1, size)
+    return sum(_entropy_bytes(np.bincount(planes[:, i], minlength=256)) for i in range(size))
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def varint(self, x: int) -> None:
+        b = bytearray()
+        while True:
+            byte = x & 0x7F
+            x >>= 7
+            if x:
+                b.append(byte | 0x80)
+            else:
+                b.append(byte)
+                break
+        self.parts.append(bytes(b))
+
+    def blob(self, data: bytes) -> None:
+        self.varint(len(data))
+        self.parts.append(data)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class _In:
+    def __init__(self, data, where: str) -> None:
+        self.mv = memoryview(data)
+        self.pos = 0
+        self.where = where
+
+    def _fail(self) -> PatchError:
+        return PatchError(f"{self.where}: encoded data ends early or is corrupt; the patch is damaged: re-create it")
+
+    def varint(self) -> int:
+        x = shift = 0
+        while True:
+            if self.pos >= len(self.mv) or shift > 63:
+                raise self._fail()
+            byte = self.mv[self.pos]
+            self.pos += 1
+            x |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return x
+
+    def blob(self) -> memoryview:
+        n = self.varint()
+        if self.pos + n > len(self.mv):
+            raise self._fail()
+        out = self.mv[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+
+def _encode_symbols(out: _Out, sym: np.ndarray) -> None:
+    counts = np.bincount(sym, minlength=_ALPHABET)
+    used = np.flatnonzero(counts)
+    out.varint(len(used))
+    for s in used:
+        out.varint(int(s))
+        out.varint(int(counts[s]))
+    if len(used) <= 1:  # one symbol: nothing to code
+        return
+    c = _constriction()
+    coder = c.stream.stack.AnsCoder()
+    coder.encode_reverse(sym, c.stream.model.Categorical(counts.astype(np.float64), perfect=False))
+    out.blob(coder.get_compressed().tobytes())
+
+
+def _decode_symbols(inp: _In, n: int) -> np.ndarray:
+    counts = np.zeros(_ALPHABET, dtype=np.float64)
+    k = inp.varint()
+    if k > _ALPHABET:
+        raise inp._fail()
+    last = -1
+    for _ in range(k):
+        s = inp.varint()
+        if s >= _ALPHABET or s <= last:
+            raise inp._fail()
+        counts[s] = inp.varint()
+        last = s
+    if counts.sum() != n:
+        raise inp._fail()
+    if k <= 1:
+        return np.full(n, last if k else 0, dtype=np.int32)
+    c = _constriction()
+    words = np.frombuffer(inp.blob(), dtype=np.uint32).copy()
+    try:
+        sym = c.stream.stack.AnsCoder(words).decode(c.stream.model.Categorical(counts, perfect=False), n)
+    except Exception:  # constriction raises its own types on inconsistent data
+        raise inp._fail() from None
+    return np.asarray(sym, dtype=np.int32)
+
+
+def _encode_uints(out: _Out, v) -> None:
+    sym, nbits, extra = _symbolize(v) if isinstance(v, np.ndarray) else v
+    _encode_symbols(out, sym)
+    # the raw low bits of values with the same bit count, packed together (ascending count)
+    order = np.argsort(nbits, kind="stable")
+    counts = np.bincount(nbits, minlength=65)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for k in np.flatnonzero(counts[1:]) + 1:
+        vals = extra[order[starts[k]:starts[k + 1]]]
+        bitmat = ((vals[:, None] >> np.arange(k, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+        out.parts.append(np.packbits(bitmat, bitorder="little").tobytes())
+
+
+def _decode_uints(inp: _In, n: int, dtype) -> np.ndarray:
+    sym = _decode_symbols(inp, n).astype(np.int64)
+    big = sym >= _DIRECT
+    q = sym - _DIRECT
+    length = np.where(big, q // 4 + 5, 0)
+    nbits = np.where(big, length - 3, 0)
+    v = np.where(big, (4 | (q & 3)).astype(np.uint64) << nbits.astype(np.uint64), sym.astype(np.uint64))
+    for k in np.unique(nbits[nbits > 0]):
+        where = np.flatnonzero(nbits == k)
+        nbytes = (len(where) * int(k) + 7) // 8
+        if inp.pos + nbytes > len(inp.mv):
+            raise inp._fail()
+        raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
+        inp.pos += nbytes
+        bitmat = np.unpackbits(raw, bitorder="little")[:len(where) * int(k)].reshape(-1, int(k)).astype(np.uint64)
+        v[where] |= (bitmat << np.arange(k, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    if int(length.max(initial=0)) > 8 * np.dtype(dtype).itemsize:
+        raise inp._fail()
+    return v.astype(dtype)
+
+
+def _encode_planes(out: _Out, bits: np.ndarray) -> None:
+    size = bits.dtype.itemsize
+    planes = bits.view(np.uint8).reshape(-1, size)
+    for i in range(size):
+        _encode_symbols(out, np.ascontiguousarray(planes[:, i]).astype(np.int32))
+
+
+def _decode_planes(inp: _In, n: int, dtype) -> np.ndarray:
+    size = np.dtype(dtype).itemsize
+    planes = np.empty((n, size), dtype=np.uint8)
+    for i in range(size):
+        planes[:, i] = _decode_symbols(inp, n)
+    return planes.reshape(-1).view(dtype)
+
+
+# ---------------------------------------------------------------- chunks
+
+def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool) -> tuple[int, int, bytes]:
+    """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base).
+
+    Returns (encoding, changed elements, bytes); ``SAME`` chunks carry no bytes.
+    """
+    n = new.size
+    if old is None:
+        out = _Out()
+        _encode_planes(out, new)
+        return DENSE_BITS, n, out.getvalue()
+    idx = np.flatnonzero(old != new)
+    k = idx.size
+    if k == 0:
+        return SAME, 0, b""
+    candidates: dict[int, float] = {}
+    if k <= n // 2:
+        gaps = _symbolize((np.diff(idx, prepend=-1) - 1).astype(np.uint32 if n < 1 << 32 else np.uint64))
+        gap_size = estimate_uints(gaps)
+        o, w = old[idx], new[idx]
+        delta = _symbolize(ulp_delta(o, w, is_float))
+        candidates[SPARSE_DELTA] = gap_size + estimate_uints(delta)
+        candidates[SPARSE_BITS] = gap_size + estimate_planes(w)
+    if k >= n // 8:
+        dense = _symbolize(ulp_delta(old, new, is_float))
+        candidates[DENSE_DELTA] = estimate_uints(dense)
+        candidates[DENSE_BITS] = estimate_planes(new)
+    best = min(candidates, key=candidates.__getitem__)
+    out = _Out()
+    out.varint(k)
+    if best in (SPARSE_DELTA, SPARSE_BITS):
+        _encode_uints(out, gaps)
+        if best == SPARSE_DELTA:
+            _encode_uints(out, delta)
+        else:
+            _encode_planes(out, w)
+    elif best == DENSE_DELTA:
+        _encode_uints(out, dense)
+    else:
+        _encode_planes(out, new)
+    return best, k, out.getvalue()
+
+
+def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_float: bool,
+                 where: str) -> np.ndarray:
+    """Rebuild the new bits of a chunk (``n`` elements of unsigned ``dtype``)."""
+    if encoding == SAME:
+        if old is None:
+            raise PatchError(f"{where}: chunk marked unchanged but there is no base data; the patch is corrupt")
+        return old
+    inp = _In(data, where)
+    if encoding == DENSE_BITS and old is None:
+        return _decode_planes(inp, n, dtype)
+    if old is None:
+        raise PatchError(f"{where}: chunk needs base data that the patch does not map; the patch is corrupt")
+    k = inp.varint()
+    if k > n:
+        raise inp._fail()
+    if encoding in (SPARSE_DELTA, SPARSE_BITS):
+        gaps = _decode_uints(inp, k, np.int64)
+        idx = np.cumsum(gaps + 1) - 1
+        if k and (idx[-1] >= n or gaps.min() < 0):
+            raise inp._fail()
+        new = old.copy()
+        if encoding == SPARSE_DELTA:
+            new[idx] = apply_ulp_delta(old[idx], _decode_uints(inp, k, dtype), is_float)
+        else:
+            new[idx] = _decode_planes(inp, k, dtype)
+        return new
+    if encoding == DENSE_DELTA:
+        return apply_ulp_delta(old, _decode_uints(inp, n, dtype), is_float)
+    if encoding == DENSE_BITS:
+        return _decode_planes(inp, n, dtype)
+    raise PatchError(f"{where}: unknown chunk encoding {encoding}; the patch is corrupt or from a newer rlsparse")
+
+
+def order0_bits(changed: int, numel: int, ulp_hist: dict[int, int]) -> float:
+    """The order-0 bound in bits: positions at the measured density plus the entropy of the
+    changes counted in units in the last place (``ulp_hist``: zigzagged difference -> count)."""
+    bits = 0.0
+    if 0 < changed < numel:
+        p = changed / numel
+        bits += numel * (-p * np.log2(p) - (1 - p) * np.log2(1 - p))
+    if ulp_hist:
+        c = np.array(list(ulp_hist.values()), dtype=np.float64)
+        bits += float((c * np.log2(c.sum() / c)).sum())
+    return bits

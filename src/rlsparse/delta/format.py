@@ -1,0 +1,304 @@
+"""The patch file: one safetensors file (no pickle) that describes itself.
+
+Layout (``schema_version`` 1), two ``U8`` tensors:
+
+- ``manifest``: the manifest (:class:`Manifest`) as zstd-compressed JSON: per tensor its dtype,
+  shape, what to do (``delta`` against the base tensor of the same name, ``whole`` for tensors
+  stored in full, ``remove``), the base tensor's dtype/shape/content hash, the result's hash, the
+  number of changed elements, the chunk size, where its code starts in ``data`` and, per chunk,
+  its encoding and coded length; the non-weight files (name, size, hash, where in ``data``).
+- ``data``: every tensor's chunk codes (chunk i covers elements ``[i * chunk_elements,
+  (i + 1) * chunk_elements)``), then every non-weight file (config, tokenizer...), zstd-compressed.
+
+``__metadata__`` holds ``format = "rlsparse.delta"`` and ``schema_version``, so a reader can
+refuse a file that is not a patch, or is newer than it, before reading anything else.
+
+Hashes are xxh3-128 of a tensor's stored bytes (row-major, little-endian), in hex.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlsparse.errors import PatchError
+from rlsparse.io import dtypes
+from rlsparse.io.safetensors_format import MAX_HEADER
+
+FORMAT = "rlsparse.delta"
+SCHEMA_VERSION = 1
+HASH = "xxh3_128"
+
+
+def new_hasher():
+    """The content hash used for base identity and results (streaming ``update``)."""
+    from rlsparse.errors import require
+
+    return require("xxhash", "delta").xxh3_128()
+
+
+@dataclass
+class TensorEntry:
+    """What the patch holds for one tensor of the result (or one to remove)."""
+
+    name: str
+    action: str  # "delta" | "whole" | "remove"
+    dtype: str | None = None
+    shape: list[int] | None = None
+    base_dtype: str | None = None
+    base_shape: list[int] | None = None
+    base_hash: str | None = None
+    hash: str | None = None
+    changed: int = 0
+    chunk_elements: int = 0
+    offset: int = 0  # where its code starts in ``data``
+    chunks: list[list[int]] = field(default_factory=list)  # [encoding, coded bytes]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape or []:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c[1] for c in self.chunks)
+
+
+@dataclass
+class FileEntry:
+    name: str
+    size: int
+    hash: str
+    stored: int
+    offset: int = 0
+
+
+@dataclass
+class Manifest:
+    """The patch's self-description (stored as JSON in the safetensors metadata)."""
+
+    tensors: list[TensorEntry]
+    files: list[FileEntry] = field(default_factory=list)
+    base: dict = field(default_factory=dict)
+    finetuned: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    hash: str = HASH
+    tool: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        try:
+            doc = json.loads(text)
+            version = int(doc.get("schema_version", 0))
+            if version > SCHEMA_VERSION:
+                raise PatchError(
+                    f"{where}: patch schema version {version} is newer than this rlsparse reads ({SCHEMA_VERSION}); "
+                    "upgrade rlsparse to apply it")
+            tensors = [TensorEntry(**t) for t in doc["tensors"]]
+            files = [FileEntry(**f) for f in doc.get("files", [])]
+            rest = {k: doc[k] for k in ("base", "finetuned", "stats", "hash", "tool") if k in doc}
+        except PatchError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PatchError(f"{where}: patch manifest is malformed ({exc}); the patch is corrupt: re-create it") from None
+        if rest.get("hash", HASH) != HASH:
+            raise PatchError(f"{where}: patch uses hash {rest['hash']!r}, expected {HASH!r}; upgrade rlsparse")
+        return cls(tensors=tensors, files=files, schema_version=version, **rest)
+
+
+class PatchWriter:
+    """Collect coded bytes (spooled to disk or memory), then write the safetensors patch.
+
+    The manifest is known only at the end and goes in front of the data, so the data goes to a
+    spool first and is copied behind the header on ``close``; the patch appears at ``path`` only
+    on success (temporary file, then rename). With ``path=None`` the patch is built in memory and
+    ``close`` returns its bytes.
+    """
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path is not None else None
+        if self.path is None:
+            self._spool = io.BytesIO()
+        else:
+            self._spool = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.spool")
+        self.offset = 0
+
+    def write(self, data: bytes) -> None:
+        self._spool.write(data)
+        self.offset += len(data)
+
+    def close(self, manifest: Manifest) -> bytes | None:
+        import zstandard
+
+        packed = zstandard.ZstdCompressor(level=10).compress(manifest.to_json().encode())
+        header = {"__metadata__": {"format": FORMAT, "schema_version": str(SCHEMA_VERSION)},
+                  "manifest": {"dtype": "U8", "shape": [len(packed)], "data_offsets": [0, len(packed)]},
+                  "data": {"dtype": "U8", "shape": [self.offset],
+                           "data_offsets": [len(packed), len(packed) + self.offset]}}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._spool.seek(0)
+        if self.path is None:
+            return struct.pack("<Q", len(raw)) + raw + packed + self._spool.getvalue()
+        from rlsparse.io.atomic import atomic_path
+
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            out.write(packed)
+            while True:
+                block = self._spool.read(16 << 20)
+                if not block:
+                    break
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        self._spool.close()
+        return None
+
+    def abort(self) -> None:
+        self._spool.close()
+
+
+class PatchReader:
+    """Open a patch (file path or bytes) and read its manifest and coded chunks.
+
+    Reads are positioned (``os.pread``), so worker threads may share one reader.
+
+    Example:
+        >>> with PatchReader.open("model.rlpatch") as p:
+        ...     [t.name for t in p.manifest.tensors]
+    """
+
+    def __init__(self, where: str, manifest: Manifest, data_start: int, data_size: int, fd: int | None,
+                 data: memoryview | None):
+        self.where = where
+        self.manifest = manifest
+        self._start = data_start
+        self.size = data_size
+        self._fd = fd
+        self._data = data
+
+    @classmethod
+    def open(cls, source) -> "PatchReader":
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = memoryview(source)
+            return cls._parse("patch bytes", lambda n, at: bytes(data[at:at + n]), len(data), None, data)
+        path = Path(source)
+        if path.is_dir():
+            raise PatchError(f"{path}: is a folder, expected a patch file written by `rlsparse delta pack`")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise PatchError(f"{path}: cannot open the patch ({exc.strerror}); check the path") from None
+        try:
+            return cls._parse(str(path), lambda n, at: os.pread(fd, n, at), os.fstat(fd).st_size, fd, None)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def _parse(cls, where, read, size, fd, data) -> "PatchReader":
+        import zstandard
+
+        head = read(8, 0)
+        if len(head) < 8:
+            raise PatchError(f"{where}: {size} bytes is too short for a patch; the file is truncated: re-create it")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise PatchError(f"{where}: header claims {n} bytes but the patch has {size}; "
+                             "the file is truncated or not a patch: re-create it")
+        try:
+            header = json.loads(read(n, 8).decode("utf-8"))
+            meta = header.get("__metadata__")
+        except (UnicodeDecodeError, ValueError, AttributeError):
+            raise PatchError(f"{where}: not a patch written by `rlsparse delta pack` (no valid header)") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise PatchError(f"{where}: safetensors file is not an rlsparse patch (format "
+                             f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+        try:
+            version = int(meta.get("schema_version", "0"))
+        except ValueError:
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise PatchError(f"{where}: patch schema version {version} is newer than this rlsparse reads "
+                             f"({SCHEMA_VERSION}); upgrade rlsparse to apply it")
+        spans = {}
+        for name in ("manifest", "data"):
+            try:
+                b, e = (int(x) for x in header[name]["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise PatchError(f"{where}: header has no valid {name!r} entry; the patch is corrupt: re-create it") from None
+            if 8 + n + e > size or b > e:
+                raise PatchError(f"{where}: {name!r} ends at byte {8 + n + e} but the patch has {size}; "
+                                 "the file is truncated: re-create it")
+            spans[name] = (8 + n + b, e - b)
+        try:
+            text = zstandard.ZstdDecompressor().decompress(read(spans["manifest"][1], spans["manifest"][0]),
+                                                           max_output_size=MAX_HEADER)
+        except zstandard.ZstdError:
+            raise PatchError(f"{where}: the manifest is corrupt; re-create the patch") from None
+        manifest = Manifest.from_json(text.decode("utf-8", "replace"), where)
+        start, dsize = spans["data"]
+        for t in manifest.tensors:
+            if t.offset < 0 or t.offset + t.nbytes > dsize:
+                raise PatchError(f"{where}: {t.name} needs bytes up to {t.offset + t.nbytes} of the data but it has "
+                                 f"{dsize}; the patch is truncated or corrupt: re-create it")
+            if t.action != "remove" and not dtypes.known(t.dtype or ""):
+                raise PatchError(f"{where}: {t.name} has dtype {t.dtype!r}, which this rlsparse cannot write")
+        return cls(where, manifest, start, dsize, fd, data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of ``data`` from ``offset``."""
+        if size == 0:
+            return b""
+        if self._data is not None:
+            return bytes(self._data[self._start + offset:self._start + offset + size])
+        got = os.pread(self._fd, size, self._start + offset)
+        if len(got) != size:
+            raise PatchError(f"{self.where}: ended while reading; the file is truncated: re-create it")
+        return got
+
+    def chunk_offsets(self, entry: TensorEntry) -> list[int]:
+        """Where each chunk's code starts in ``data``."""
+        out, pos = [], entry.offset
+        for _, size in entry.chunks:
+            out.append(pos)
+            pos += size
+        return out
+
+    def read_file(self, entry: FileEntry) -> bytes:
+        import zstandard
+
+        raw = self.read(entry.offset, entry.stored)
+        try:
+            data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=entry.size)
+        except zstandard.ZstdError:
+            raise PatchError(f"{self.where}: stored file {entry.name} is corrupt; re-create the patch") from None
+        h = new_hasher()
+        h.update(data)
+        if len(data) != entry.size or h.hexdigest() != entry.hash:
+            raise PatchError(f"{self.where}: stored file {entry.name} does not match its hash; re-create the patch")
+        return data
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "PatchReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
