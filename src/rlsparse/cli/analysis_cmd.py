@@ -76,6 +76,8 @@ def add_overlap_parser(sub) -> None:
     p.add_argument("--tolerance", default=None, help="with --from-checkpoints: |new-old| > t is changed "
                                                      "(default: 1e-5, the paper's)")
     p.add_argument("--labels", metavar="LIST", help="comma-separated names for the inputs")
+    p.add_argument("--base", metavar="CHECKPOINT", help="with mask files: the masks' base model; adds the "
+                   "magnitude-stratified random baseline (random within each tensor x bf16-exponent cell)")
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer tables")
     _outputs(p, "PNG: per-type o1/o2 vs random (2 inputs) or the overlap matrix (3+)")
     p.set_defaults(func=run_overlap)
@@ -92,6 +94,8 @@ def run_overlap(args) -> int:
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if args.from_checkpoints and args.masks:
         raise UsageError("give either mask files or --from-checkpoints, not both")
+    if args.base and args.from_checkpoints:
+        raise UsageError("--base applies to mask files; with --from-checkpoints the bases are given already")
     if args.tolerance is not None and not args.from_checkpoints:
         raise UsageError("--tolerance applies to --from-checkpoints; a mask's tolerance was fixed when it was saved")
     if not args.from_checkpoints and len(args.masks) < 2:
@@ -103,11 +107,15 @@ def run_overlap(args) -> int:
         result = overlap_from_checkpoints(*args.from_checkpoints, tolerance=tolerance, labels=labels,
                                           progress=progress)
     else:
-        result = overlap(args.masks, labels=labels, progress=progress)
+        result = overlap(args.masks, labels=labels, progress=progress, base=args.base)
     _finish(args, result, overlap_plot)
     if not args.quiet:
         console = Console()
         overlap_tables(result, console, per_layer=not args.no_layers)
+        if result.stratified is not None:
+            from rlsparse.analysis.nulls import stratified_table
+
+            console.print(stratified_table(result))
         _wrote(console, args)
     return 0
 
