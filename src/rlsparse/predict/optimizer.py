@@ -138,6 +138,8 @@ def from_optimizer(base: str | os.PathLike, checkpoint: str | os.PathLike, *, sc
     """
     if score not in SCORES:
         raise UsageError(f"score {score!r}; expected one of {', '.join(SCORES)}")
+    if horizon is not None and horizon < 1:
+        raise UsageError(f"horizon {horizon}: expected a positive number of steps (the run's length)")
     moments, info = load_moments(checkpoint)
     b1, b2 = info["betas"]
     if horizon is None and score == "adam_drift":

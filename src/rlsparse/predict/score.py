@@ -37,6 +37,14 @@ def prf(hits: float, predicted: float, final: float) -> dict:
     return {"precision": p, "recall": r, "f1": f1}
 
 
+def random_prf(predicted: int, final: int, numel: int) -> dict:
+    """Expected precision, recall and F1 of a uniformly random mask of ``predicted`` elements."""
+    hits = predicted * final / numel if numel else 0.0
+    return {"precision": final / numel if predicted and numel else None,
+            "recall": predicted / numel if final and numel else None,
+            "f1": 2 * hits / (predicted + final) if predicted + final else None}
+
+
 @dataclass
 class Curve:
     """Expected hits of the top-k elements by score, at each density (``k = round(d * n)``)."""
@@ -51,7 +59,7 @@ class Curve:
         out = []
         for d, k, h in zip(self.densities, self.predicted, self.hits):
             out.append({"density": d, "predicted": k, "hits": h, **prf(h, k, self.final),
-                        "random": prf(k * self.final / self.numel if self.numel else 0.0, k, self.final)})
+                        "random": random_prf(k, self.final, self.numel)})
         return out
 
     def at(self, density: float) -> dict:
@@ -138,7 +146,7 @@ class PredictionScore:
     @property
     def random(self) -> dict:
         """Expected precision/recall/F1 of a uniformly random mask of the predicted size."""
-        return prf(self.predicted_ones * self.final_ones / self.numel, self.predicted_ones, self.final_ones)
+        return random_prf(self.predicted_ones, self.final_ones, self.numel)
 
     @property
     def stratified(self) -> dict | None:
