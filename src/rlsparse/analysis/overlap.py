@@ -121,6 +121,7 @@ class OverlapResult:
     source: str = "masks"
     tolerance: float | None = None
     notes: list[str] = field(default_factory=list)
+    stratified: np.ndarray | None = None  # analysis.nulls: expected intersections, magnitude-stratified
 
     def _stats(self, i: int, j: int, names) -> OverlapStats:
         n = a = b = both = 0
@@ -160,7 +161,7 @@ class OverlapResult:
         numel = sum(self.numel.values())
         total = sum(self.counts.values()) if self.counts else np.zeros((len(self.labels),) * 2, np.int64)
         m = self.matrix()
-        return {
+        doc = {
             "schema_version": SCHEMA_VERSION,
             "kind": "overlap",
             "tool": {"name": "rlsparse", "version": __version__},
@@ -180,10 +181,16 @@ class OverlapResult:
             "matrix": {"labels": list(self.labels), "definition": "row i, column j: |I_i ∩ I_j| / |I_i|",
                        "overlap": [[None if np.isnan(x) else float(x) for x in row] for row in m]},
         }
+        if self.stratified is not None:
+            from rlsparse.analysis.nulls import add_stratified
+
+            add_stratified(doc, self.labels, self.stratified)
+        return doc
 
 
 def overlap(masks: Sequence[str | os.PathLike | Mask], labels: Sequence[str] | None = None, *,
-            progress: bool = False, chunk_elements: int = 32 * CHUNK_ELEMENTS) -> OverlapResult:
+            progress: bool = False, chunk_elements: int = 32 * CHUNK_ELEMENTS,
+            base: str | os.PathLike | Checkpoint | None = None) -> OverlapResult:
     """Pairwise overlaps of two or more subnetwork masks, streamed from their packed bytes.
 
     Args:
@@ -191,6 +198,8 @@ def overlap(masks: Sequence[str | os.PathLike | Mask], labels: Sequence[str] | N
         labels: Names for the masks in the result (default: the paths).
         progress: Show a progress bar on stderr.
         chunk_elements: Elements per chunk (memory: chunk_elements / 8 bytes per mask).
+        base: The masks' base checkpoint; adds the magnitude-stratified random baseline
+            (``analysis.nulls``) beside the uniform one.
 
     Returns:
         OverlapResult.
@@ -242,8 +251,13 @@ def overlap(masks: Sequence[str | os.PathLike | Mask], labels: Sequence[str] | N
             s.close()
     tol = {m.meta.tolerance for m in loaded}
     notes = [] if len(tol) <= 1 else [f"the masks were made at different tolerances ({sorted(map(str, tol))})"]
+    stratified = None
+    if base is not None:
+        from rlsparse.analysis.nulls import stratified_intersections
+
+        stratified = stratified_intersections(loaded, base)
     return OverlapResult(labels, numel, counts, source="masks", tolerance=tol.pop() if len(tol) == 1 else None,
-                         notes=notes)
+                         notes=notes, stratified=stratified)
 
 
 class _PackedSource:

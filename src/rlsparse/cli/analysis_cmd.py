@@ -88,6 +88,8 @@ def add_overlap_parser(sub) -> None:
                                                      "(default: 1e-5, the paper's)")
     p.add_argument("--labels", metavar="LIST", help="comma-separated names for the inputs")
     add_ray(p)
+    p.add_argument("--base", metavar="CHECKPOINT", help="with mask files: the masks' base model; adds the "
+                   "magnitude-stratified random baseline (random within each tensor x bf16-exponent cell)")
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer tables")
     _outputs(p, "figure: per-type o1/o2 vs random (2 inputs) or the overlap matrix (3+)")
     p.set_defaults(func=run_overlap)
@@ -113,6 +115,8 @@ def run_overlap(args) -> int:
                          "or more runs (4, 6, 8... paths)")
     if args.ray is not None and not args.from_checkpoints:
         raise UsageError("--ray applies to --from-checkpoints; overlaps of mask files are computed here")
+    if args.base and args.from_checkpoints:
+        raise UsageError("--base applies to mask files; with --from-checkpoints the bases are given already")
     if args.tolerance is not None and not args.from_checkpoints:
         raise UsageError("--tolerance applies to --from-checkpoints; a mask's tolerance was fixed when it was saved")
     if not args.from_checkpoints and len(args.masks) < 2:
@@ -129,11 +133,15 @@ def run_overlap(args) -> int:
         result = overlap_from_checkpoints(*args.from_checkpoints, tolerance=tolerance, labels=labels,
                                           progress=progress, ray=args.ray)
     else:
-        result = overlap(args.masks, labels=labels, progress=progress)
+        result = overlap(args.masks, labels=labels, progress=progress, base=args.base)
     _finish(args, result, overlap_plot)
     if not args.quiet:
         console = Console()
         overlap_tables(result, console, per_layer=not args.no_layers)
+        if result.stratified is not None:
+            from rlsparse.analysis.nulls import stratified_table
+
+            console.print(stratified_table(result))
         _wrote(console, args)
     return 0
 

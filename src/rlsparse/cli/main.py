@@ -41,15 +41,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rlsparse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from rlsparse.cli import analysis_cmd, lab_cmd, train_cmd
+    from rlsparse.cli import analysis_cmd, delta_cmd, lab_cmd, predict_cmd, train_cmd
 
     lab_cmd.add_parser(sub)  # `demo` (the main job) and `lab`
     diff_cmd.add_parser(sub)
     analysis_cmd.add_parsers(sub)
     train_cmd.add_parser(sub)
-    from rlsparse.cli import delta_cmd
-
     delta_cmd.add_parser(sub)
+    predict_cmd.add_parser(sub)
     return parser
 
 

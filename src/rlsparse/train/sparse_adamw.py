@@ -246,3 +246,20 @@ class SparseAdamW(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes held in optimizer state on this rank (moments, positions, step counters)."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def planned_state_bytes(mask: Mask) -> int:
+    """Bytes of fp32 state SparseAdamW will hold for ``mask`` (one rank, no sharding): two moments
+    per masked-in element, the positions in the form ``_positions`` picks, one step counter per tensor.
+
+    Dense ``torch.optim.AdamW`` holds ``8 * numel + 4`` bytes per tensor for comparison.
+
+    Example:
+        >>> planned_state_bytes(mask) / (8 * mask.numel)
+    """
+    total = 0
+    for name in mask.names:
+        keep = mask.get(name).reshape(-1)
+        positions = sum(v.numel() * v.element_size() for v in _positions(keep).values())
+        total += 8 * int(keep.sum()) + 4 + positions
+    return total
