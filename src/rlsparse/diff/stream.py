@@ -228,11 +228,25 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
     slots: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(min(io_depth, len(spans)) + 1):
         slots.put(aligned_empty(slot_bytes))
-    readers = [TensorReader(direct=DIRECT_READS if direct is None else direct) for _ in range(nsrc)]
+    direct = DIRECT_READS if direct is None else direct
+    # Direct reads get no kernel readahead: two reader threads keep two requests in flight.
+    # Buffered reads keep one thread (in-order access per descriptor keeps the readahead).
+    io_threads = 2 if direct else 1
+    local = threading.local()
+    all_readers: list[TensorReader] = []
+    lock = threading.Lock()
+
+    def thread_readers() -> list[TensorReader]:
+        if not hasattr(local, "readers"):
+            local.readers = [TensorReader(direct=direct) for _ in range(nsrc)]
+            with lock:
+                all_readers.extend(local.readers)
+        return local.readers
 
     def load(k: int):
         s = spans[k]
         it = items[s.item]
+        readers = thread_readers()
         buf = slots.get()
         raws: list[np.ndarray] = []
         scales: list[np.ndarray | None] = []
@@ -257,7 +271,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
 
     depth = 2 * workers
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsparse-read") as io_pool, \
+        with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rlsparse-read") as io_pool, \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlsparse-compute") as pool:
             loads = {k: io_pool.submit(load, k) for k in range(min(io_depth, len(spans)))}
             futures = deque(pool.submit(compute, k, loads.pop(k)) for k in range(min(depth, len(spans))))
@@ -275,7 +289,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
                 out.bytes_read += step
                 advance(step)
     finally:
-        for r in readers:
+        for r in all_readers:
             r.close()
     out.seconds = time.perf_counter() - t0
     return out
