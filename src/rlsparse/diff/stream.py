@@ -7,9 +7,11 @@ Engine (this module):
       in each, plus FP8 block scales), made by a plan (``diff.plan``);
     * chunking (``split``): whole rows, a multiple of 8 elements (a chunk packs into whole mask
       bytes), 128-row blocks for FP8 block-scaled tensors, about ``chunk_elements`` per source;
-    * one read-ahead thread that loads the next chunks of all N sources into a fixed buffer pool
-      (each file is read in order through one descriptor, which the kernel's readahead needs);
-      a source that is the same stored tensor as an earlier one (a shared base) is read once;
+    * read-ahead that loads the next chunks of all N sources into a fixed, page-aligned buffer
+      pool: one thread for page-cache reads (each file read in order through one descriptor,
+      which the kernel's readahead needs), two when cold ranges are read with O_DIRECT (no
+      readahead to keep; two requests in flight); a source that is the same stored tensor as an
+      earlier one (a shared base) is read once;
     * ``workers`` threads that call ``kernel.compute`` (numpy releases the GIL);
     * the ordered merge: partial results are folded per item in chunk order with
       ``kernel.merge``; ordered outputs ("pieces", e.g. packed mask bytes) go to ``sink`` in
@@ -218,11 +220,9 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
         return out
     nsrc = max(len(it.infos) for it in items)
     slot_bytes = max(_slot_bytes(items, s) for s in spans)
-    # One reader thread keeps up to ``io_depth`` chunks loaded ahead (on a cold cache the disk
-    # never waits for the kernel) and ``workers`` threads compute. One reader, not several: each
-    # file is then read strictly in order through one descriptor, which the kernel's readahead
-    # needs (readers taking turns look like strided access and lose it). Buffers come from a
-    # fixed pool, so memory stays bounded.
+    # Reader threads keep up to ``io_depth`` chunks loaded ahead (on a cold cache the disk never
+    # waits for the kernel) and ``workers`` threads compute. Buffers come from a fixed pool, so
+    # memory stays bounded.
     workers = max(1, workers)
     io_depth = 4 * workers
     slots: queue.SimpleQueue = queue.SimpleQueue()
