@@ -78,7 +78,9 @@ def test_series_and_overlap_on_ray_equal_local(cluster, runs):
     tmp, base, fts = runs
     s_local = series(base, fts, chunk_elements=256)
     s_ray = series(base, fts, chunk_elements=256, ray="local")
-    assert s_local.to_json() == s_ray.to_json()
+    a, b = s_local.to_json(), s_ray.to_json()
+    assert a.pop("elapsed_s") >= 0 and b.pop("elapsed_s") >= 0
+    assert a == b
     o_local = overlap_from_checkpoints(base, fts[0], base, fts[1], base, fts[2], chunk_elements=256)
     o_ray = overlap_from_checkpoints(base, fts[0], base, fts[1], base, fts[2], chunk_elements=256, ray="local")
     assert o_local.to_json() == o_ray.to_json()
@@ -148,3 +150,21 @@ def test_shard_plan_is_byte_balanced_and_covers_every_span(runs):
     sizes = [sum(stream.span_bytes(items, s) for s in spans[a:b]) for a, b in ranges]
     total = sum(sizes)
     assert len(ranges) == 8 and max(sizes) <= 2 * total / 8
+
+
+def test_cli_ray_flag_matches_local(cluster, runs, capsys):
+    from rlsparse.cli.main import main
+
+    tmp, base, fts = runs
+    assert main(["diff", str(base), str(fts[2]), "--quiet", "--json", str(tmp / "l.json")]) == 0
+    assert main(["diff", str(base), str(fts[2]), "--quiet", "--json", str(tmp / "r.json"), "--ray"]) == 0
+    docs = [json.loads((tmp / f).read_text()) for f in ("l.json", "r.json")]
+    for d in docs:
+        d.pop("elapsed_s")
+    assert docs[0] == docs[1]
+    argv = ["overlap", "--from-checkpoints", str(base), str(fts[0]), str(base), str(fts[1]), str(base), str(fts[2]),
+            "--quiet"]
+    assert main([*argv, "--json", str(tmp / "ol.json")]) == 0
+    assert main([*argv, "--json", str(tmp / "or.json"), "--ray"]) == 0
+    assert (tmp / "ol.json").read_text() == (tmp / "or.json").read_text()
+    assert len(json.loads((tmp / "or.json").read_text())["pairs"]) == 3

@@ -17,6 +17,7 @@ and in total, on stored bits (both sides must share a float dtype):
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -174,6 +175,18 @@ def spacing(raw: np.ndarray, code: str) -> np.ndarray:
     return np.fmin(up, down)
 
 
+@functools.lru_cache(maxsize=None)
+def _spacing_table(code: str) -> np.ndarray:
+    """``spacing`` of every bit pattern of a 1- or 2-byte dtype (a pure function of the pattern)."""
+    return spacing(np.arange(1 << (8 * dtypes.itemsize(code))).astype(dtypes.uint_view(code)), code)
+
+
+@functools.lru_cache(maxsize=None)
+def _spacing_above(code: str, t: float) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return _spacing_table(code) > t  # NaN spacing (non-finite patterns) never counts
+
+
 def precision(base: str | os.PathLike, finetuned: str | os.PathLike, *,
               tolerances: Sequence[float | str] = DEFAULT_TOLERANCES, progress: bool = False,
               chunk_elements: int | None = None) -> PrecisionResult:
@@ -247,11 +260,17 @@ class PrecisionKernel:
         code, cols = chunk.item.infos[0].dtype, chunk.item.cols
         out = np.zeros(7 + len(self.tolerances), dtype=np.int64)
         out[0] = ra.size
-        sp = spacing(ra, code)
-        if sa is not None:
-            sp *= block_scales(sa, ra.size, cols)
-        for j, t in enumerate(self.tolerances):
-            out[7 + j] = np.count_nonzero(sp > t)  # NaN spacing (non-finite base) never counts
+        if sa is None and dtypes.itemsize(code) <= 2:
+            # spacing depends on the bit pattern only: count patterns once, then sum per tolerance
+            patterns = np.bincount(ra, minlength=1 << (8 * dtypes.itemsize(code)))
+            for j, t in enumerate(self.tolerances):
+                out[7 + j] = patterns[_spacing_above(code, t)].sum()
+        else:
+            sp = _spacing_table(code)[ra] if dtypes.itemsize(code) <= 2 else spacing(ra, code)
+            if sa is not None:
+                sp = sp * block_scales(sa, ra.size, cols)
+            for j, t in enumerate(self.tolerances):
+                out[7 + j] = np.count_nonzero(sp > t)  # NaN spacing (non-finite base) never counts
         if (sa is None) != (sb is None):
             same_scale = np.zeros(ra.size, dtype=bool)
         elif sa is None:

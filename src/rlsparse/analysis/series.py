@@ -145,6 +145,8 @@ class SeriesResult:
                              "sparsity": self.consecutive_sparsity[k - 1]} for k in range(1, n)],
             "by_layer": self.by_layer(),
             "by_type": self.by_type(),
+            "bytes_read": self.bytes_read,
+            "elapsed_s": self.elapsed_s,
         }
 
 

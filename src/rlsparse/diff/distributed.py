@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import copy
 import socket
+import time
 from typing import Any, Callable, Sequence
 
 from rlsparse.diff import stream
@@ -90,6 +91,7 @@ def run_on_ray(items: Sequence[stream.Item], kernel, *, address: str = "local", 
                              "give the head's address (host:6379 or ray://host:10001) or 'local'") from None
         started = True
     try:
+        t0 = time.perf_counter()
         spans = stream.split(items, stream.chunk_elements_for(items, chunk_elements))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         ranges = plan_shards(items, spans, shards or SHARDS_PER_CPU * cpus)
@@ -111,6 +113,7 @@ def run_on_ray(items: Sequence[stream.Item], kernel, *, address: str = "local", 
                 for k, piece in pieces:
                     sink(spans[a + k], piece)
             advance(out.bytes_read)
+        merged.seconds = time.perf_counter() - t0  # the driver's wall time, cluster start-up excluded
         return merged
     finally:
         if started:

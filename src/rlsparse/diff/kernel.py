@@ -121,16 +121,17 @@ def block_scales(scale: np.ndarray, n: int, cols: int, idx: np.ndarray | None = 
 
 def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.ndarray,
                   mask_threshold: np.float32 | None = None, scale_a: np.ndarray | None = None,
-                  scale_b: np.ndarray | None = None) -> ChunkResult:
+                  scale_b: np.ndarray | None = None, stats: bool = True) -> ChunkResult:
     """Compare one chunk: counts at every threshold, |delta| histogram, packed mask when asked.
 
     ``a`` and ``b`` are raw bits (unsigned ints of each dtype's width) of the same elements.
-    ``thresholds`` are float32 thresholds from ``float32_threshold``. Pure function of its
+    ``thresholds`` are float32 thresholds from ``float32_threshold``. ``stats=False`` skips the
+    histogram and the NaN/Inf counts (kernels that only need the mask). Pure function of its
     inputs (no shared state), so chunks can be compared on several threads.
     """
     n = a.size
-    nan_a, inf_a = dtypes.nonfinite_counts(a, spec.code_a)
-    nan_b, inf_b = dtypes.nonfinite_counts(b, spec.code_b)
+    nan_a, inf_a = dtypes.nonfinite_counts(a, spec.code_a) if stats else (0, 0)
+    nan_b, inf_b = dtypes.nonfinite_counts(b, spec.code_b) if stats else (0, 0)
     changed = np.zeros(thresholds.size, dtype=np.int64)
 
     def result(nbits, hist, packed):
@@ -184,7 +185,7 @@ def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.
         changed[j] = total - int(np.count_nonzero(le))
         if mask_threshold is not None and thr == mask_threshold:
             unchanged_at_mask = le
-    hist = np.bincount((d.view(np.uint32) & 0x7FFFFFFF) >> 20, minlength=HIST_BINS) if total else None
+    hist = np.bincount((d.view(np.uint32) & 0x7FFFFFFF) >> 20, minlength=HIST_BINS) if total and stats else None
     packed = None
     if mask_threshold is not None:
         if neq_bits is not None:
@@ -216,7 +217,7 @@ def changed_packed(a: np.ndarray, b: np.ndarray, code_a: str, code_b: str, thres
     covering the chunk's rows (``cols``: the matrix's last-dimension size).
     """
     spec = ChunkSpec(code_a, code_b, None, cols)
-    return compare_chunk(a, b, spec, _NO_THRESHOLDS, threshold, scale_a, scale_b).packed
+    return compare_chunk(a, b, spec, _NO_THRESHOLDS, threshold, scale_a, scale_b, stats=False).packed
 
 
 _NO_THRESHOLDS = np.zeros(0, dtype=np.float32)

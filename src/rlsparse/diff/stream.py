@@ -7,9 +7,11 @@ Engine (this module):
       in each, plus FP8 block scales), made by a plan (``diff.plan``);
     * chunking (``split``): whole rows, a multiple of 8 elements (a chunk packs into whole mask
       bytes), 128-row blocks for FP8 block-scaled tensors, about ``chunk_elements`` per source;
-    * one read-ahead thread that loads the next chunks of all N sources into a fixed buffer pool
-      (each file is read in order through one descriptor, which the kernel's readahead needs);
-      a source that is the same stored tensor as an earlier one (a shared base) is read once;
+    * read-ahead that loads the next chunks of all N sources into a fixed, page-aligned buffer
+      pool: one thread for page-cache reads (each file read in order through one descriptor,
+      which the kernel's readahead needs), two when cold ranges are read with O_DIRECT (no
+      readahead to keep; two requests in flight); a source that is the same stored tensor as an
+      earlier one (a shared base) is read once;
     * ``workers`` threads that call ``kernel.compute`` (numpy releases the GIL);
     * the ordered merge: partial results are folded per item in chunk order with
       ``kernel.merge``; ordered outputs ("pieces", e.g. packed mask bytes) go to ``sink`` in
@@ -218,21 +220,33 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
         return out
     nsrc = max(len(it.infos) for it in items)
     slot_bytes = max(_slot_bytes(items, s) for s in spans)
-    # One reader thread keeps up to ``io_depth`` chunks loaded ahead (on a cold cache the disk
-    # never waits for the kernel) and ``workers`` threads compute. One reader, not several: each
-    # file is then read strictly in order through one descriptor, which the kernel's readahead
-    # needs (readers taking turns look like strided access and lose it). Buffers come from a
-    # fixed pool, so memory stays bounded.
+    # Reader threads keep up to ``io_depth`` chunks loaded ahead (on a cold cache the disk never
+    # waits for the kernel) and ``workers`` threads compute. Buffers come from a fixed pool, so
+    # memory stays bounded.
     workers = max(1, workers)
     io_depth = 4 * workers
     slots: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(min(io_depth, len(spans)) + 1):
         slots.put(aligned_empty(slot_bytes))
-    readers = [TensorReader(direct=DIRECT_READS if direct is None else direct) for _ in range(nsrc)]
+    direct = DIRECT_READS if direct is None else direct
+    # Direct reads get no kernel readahead: two reader threads keep two requests in flight.
+    # Buffered reads keep one thread (in-order access per descriptor keeps the readahead).
+    io_threads = 2 if direct else 1
+    local = threading.local()
+    all_readers: list[TensorReader] = []
+    lock = threading.Lock()
+
+    def thread_readers() -> list[TensorReader]:
+        if not hasattr(local, "readers"):
+            local.readers = [TensorReader(direct=direct) for _ in range(nsrc)]
+            with lock:
+                all_readers.extend(local.readers)
+        return local.readers
 
     def load(k: int):
         s = spans[k]
         it = items[s.item]
+        readers = thread_readers()
         buf = slots.get()
         raws: list[np.ndarray] = []
         scales: list[np.ndarray | None] = []
@@ -257,7 +271,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
 
     depth = 2 * workers
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsparse-read") as io_pool, \
+        with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rlsparse-read") as io_pool, \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlsparse-compute") as pool:
             loads = {k: io_pool.submit(load, k) for k in range(min(io_depth, len(spans)))}
             futures = deque(pool.submit(compute, k, loads.pop(k)) for k in range(min(depth, len(spans))))
@@ -275,7 +289,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
                 out.bytes_read += step
                 advance(step)
     finally:
-        for r in readers:
+        for r in all_readers:
             r.close()
     out.seconds = time.perf_counter() - t0
     return out
