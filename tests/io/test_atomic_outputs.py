@@ -176,3 +176,12 @@ def test_signal_mid_write_removes_the_temporary(tmp_path, sig):
     assert "Traceback" not in proc.stderr
     assert "interrupted" in proc.stderr and "no output was written" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_too_long_output_name_is_one_line(tiny_pair, tmp_path, capsys):
+    from rlsparse.cli.main import main
+
+    base, ft = tiny_pair
+    code = main(["diff", str(base), str(ft), "--quiet", "--json", str(tmp_path / ("x" * 300 + ".json"))])
+    err = capsys.readouterr().err
+    assert code == 2 and "too long" in err and err.count("\n") == 1, err

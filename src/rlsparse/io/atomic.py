@@ -55,6 +55,8 @@ def _destination(path: str | os.PathLike) -> Path:
     except FileNotFoundError:
         return p
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise OutputError(f"{path}: the name is too long for this file system; choose a shorter name") from None
         raise OutputError(f"{path}: cannot inspect ({exc.strerror}); choose another path") from None
     if stat.S_ISDIR(mode):
         raise OutputError(f"{path}: is a folder, expected a file path; give a file name")
