@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlsparse.errors import CheckpointError
+from rlsparse.io.atomic import atomic_path
 from rlsparse.lab.recipes import LEARNED_GAIN
 
 REPORT_SCHEMA_VERSION = 1
@@ -508,9 +509,8 @@ def _html(md_items: list[Finding], results: dict) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def render(run_dir: str | os.PathLike) -> tuple[Path, Path]:
