@@ -10,7 +10,18 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from rlsparse import diff  # noqa: E402  (callable package: rlsparse.diff(base, finetuned))
-from rlsparse.masks import Mask, load_mask  # noqa: E402
-
 __all__ = ["Mask", "__version__", "diff", "load_mask"]
+
+
+def __getattr__(name: str):
+    # Loaded on first use: `rlsparse` on the command line imports this package before it can
+    # catch Ctrl-C, so the package itself must cost nothing (numpy and friends load later).
+    if name == "diff":
+        import importlib
+
+        return importlib.import_module("rlsparse.diff")  # a callable package: rlsparse.diff(base, finetuned)
+    if name in ("Mask", "load_mask"):
+        from rlsparse import masks
+
+        return getattr(masks, name)
+    raise AttributeError(f"module 'rlsparse' has no attribute {name!r}")
