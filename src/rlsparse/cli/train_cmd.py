@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--mask_order {opts.mask_order}: expected after_clip or before_clip")
     if opts.mask_weight_decay not in ("mask", "refuse"):
         raise UsageError(f"--mask_weight_decay {opts.mask_weight_decay}: expected mask or refuse")
+    from rlsparse.io.atomic import check_output_folder
+
+    check_output_folder("--output_dir", config.output_dir, [opts.model, opts.mask, opts.dataset])
     out = train(args.algo, config, opts.model, opts.dataset, mask_path=opts.mask, rewards=opts.reward,
                 dataset_split=opts.dataset_split, dataset_config=opts.dataset_config, dtype=opts.dtype,
                 order=opts.mask_order, weight_decay=opts.mask_weight_decay, verify=opts.verify,

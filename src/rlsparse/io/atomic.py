@@ -249,6 +249,18 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None], inputs: Itera
                                  "write outputs outside the input folders")
 
 
+def check_output_folder(label: str, folder: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse, before any work, an output folder (e.g. a training ``--output_dir``) that is an
+    input folder or directly holds an input file (files written there could replace it)."""
+    real = _resolved(folder)
+    for inp in inputs:
+        if inp is None or not os.path.exists(os.path.expanduser(str(inp))):
+            continue
+        r = _resolved(inp)
+        if real == r or (os.path.isfile(r) and os.path.dirname(r) == real):
+            raise UsageError(f"{label} {folder} would write over the input {inp}; choose another output folder")
+
+
 def same_input(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two input paths name the same file or folder (hub ids: the same id)."""
     ea, eb = os.path.expanduser(str(a)), os.path.expanduser(str(b))
