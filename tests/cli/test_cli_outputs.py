@@ -130,3 +130,12 @@ def test_entry_point_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": ":".join(sys.path)}).stdout
     assert out.strip() == "[]"
+
+
+def test_a_report_beside_the_weights_is_allowed(tiny_pair, capsys):
+    base, ft = tiny_pair
+    for _ in range(2):  # twice: the existing report is not an input
+        code, _, err = _run(capsys, "diff", base, ft, "--json", ft / "diff.json", "--quiet")
+        assert code == 0, err
+    code, _, err = _run(capsys, "diff", base, ft, "--json", ft / "config.json", "--quiet")
+    assert code == 2 and "inside the input checkpoint" in err

@@ -243,8 +243,8 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None], inputs: Itera
             if real == inp or (os.path.exists(real) and os.path.samefile(real, inp)):
                 raise UsageError(f"{label} {p} is the input {shown}; writing it would destroy the input: "
                                  "choose another output path")
-            if os.path.isdir(inp) and real.startswith(inp.rstrip(os.sep) + os.sep) and (
-                    os.path.lexists(real) or real.endswith(_CHECKPOINT_SUFFIXES)):
+            if (os.path.isdir(inp) and real.startswith(inp.rstrip(os.sep) + os.sep)
+                    and (real.endswith(_CHECKPOINT_SUFFIXES) or os.path.basename(real) == "config.json")):
                 raise UsageError(f"{label} {p} would overwrite or add weights inside the input checkpoint {shown}; "
                                  "write outputs outside the input folders")
 
