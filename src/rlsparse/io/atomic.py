@@ -49,20 +49,21 @@ def _is_stream(path: str) -> bool:
 
 def _destination(path: str | os.PathLike) -> Path:
     """The path really written: a symlink's target (the link stays); refuses odd file types."""
-    p = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     try:
-        mode = os.stat(p).st_mode
+        mode = os.stat(path).st_mode  # follows links: /dev/stdout may lead to a pipe
     except FileNotFoundError:
-        return p
+        return Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             raise OutputError(f"{path}: the name is too long for this file system; choose a shorter name") from None
         raise OutputError(f"{path}: cannot inspect ({exc.strerror}); choose another path") from None
     if stat.S_ISDIR(mode):
         raise OutputError(f"{path}: is a folder, expected a file path; give a file name")
-    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return Path(path)  # written into by name, never replaced
+    if not stat.S_ISREG(mode):
         raise OutputError(f"{path}: is a block device or socket, not a file; choose a file path")
-    return p
+    return Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
 
 
 def check_writable(path: str | os.PathLike) -> Path:
