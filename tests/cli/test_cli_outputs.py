@@ -139,3 +139,12 @@ def test_a_report_beside_the_weights_is_allowed(tiny_pair, capsys):
         assert code == 0, err
     code, _, err = _run(capsys, "diff", base, ft, "--json", ft / "config.json", "--quiet")
     assert code == 2 and "inside the input checkpoint" in err
+
+
+def test_signal_handlers_are_restored_after_main(capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    main(["diff", "nope-a", "nope-b"])
+    capsys.readouterr()
+    assert signal.getsignal(signal.SIGTERM) is before
