@@ -107,3 +107,44 @@ def test_all_outputs_appear_together(tiny_pair, tmp_path, capsys):
     import json
 
     assert json.loads((tmp_path / "r.json").read_text())["options"]["mask_path"] == str(tmp_path / "m")
+
+
+def test_early_interrupt_is_one_line(capsys, monkeypatch):
+    import rlsparse.cli.main as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "make_parser", interrupted)
+    code = cli.main(["diff", "a", "b"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and err.count("\n") == 1
+
+
+def test_entry_point_import_is_light():
+    # the console script imports rlsparse.cli.main before main() can catch Ctrl-C: keep it tiny
+    import subprocess
+    import sys
+
+    code = "import sys, rlsparse.cli.main; print(sorted(m for m in ('numpy', 'torch', 'rich') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": ":".join(sys.path)}).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_report_beside_the_weights_is_allowed(tiny_pair, capsys):
+    base, ft = tiny_pair
+    for _ in range(2):  # twice: the existing report is not an input
+        code, _, err = _run(capsys, "diff", base, ft, "--json", ft / "diff.json", "--quiet")
+        assert code == 0, err
+    code, _, err = _run(capsys, "diff", base, ft, "--json", ft / "config.json", "--quiet")
+    assert code == 2 and "inside the input checkpoint" in err
+
+
+def test_signal_handlers_are_restored_after_main(capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    main(["diff", "nope-a", "nope-b"])
+    capsys.readouterr()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -176,3 +176,22 @@ def test_signal_mid_write_removes_the_temporary(tmp_path, sig):
     assert "Traceback" not in proc.stderr
     assert "interrupted" in proc.stderr and "no output was written" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_too_long_output_name_is_one_line(tiny_pair, tmp_path, capsys):
+    from rlsparse.cli.main import main
+
+    base, ft = tiny_pair
+    code = main(["diff", str(base), str(ft), "--quiet", "--json", str(tmp_path / ("x" * 300 + ".json"))])
+    err = capsys.readouterr().err
+    assert code == 2 and "too long" in err and err.count("\n") == 1, err
+
+
+def test_json_to_dev_stdout_through_a_pipe(tiny_pair):
+    base, ft = tiny_pair
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "rlsparse", "diff", str(base), str(ft), "--quiet", "--json",
+                           "/dev/stdout"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["schema_version"] == 1
+    assert os.path.islink("/dev/stdout") or stat.S_ISCHR(os.stat("/dev/stdout").st_mode)

@@ -95,3 +95,20 @@ def test_failed_write_leaves_nothing(tmp_path):
             w.write("x", np.zeros(1, np.uint8))
             raise Boom
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("metadata", [
+    {"schema_version": "abc"}, {"schema_version": "-1"}, {"rlsparse": "null"}, {"rlsparse": "[1]"},
+    {"rlsparse": '{"shapes": {"w": "4"}, "counts": {"w": 1}}'},
+    {"rlsparse": '{"shapes": {"w": [4]}, "counts": {"w": "1"}}'},
+    {"rlsparse": '{"shapes": {"w": [4]}, "counts": {}}'},
+    {"rlsparse": '{"shapes": {"w": [4]}, "counts": {"w": 1}, "tolerance": "x"}'},
+    {"rlsparse": "[" * 100_000 + "]" * 100_000},
+])
+def test_malformed_mask_metadata_is_one_line(tmp_path, metadata):
+    good = {"format": "rlsparse.mask", "schema_version": "1",
+            "rlsparse": '{"shapes": {"w": [4]}, "counts": {"w": 1}}'}
+    save_file({"w": torch.tensor([1], dtype=torch.uint8)}, str(tmp_path / "m"), metadata={**good, **metadata})
+    with pytest.raises(MaskError) as err:
+        Mask.load(tmp_path / "m")
+    assert "\n" not in str(err.value)

@@ -176,12 +176,14 @@ def spectral(base: str | os.PathLike, finetuned: str | os.PathLike, *, top_k: in
         for name, info_base, info_ft, reader in walk.items:
             w0 = reader.read_tensor(info_base).to(device=dev, dtype=torch.float32)
             w1 = reader.read_tensor(info_ft).to(device=dev, dtype=torch.float32)
-            if not (bool(torch.isfinite(w0).all()) and bool(torch.isfinite(w1).all())):
+            if w0.numel() == 0:
+                walk.notes.append(f"{name}: empty {list(w0.shape)}; skipped")
+            elif not (bool(torch.isfinite(w0).all()) and bool(torch.isfinite(w1).all())):
                 walk.notes.append(f"{name}: holds NaN/Inf; skipped")
             else:
                 out.append(matrix_spectrum(w0, w1, top_k, name))
             del w0, w1
     if not out:
-        raise UsageError("every selected matrix holds NaN/Inf: nothing to analyse")
+        raise UsageError("every selected matrix is empty or holds NaN/Inf: nothing to analyse")
     return SpectralResult(walk.base.source, walk.finetuned.source, top_k, out, dev, walk.notes,
                           time.perf_counter() - t0)

@@ -95,7 +95,7 @@ def _plot_tolerance(args, tolerances) -> float:
         return float("nan")  # rlsparse.diff names the bad tolerance itself
     if value not in values:
         raise UsageError(f"--plot-tolerance {text} is not among the measured tolerances "
-                         f"{','.join(str(t) for t in measured)}; add it to --tolerances")
+                         f"{','.join(t if isinstance(t, str) else f'{t:g}' for t in measured)}; add it to --tolerances")
     return value
 
 

@@ -65,20 +65,32 @@ def _raise_signalled(signum, frame):
     raise _Signalled(signum)
 
 
-def _install_signal_handlers() -> None:
+def _install_signal_handlers() -> dict:
+    """Unwind SIGTERM and SIGHUP like Ctrl-C; returns the previous handlers."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
         try:
-            signal.signal(sig, _raise_signalled)
-        except (ValueError, OSError):  # not the main thread, or a platform without SIGHUP
+            previous[sig] = signal.signal(sig, _raise_signalled)
+        except (TypeError, ValueError, OSError):  # not the main thread, or a platform without it
             pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     command = "rlsparse"
+    previous: dict = {}
     try:
-        _install_signal_handlers()
+        previous = _install_signal_handlers()
         from rlsparse.errors import RlsparseError
 
         parser = make_parser()
@@ -98,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         name = signal.Signals(signum).name
         print(f"{command}: interrupted ({name}); no output was written", file=sys.stderr)
         return 128 + signum
+    finally:
+        _restore_signal_handlers(previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

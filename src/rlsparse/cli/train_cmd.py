@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--mask_weight_decay {opts.mask_weight_decay}: expected mask or refuse")
     if opts.progress not in ("auto", "bar", "lines", "none"):
         raise UsageError(f"--progress {opts.progress}: expected auto, bar, lines or none")
+    from rlsparse.io.atomic import check_output_folder
+
+    check_output_folder("--output_dir", config.output_dir, [opts.model, opts.mask, opts.dataset])
     out = train(args.algo, config, opts.model, opts.dataset, mask_path=opts.mask, rewards=opts.reward,
                 dataset_split=opts.dataset_split, dataset_config=opts.dataset_config, dtype=opts.dtype,
                 order=opts.mask_order, weight_decay=opts.mask_weight_decay, verify=opts.verify,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlsparse.diff.kernel import FP8_BLOCK
 from rlsparse.errors import MismatchError
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import Checkpoint, TensorInfo
@@ -78,6 +79,55 @@ def _sample(names: list[str], k: int = 5) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
+def _scale_problem(name: str, weight: TensorInfo, scale: TensorInfo | None) -> str | None:
+    """Why an FP8 block scale cannot dequantise its weight (one scale per 128x128 block), or None."""
+    if scale is None:
+        return None
+    if len(weight.shape) != 2:
+        return f"{name}{_SCALE_SUFFIX}: block scales need a 2-D weight, {name} is {list(weight.shape)}"
+    want = [-(-weight.shape[0] // FP8_BLOCK), -(-weight.shape[1] // FP8_BLOCK)]
+    if list(scale.shape) != want or scale.dtype not in dtypes.FLOAT_CODES:
+        return (f"{name}{_SCALE_SUFFIX}: {scale.dtype}{list(scale.shape)} does not fit {name} {list(weight.shape)}: "
+                f"expected [{want[0]}, {want[1]}] floats (one per {FP8_BLOCK}x{FP8_BLOCK} block)")
+    return None
+
+
+def _describe(ck: Checkpoint, count: int) -> str:
+    c = ck.config
+    parts = [str(c.get("model_type") or "unknown type")]
+    layers = c.get("num_hidden_layers", c.get("n_layer"))
+    hidden = c.get("hidden_size", c.get("n_embd"))
+    if layers is not None:
+        parts.append(f"{layers} layers")
+    if hidden is not None:
+        parts.append(f"hidden {hidden}")
+    parts.append(f"{count} tensors")
+    return ", ".join(parts)
+
+
+def _check_same_model(base: Checkpoint, finetuned: Checkpoint, a: dict, b: dict) -> None:
+    """Refuse, before any per-tensor advice, two checkpoints that are plainly different models:
+    another model type in config.json, or most tensor names, or most shapes beyond the first
+    dimension (a resized vocabulary changes only dim 0 of a few tensors), not shared."""
+    type_a, type_b = base.config.get("model_type"), finetuned.config.get("model_type")
+    common = set(a) & set(b)
+    reshaped = [n for n in common if tuple(a[n][1:]) != tuple(b[n][1:]) or len(a[n]) != len(b[n])]
+    fewer = min(len(a), len(b))
+    why = None
+    if type_a and type_b and type_a != type_b:
+        why = "config.json model types differ"
+    elif fewer and len(common) < fewer / 2:
+        why = f"only {len(common)} of {fewer} tensor names are shared"
+    elif common and len(reshaped) > len(common) / 2:
+        why = f"{len(reshaped)} of {len(common)} shared tensors differ in shape beyond their first dimension"
+    if why:
+        raise MismatchError(
+            f"{base.source} vs {finetuned.source}: these look like different models (base: {_describe(base, len(a))}; "
+            f"finetuned: {_describe(finetuned, len(b))}; {why}); compare a finetuned checkpoint with the base it "
+            "was trained from"
+        )
+
+
 def plan(base: Checkpoint, finetuned: Checkpoint, *, allow_missing: bool = False, allow_resize: bool = False,
          compare_dtype: str | None = None) -> Plan:
     """Pair tensors by name (after stripping wrapper prefixes) and validate the pairs."""
@@ -99,6 +149,8 @@ def plan(base: Checkpoint, finetuned: Checkpoint, *, allow_missing: bool = False
 
     scales_a = {n for n in a if _is_scale(n, a)}
     scales_b = {n for n in b if _is_scale(n, b)}
+    _check_same_model(base, finetuned, {n: a[n].shape for n in a if n not in scales_a},
+                      {n: b[n].shape for n in b if n not in scales_b})
     only_a = sorted(set(a) - set(b) - scales_a)
     only_b = sorted(set(b) - set(a) - scales_b)
     problems: list[str] = []
@@ -138,6 +190,10 @@ def plan(base: Checkpoint, finetuned: Checkpoint, *, allow_missing: bool = False
             dtype_diff.append(f"{name} ({ia.dtype} vs {ib.dtype})")
         sa = a.get(name + _SCALE_SUFFIX) if name + _SCALE_SUFFIX in scales_a else None
         sb = b.get(name + _SCALE_SUFFIX) if name + _SCALE_SUFFIX in scales_b else None
+        bad_scale = _scale_problem(name, ia, sa) or _scale_problem(name, ib, sb)
+        if bad_scale:
+            problems.append(bad_scale)
+            continue
         pairs.append(Pair(name, ia, ib, sa, sb, rows, note))
     if shape_bad:
         hint = "; pass allow_resize=True to compare the common rows" if not allow_resize else ""

@@ -49,18 +49,21 @@ def _is_stream(path: str) -> bool:
 
 def _destination(path: str | os.PathLike) -> Path:
     """The path really written: a symlink's target (the link stays); refuses odd file types."""
-    p = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     try:
-        mode = os.stat(p).st_mode
+        mode = os.stat(path).st_mode  # follows links: /dev/stdout may lead to a pipe
     except FileNotFoundError:
-        return p
+        return Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise OutputError(f"{path}: the name is too long for this file system; choose a shorter name") from None
         raise OutputError(f"{path}: cannot inspect ({exc.strerror}); choose another path") from None
     if stat.S_ISDIR(mode):
         raise OutputError(f"{path}: is a folder, expected a file path; give a file name")
-    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return Path(path)  # written into by name, never replaced
+    if not stat.S_ISREG(mode):
         raise OutputError(f"{path}: is a block device or socket, not a file; choose a file path")
-    return p
+    return Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
 
 
 def check_writable(path: str | os.PathLike, *, folder_output: bool = False) -> Path:
@@ -258,10 +261,22 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None], inputs: Itera
             if real == inp or (os.path.exists(real) and os.path.samefile(real, inp)):
                 raise UsageError(f"{label} {p} is the input {shown}; writing it would destroy the input: "
                                  "choose another output path")
-            if os.path.isdir(inp) and real.startswith(inp.rstrip(os.sep) + os.sep) and (
-                    os.path.lexists(real) or real.endswith(_CHECKPOINT_SUFFIXES)):
+            if (os.path.isdir(inp) and real.startswith(inp.rstrip(os.sep) + os.sep)
+                    and (real.endswith(_CHECKPOINT_SUFFIXES) or os.path.basename(real) == "config.json")):
                 raise UsageError(f"{label} {p} would overwrite or add weights inside the input checkpoint {shown}; "
                                  "write outputs outside the input folders")
+
+
+def check_output_folder(label: str, folder: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse, before any work, an output folder (e.g. a training ``--output_dir``) that is an
+    input folder or directly holds an input file (files written there could replace it)."""
+    real = _resolved(folder)
+    for inp in inputs:
+        if inp is None or not os.path.exists(os.path.expanduser(str(inp))):
+            continue
+        r = _resolved(inp)
+        if real == r or (os.path.isfile(r) and os.path.dirname(r) == real):
+            raise UsageError(f"{label} {folder} would write over the input {inp}; choose another output folder")
 
 
 def same_input(a: str | os.PathLike, b: str | os.PathLike) -> bool:

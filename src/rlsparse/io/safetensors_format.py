@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,61 +31,126 @@ class RawEntry:
     nbytes: int
 
 
-def read_header(path: Path) -> tuple[dict[str, RawEntry], dict[str, str]]:
-    """Parse and validate a safetensors header; returns (entries by name, metadata)."""
+_USIZE = 2**64  # safetensors counts in Rust usize: every dimension and product must stay below
+
+
+def _header_error(path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; the file is corrupt or not safetensors: re-download or re-save it")
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"name {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """Open ``path`` for reading, refusing anything but a regular file (a FIFO would block forever)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"{path}: file is {size} bytes, too short for a safetensors header; "
-                    "expected 8 length bytes then JSON; the file is truncated or not safetensors"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: header claims {n} bytes but the file has {size}; "
-                    "the file is truncated or not safetensors: re-download or re-save it"
-                )
-            raw = f.read(n)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: is not a regular file (a FIFO, device or socket); expected a weights file")
+    return fd
+
+
+def read_header(path: Path) -> tuple[dict[str, RawEntry], dict[str, str]]:
+    """Parse and validate a safetensors header; returns (entries by name, metadata).
+
+    At least as strict as the safetensors library: every entry is an object with a known
+    ``dtype``, a ``shape`` of non-negative integers and two ``data_offsets`` that match them;
+    sorted by offset, the entries tile the data buffer exactly (no overlap, no gap, nothing
+    after); names are unique; ``__metadata__`` maps strings to strings.
+    """
+    fd = open_regular(path)
     try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(
+                f"{path}: file is {size} bytes, too short for a safetensors header; "
+                "expected 8 length bytes then JSON; the file is truncated or not safetensors"
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            # the number is not shown: for a file that is not safetensors it is 8 bytes of its content
+            raise CheckpointError(
+                f"{path}: its first 8 bytes do not give a header length that fits the file ({size} bytes); "
+                "the file is truncated or not safetensors: re-download or re-save it"
+            )
+        raw = os.pread(fd, n, 8)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from None
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise _header_error(path, "safetensors header nests too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt: re-download or re-save it"
-        ) from None
-    meta = header.pop("__metadata__", None) or {}
+        raise _header_error(path, f"safetensors header is not valid JSON ({str(exc)[:120]})") from None
+    if not isinstance(header, dict):
+        raise _header_error(path, f"safetensors header is a JSON {type(header).__name__}, expected an object")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _header_error(path, "__metadata__ is not an object of strings")
     data_start = 8 + n
     entries: dict[str, RawEntry] = {}
+    spans = []
     for name, spec in header.items():
-        try:
-            code = spec["dtype"]
-            shape = tuple(int(s) for s in spec["shape"])
-            begin, end = (int(x) for x in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: header entry {name!r} is malformed; the file is corrupt") from None
-        if not dtypes.known(code):
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}, which rlsparse cannot read")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * dtypes.itemsize(code) or begin < 0:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} spans {end - begin} bytes but {code}{list(shape)} needs "
-                f"{numel * dtypes.itemsize(code)}; the file is corrupt"
-            )
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size}; "
-                "the file is truncated: re-download or re-save it"
-            )
-        entries[name] = RawEntry(name, code, shape, data_start + begin, end - begin)
-    return entries, {str(k): str(v) for k, v in meta.items()}
+        entry = _entry(path, name, spec, data_start)
+        entries[name] = entry
+        spans.append((entry.offset - data_start, entry.offset - data_start + entry.nbytes, name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else f"leaves a gap of {begin - end} bytes before it"
+            raise _header_error(path, f"tensor {name!r} starts at data byte {begin}: it {what}")
+        end = stop
+    if data_start + end != size:
+        where = "is truncated" if data_start + end > size else f"has {size - data_start - end} bytes after the last tensor"
+        raise CheckpointError(
+            f"{path}: the tensors end at byte {data_start + end} but the file has {size}: it {where}; "
+            "re-download or re-save it"
+        )
+    return entries, meta
+
+
+def _entry(path, name: str, spec, data_start: int) -> RawEntry:
+    if not isinstance(spec, dict):
+        raise _header_error(path, f"header entry {name!r} is a JSON {type(spec).__name__}, expected an object")
+    code, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if not isinstance(code, str):
+        raise _header_error(path, f"tensor {name!r} has dtype {code!r}, expected a string such as \"BF16\"")
+    if not isinstance(shape, list) or not all(_is_int(s) and 0 <= s < _USIZE for s in shape):
+        raise _header_error(path, f"tensor {name!r} has shape {str(shape)[:80]}, expected a list of integers >= 0")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and 0 <= x < _USIZE for x in offsets)
+            or offsets[0] > offsets[1]):
+        raise _header_error(path, f"tensor {name!r} has data_offsets {str(offsets)[:80]}, expected [begin, end] "
+                                  "with 0 <= begin <= end")
+    if not dtypes.known(code):
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}, which rlsparse cannot read")
+    numel = 1
+    for s in shape:
+        numel *= s
+        if numel >= _USIZE:
+            raise _header_error(path, f"tensor {name!r} has shape {shape}, whose element count overflows")
+    begin, end = offsets
+    need = numel * dtypes.itemsize(code)
+    if end - begin != need:
+        raise _header_error(path, f"tensor {name!r} spans {end - begin} bytes but {code}{shape} needs {need}")
+    return RawEntry(name, code, tuple(shape), data_start + begin, end - begin)
 
 
 class StreamingSafetensorsWriter:

@@ -59,9 +59,24 @@ class MaskMeta:
 
     @classmethod
     def from_json(cls, text: str) -> "MaskMeta":
+        """Parse and type-check the metadata document; ValueError names what is wrong."""
         doc = json.loads(text)
+        if not isinstance(doc, dict):
+            raise ValueError(f"metadata is a JSON {type(doc).__name__}, expected an object")
+        shapes, counts = doc.get("shapes"), doc.get("counts")
+        if not isinstance(shapes, dict) or not all(
+                isinstance(s, list) and all(_is_count(d) for d in s) for s in shapes.values()):
+            raise ValueError("'shapes' must map tensor names to lists of integers >= 0")
+        if not isinstance(counts, dict) or set(counts) != set(shapes) or not all(_is_count(c) for c in counts.values()):
+            raise ValueError("'counts' must map every tensor of 'shapes' to an integer >= 0")
+        if doc.get("tolerance") is not None and not isinstance(doc["tolerance"], (int, float)):
+            raise ValueError("'tolerance' must be a number")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _numel(shape) -> int:
@@ -119,15 +134,19 @@ class Mask:
                 f"{p}: safetensors file without rlsparse mask metadata (format={metadata.get('format')!r}); "
                 "expected a file written by `rlsparse diff --save-mask`"
             )
-        version = int(metadata.get("schema_version", "0"))
-        if version < 1 or version > SCHEMA_VERSION:
+        text = metadata.get("schema_version", "0")
+        version = int(text) if text.isdigit() else None
+        if version is None or version < 1 or version > SCHEMA_VERSION:
             raise MaskError(
-                f"{p}: mask schema_version {version}, this rlsparse reads 1..{SCHEMA_VERSION}; upgrade rlsparse"
+                f"{p}: mask schema_version {text}, this rlsparse reads 1..{SCHEMA_VERSION}; "
+                "upgrade rlsparse, or re-create the mask if the file was altered"
             )
         try:
             meta = MaskMeta.from_json(metadata["rlsparse"])
+        except RecursionError:
+            raise MaskError(f"{p}: mask metadata is corrupt (nested too deeply); re-create the mask") from None
         except (KeyError, ValueError, TypeError) as exc:
-            raise MaskError(f"{p}: mask metadata is corrupt ({exc}); re-create the mask") from None
+            raise MaskError(f"{p}: mask metadata is corrupt ({str(exc)[:160]}); re-create the mask") from None
         for name, shape in meta.shapes.items():
             e = entries.get(name)
             if e is None or e.dtype != "U8" or e.shape != ((_numel(shape) + 7) // 8,):
