@@ -3,7 +3,7 @@
 A block is run when the line before its opening fence is ``<!-- readme-test -->``; in it, every
 line starting with ``$ `` is a command (a trailing backslash continues it on the next line) and
 the other lines are the output shown. The commands run in one temporary folder with a private
-lab cache and home, with tiny settings: ``rlsparse demo`` gets ``--smoke`` (two steps per run).
+lab cache and home, with tiny settings: ``rlsparse demo`` gets ``--smoke`` (six steps per run).
 Each must exit 0, and the ``wrote ...`` / ``report: ...`` lines the README shows must be printed.
 To check a new README section, put the marker above its block.
 """
@@ -95,3 +95,15 @@ def test_readme_commands_run_in_order(tmp_path):
             for line in shown:
                 if re.match(r"(wrote \w+|report|markdown): ", line):
                     assert line.strip() in [p.strip() for p in printed], f"{run}: expected {line!r} in its output"
+
+
+def test_setup_is_two_commands_and_ci_runs_the_test_one():
+    text = (ROOT / "README.md").read_text()
+    setup = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
+    assert commands[0].endswith("pip install torch==2.13.0 && pip install -e '.[dev]' && rlsparse demo")
+    assert commands[1].endswith("pip install torch==2.13.0 && pip install -e '.[dev]' && python -m pytest -q")
+    assert "--index-url https://download.pytorch.org/whl/cpu" in setup
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    test_command = commands[1].rsplit("&& ", 1)[1]
+    assert test_command in ci

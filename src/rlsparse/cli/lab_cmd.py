@@ -77,7 +77,7 @@ def add_demo_parser(sub) -> None:
                       help="start from this HF causal LM folder instead of the tiny base (default: the tiny base)")
     demo.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
     demo.add_argument("--smoke", action="store_true",
-                      help="two steps per run: checks every stage in seconds once the base is cached "
+                      help="six steps per run: checks every stage in about a minute once the base is cached "
                            "(the numbers mean nothing)")
     demo.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                      help="progress within each training run: auto = a bar on a terminal, else a line with "

@@ -17,7 +17,7 @@ from rlsparse.lab.recipes import load_recipe
 from rlsparse.lab.runner import DEMO_RECIPES, LabOptions, run_lab
 
 # --smoke: every stage of the demo in seconds (the README test runs it); the numbers mean nothing.
-SMOKE = {"steps": 2, "n_train": 32, "batch_size": 8, "samples_per_prompt": 4}
+SMOKE = {"steps": 6, "n_train": 48, "batch_size": 8, "samples_per_prompt": 4}
 SMOKE_N_TEST = 40
 
 
@@ -34,7 +34,7 @@ def demo(out: str | Path | None = None, device: str = "cpu", cache_dir: str | No
         log: Progress printer.
         progress: Progress within each training run (``--progress`` mode).
         resume: Continue the demo run already in ``out`` (otherwise an existing run is refused).
-        smoke: Two steps per run and 40 held-out problems: checks that every stage runs, in
+        smoke: Six steps per run and 40 held-out problems: checks that every stage runs, in
             seconds once the base is cached; its numbers mean nothing.
 
     Returns:
