@@ -68,3 +68,15 @@ def test_overlap_given_a_model_folder_says_so(run, tmp_path, capsys):
     assert main(["overlap", str(out / "checkpoint-2"), str(out / "checkpoint-10")]) == 2
     err = capsys.readouterr().err
     assert "is a folder (a model checkpoint)" in err and "--from-checkpoints" in err and "no such mask" not in err
+
+
+def test_series_cli_on_a_training_folder_with_final_weights(run, tmp_path, capsys):
+    base, out = run
+    import shutil
+
+    for f in (out / "checkpoint-10").iterdir():  # the trainer's final save beside its checkpoints
+        shutil.copy(f, out / f.name)
+    doc = tmp_path / "s.json"
+    assert main(["series", str(base), str(out), "--json", str(doc)]) == 0, capsys.readouterr().err
+    got = [(c["path"], c["step"]) for c in json.loads(doc.read_text())["checkpoints"]]
+    assert got == [(str(out / "checkpoint-2"), 2), (str(out / "checkpoint-10"), 10), (str(out), None)]

@@ -170,10 +170,10 @@ def run_series(args) -> int:
 
     progress = _start(args, [args.base, *args.checkpoints])
     notes: list[str] = []
-    checkpoints = expand_checkpoints(args.checkpoints, notes=notes)
+    expand_checkpoints(args.checkpoints, notes=notes)  # refuses bad inputs now; series() orders the same way
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    result = series(args.base, checkpoints, tolerance=args.tolerance, progress=progress, ray=args.ray)
+    result = series(args.base, args.checkpoints, tolerance=args.tolerance, progress=progress, ray=args.ray)
     _finish(args, result, series_plot)
     if not args.quiet:
         console = Console()

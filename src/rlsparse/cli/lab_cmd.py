@@ -76,6 +76,9 @@ def add_demo_parser(sub) -> None:
     demo.add_argument("--model", metavar="PATH", default=None,
                       help="start from this HF causal LM folder instead of the tiny base (default: the tiny base)")
     demo.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
+    demo.add_argument("--smoke", action="store_true",
+                      help="six steps per run: checks every stage in about a minute once the base is cached "
+                           "(the numbers mean nothing)")
     demo.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                      help="progress within each training run: auto = a bar on a terminal, else a line with "
                           "steps/s and ETA every ~10 s (default: %(default)s)")
@@ -143,6 +146,6 @@ def _demo(args: argparse.Namespace) -> int:
     from rlsparse.lab.demo import demo
 
     report = demo(out=args.out, device=args.device, cache_dir=args.cache_dir, model=args.model, resume=args.resume,
-                  progress=args.progress)
+                  progress=args.progress, smoke=args.smoke)
     print(f"report: {report}")
     return 0

@@ -343,111 +343,181 @@ def findings(results: dict) -> list[Finding]:
             _dynamics_finding(results), _precision_finding(results)]
 
 
-class _FigureFactory:
-    """``subplots`` as pyplot spells it, on a standalone ``matplotlib.figure.Figure`` (Agg canvas)."""
-
-    @staticmethod
-    def subplots(*args, figsize=None, **kwargs):
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=figsize)
-        return fig, fig.subplots(*args, **kwargs)
+# Figures are drawn at the width the HTML page shows them (620 px at 90 dpi), so that 8-9 pt text
+# stays 10-11 px on screen; multi-panel figures grow downwards, never wider.
+FIG_WIDTH_IN = 6.9
+FIG_DPI = 90
+_FONTS = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8,
+          "legend.fontsize": 8, "legend.title_fontsize": 8}
 
 
 def _plot(f: Finding, results: dict, figdir: Path) -> None:
-    plt = _FigureFactory()  # Figure objects, no pyplot: no global backend switch, nothing to close
+    fig = _figure(f, results)
+    if fig is None:
+        return
+    with atomic_path(figdir / f.figure, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=FIG_DPI, format="png")
+
+
+def _grid(n: int, ncols: int, row_height: float, extra: float = 0.8):
+    """A constrained-layout figure of ``n`` panels, ``ncols`` a row, at the report's width."""
+    from matplotlib.figure import Figure
+
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(FIG_WIDTH_IN, row_height * nrows + extra), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def _legend_below(fig, ncol: int = 3, **kwargs) -> None:
+    """One legend for the figure, under the panels: it never covers data."""
+    fig.legend(loc="outside lower center", ncol=ncol, frameon=False, **kwargs)
+
+
+def _colour(i: int, n: int):
+    """Distinct colours for up to 20 lines (tab10, then tab20), a colormap beyond."""
+    import matplotlib
+
+    if n <= 10:
+        return matplotlib.colormaps["tab10"](i)
+    if n <= 20:
+        return matplotlib.colormaps["tab20"](i)
+    return matplotlib.colormaps["turbo"](i / (n - 1))
+
+
+def _split_run(label: str) -> tuple[str, str]:
+    name, _, lr = label.rpartition(" lr ")
+    return (name, lr) if name else (label, "")
+
+
+def _figure(f: Finding, results: dict):
+    """The matplotlib Figure for a finding (None when it has none)."""
+    import matplotlib
 
     if f.figure is None:
-        return
-    path = figdir / f.figure
+        return None
+    with matplotlib.rc_context(_FONTS):
+        return _draw(f, results)
+
+
+def _draw(f: Finding, results: dict):
+    import matplotlib
+    from matplotlib.lines import Line2D
+
+    from rlsparse.io.naming import type_sort_key
+
     if f.key == "sparsity_sft_vs_rl":
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for name, pts in f.data["curves"].items():
+        fig, axes = _grid(2, 2, 3.0, extra=1.3)
+        for i, (name, pts) in enumerate(f.data["curves"].items()):
             algo = results["recipes"][name]["recipe"]["algorithm"]
             style = "-" if algo in RL else "--"
             marker = "o" if f.data["in_distribution"].get(name) else "x"
             lrs = [p["lr"] for p in pts]
-            axes[0].plot(lrs, [100 * p["sparsity"] for p in pts], style, marker=marker, label=name)
-            axes[1].plot(lrs, [100 * (p["gain"] or 0) for p in pts], style, marker=marker, label=name)
+            color = _colour(i, len(f.data["curves"]))
+            axes[0].plot(lrs, [100 * p["sparsity"] for p in pts], style, marker=marker, color=color, label=name)
+            axes[1].plot(lrs, [100 * (p["gain"] or 0) for p in pts], style, marker=marker, color=color)
         for ax, ylabel in zip(axes, ("update sparsity at 1e-5 (%)", "held-out accuracy gain (points)")):
             ax.set_xscale("log")
             ax.set_xlabel("learning rate")
             ax.set_ylabel(ylabel)
         axes[0].axhspan(68.5, 96.0, color="tab:green", alpha=0.12, label="paper RL range")
         axes[0].axhspan(6, 15, color="tab:red", alpha=0.12, label="paper SFT range")
-        axes[0].legend(fontsize=7)
-    elif f.key == "tolerance":
-        fig, ax = plt.subplots(figsize=(6, 4))
+        _legend_below(fig, ncol=3, title="RL solid, SFT dashed; o in-distribution, x not")
+        return fig
+    if f.key == "tolerance":
+        # Small multiples: one panel per recipe, one line per learning rate (colour = learning rate,
+        # the same in every panel), instead of every run on one crowded axis.
         labels = f.data["labels"]
-        for name, s in f.data["rows"].items():
-            ax.plot(labels, [100 * s[t] for t in labels], marker="o", label=name)
-        ax.set_xlabel("tolerance")
-        ax.set_ylabel("sparsity (%)")
-        ax.legend(fontsize=6)
-    elif f.key == "rank":
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        runs: dict[str, list[tuple[str, dict]]] = {}
+        for label, s in f.data["rows"].items():
+            name, lr = _split_run(label)
+            runs.setdefault(name, []).append((lr, s))
+        lrs = sorted({lr for rs in runs.values() for lr, _ in rs}, key=lambda x: float(x) if x else 0.0)
+        cmap = matplotlib.colormaps["viridis"]
+        colour = {lr: cmap(i / max(1, len(lrs) - 1) * 0.9) for i, lr in enumerate(lrs)}
+        fig, axes = _grid(len(runs), 3, 1.7, extra=0.9)
+        for ax, (name, rs) in zip(axes, runs.items()):
+            for lr, s in rs:
+                ax.plot(range(len(labels)), [100 * s[t] for t in labels], marker="o", ms=3, color=colour[lr])
+            ax.set_title(name)
+            ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+        for ax in axes[::3]:
+            ax.set_ylabel("sparsity (%)")
+        handles = [Line2D([], [], color=colour[lr], marker="o", ms=3, label=f"lr {lr}") for lr in lrs]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), frameon=False,
+                   title="tolerance on the x axis; colour = learning rate")
+        return fig
+    if f.key == "rank":
         names = list(f.data["ranks"])
+        fig, (ax,) = _grid(1, 1, 0.25 * len(names) + 1.2)
         ax.barh(names, [100 * f.data["ranks"][n] for n in names])
         ax.axvline(99.2, color="k", ls=":", label="paper 99.2-99.8%")
         ax.set_xlabel("mean update rank (% of full)")
-        ax.legend(fontsize=7)
-    elif f.key == "layers":
+        _legend_below(fig, ncol=1)
+        return fig
+    if f.key == "layers":
         grids = f.data["grids"]
-        fig, axes = plt.subplots(1, len(grids), figsize=(5 * len(grids), 4), squeeze=False)
-        for ax, (name, cells) in zip(axes[0], grids.items()):
-            layers = sorted({k.split("|")[0] for k in cells if k.split("|")[0] != "None"}, key=int)
-            types = sorted({k.split("|")[1] for k in cells if k.split("|")[0] != "None"})
-            grid = [[100 * cells.get(f"{l}|{t}", float("nan")) for t in types] for l in layers]
+        fig, axes = _grid(len(grids), 2, 3.0, extra=0.4)
+        for ax, (name, cells) in zip(axes, grids.items()):
+            inside = [k.split("|") for k in cells if k.split("|")[0] != "None"]
+            layers = sorted({layer for layer, _ in inside}, key=int)
+            types = sorted({t for _, t in inside}, key=type_sort_key)  # model order: q k v o gate up down norm
+            grid = [[100 * cells.get(f"{layer}|{t}", float("nan")) for t in types] for layer in layers]
             im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
-            ax.set_xticks(range(len(types)), types, rotation=60, fontsize=7)
+            ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
             ax.set_yticks(range(len(layers)), layers)
             ax.set_ylabel("layer")
-            ax.set_title(name, fontsize=9)
-            fig.colorbar(im, ax=ax, label="sparsity at 1e-5 (%)")
-    elif f.key == "kl_clip":
-        fig, ax = plt.subplots(figsize=(6, 4))
+            ax.set_title(name)
+        fig.colorbar(im, ax=axes, label="sparsity at 1e-5 (%)", shrink=0.9)
+        return fig
+    if f.key == "kl_clip":
+        fig, (ax,) = _grid(1, 1, 3.2, extra=0.8)
         for name, v in f.data["variants"].items():
             ax.plot([c["lr"] for c in v["curve"]], [100 * c["sparsity"] for c in v["curve"]], marker="o",
                     label=f"{name} (KL {'on' if v['kl'] else 'off'}, clip {'on' if v['clip'] else 'off'})")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("sparsity at 1e-5 (%)")
-        ax.legend(fontsize=7)
-    elif f.key == "conjecture":
+        _legend_below(fig, ncol=2)
+        return fig
+    if f.key == "conjecture":
         conj = {n: c for n, c in results["conjecture"].items() if not c.get("skipped")}
-        fig, axes = plt.subplots(1, len(conj), figsize=(5 * len(conj), 3.5), squeeze=False)
-        for ax, (name, c) in zip(axes[0], conj.items()):
+        fig, axes = _grid(len(conj), 2, 2.6, extra=0.6)
+        for ax, (name, c) in zip(axes, conj.items()):
             for which, style in (("full", "-"), ("sub", "--")):
                 pts = c["loss"][which]
-                ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], style, label=f"theta_{which}")
-            ax.set_title(f"{name} lr {c['learning_rate']:g}", fontsize=9)
+                ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], style, color="C0" if which == "full" else "C1",
+                        label=f"theta_{which}" if ax is axes[0] else None)
+            ax.set_title(f"{name} lr {c['learning_rate']:g}")
             ax.set_xlabel("step")
             ax.set_ylabel("training loss")
-            ax.legend(fontsize=7)
-    elif f.key == "dynamics":
-        fig, ax = plt.subplots(figsize=(6, 4))
+        _legend_below(fig, ncol=2)
+        return fig
+    if f.key == "dynamics":
+        fig, (ax,) = _grid(1, 1, 3.4, extra=1.0)
         for i, (name, tr) in enumerate(f.data["curves"].items()):
-            color = f"C{i % 10}"
-            ax.plot([t["step"] for t in tr], [100 * t["bf16"] for t in tr], "-o", color=color, label=name)
+            color = _colour(i, len(f.data["curves"]))
+            ax.plot([t["step"] for t in tr], [100 * t["bf16"] for t in tr], "-o", ms=3, color=color, label=name)
             ax.plot([t["step"] for t in tr], [100 * t["fp32"] for t in tr], ":", color=color)
         ax.set_xlabel("step")
-        ax.set_ylabel("sparsity (%): bf16 solid, fp32 dotted")
-        ax.legend(fontsize=7)
-    elif f.key == "precision":
-        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.set_ylabel("sparsity (%)")
+        _legend_below(fig, ncol=3, title="bf16 checkpoint solid, fp32 master weights dotted")
+        return fig
+    if f.key == "precision":
+        fig, (ax,) = _grid(1, 1, 3.4, extra=1.2)
         for i, (name, rs) in enumerate(f.data["rows"].items()):
-            color = f"C{i % 10}"
-            ax.plot([r["lr"] for r in rs], [100 * r["bf16"] for r in rs], "-o", color=color, label=f"{name} bf16")
+            color = _colour(i, len(f.data["rows"]))
+            ax.plot([r["lr"] for r in rs], [100 * r["bf16"] for r in rs], "-o", ms=3, color=color, label=name)
             ax.plot([r["lr"] for r in rs], [100 * r["fp32"] for r in rs], ":x", color=color)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
-        ax.set_ylabel("sparsity (%): bf16 solid, fp32 dotted")
-        ax.legend(fontsize=6)
-    else:  # pragma: no cover
-        return
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        ax.set_ylabel("sparsity (%)")
+        _legend_below(fig, ncol=3, title="bf16 checkpoint solid, fp32 master weights dotted")
+        return fig
+    return None  # pragma: no cover
 
 
 def _precision_text(run: dict) -> str:

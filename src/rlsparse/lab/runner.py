@@ -5,6 +5,7 @@ Conjecture 1 subnetwork rerun.
 Run folder layout::
 
     RUN_DIR/run.json                       what was run: recipes, seeds, base, precision, versions
+    RUN_DIR/base                           link to the model every run started from (the cached tiny base)
     RUN_DIR/results.json                   every measurement (the report reads only this)
     RUN_DIR/runs/<recipe>/lr-<lr>/         HF checkpoint of one finetune (+ metrics.json)
     RUN_DIR/conjecture/<recipe>/{full,sub} the two Conjecture 1 models (full = link to the sweep run)
@@ -442,6 +443,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         acc = ", ".join(f"{k} {v:.1%}" for k, v in (meta.get("test_accuracy") or {}).items())
         log(f"base: {run.base_path} ({meta.get('num_parameters')} parameters, {meta.get('steps_trained')} steps, "
             f"held-out accuracy {acc})")
+    _link_base(out, run.base_path)
     run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base": str(run.base_path),
                 "base_metadata": base_metadata(run.base_path), "device": opts.device, "quick": opts.quick,
@@ -470,6 +472,17 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         html, _ = render(out)
         log(f"report: {html}")
     return out
+
+
+def _link_base(out: Path, base: Path) -> None:
+    """``RUN_DIR/base`` points at the model every run started from, so commands can name it."""
+    link = out / "base"
+    if link.is_symlink() or link.exists():
+        return
+    try:
+        link.symlink_to(Path(base).resolve(), target_is_directory=True)
+    except OSError:  # a file system without symlinks: run.json still names the base
+        pass
 
 
 def _require_lab_extras() -> None:

@@ -12,7 +12,8 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-_LABEL_MIN_WIDTH = 12
+_LABEL_MIN_WIDTH = 12  # below this, the outer borders go
+_LABEL_WIDTH = 24  # labels up to this long stay on one line; numeric headers wrap first
 
 
 def fit(table: Table, width: int = 80) -> Table:
@@ -34,7 +35,7 @@ def fit(table: Table, width: int = 80) -> Table:
         col.no_wrap = False
         col.overflow = "fold"
         col.width = max([len(str(c)) for c in col.cells] + [len(str(col.header))])
-    if width - sum(c.width for c in numeric) - overhead() < wanted:
+    if width - sum(c.width for c in numeric) - overhead() < sum(min(widest[id(c)], _LABEL_WIDTH) for c in labels):
         for col in numeric:  # headers wrap at their spaces; numbers keep their full width
             col.width = max([len(str(c)) for c in col.cells] + [len(w) for w in str(col.header).split()] + [1])
     fixed = sum(c.width for c in numeric)

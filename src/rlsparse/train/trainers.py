@@ -154,6 +154,16 @@ def build_trainer(algo_name: str, model, config, train_dataset, processing_class
     return trainer
 
 
+def _quiet_library_bars() -> None:
+    """No tqdm bars from datasets (preprocessing) or transformers (loading, saving): outside
+    ``bar`` mode they are noise in a log, and ``none`` means none."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def quiet_renamed_option_warnings() -> None:
     """Hide transformers' "`X` is deprecated and will be removed in v6. Use `Y` instead." warnings.
 
@@ -185,7 +195,7 @@ def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlsparse.report.progress import training_progress
+    from rlsparse.report.progress import resolve_mode, training_progress
     from rlsparse.train import datasets as datasets_
     from rlsparse.train.callback import MaskCallback
     from rlsparse.train.masking import _check_not_empty, match_parameters
@@ -201,6 +211,8 @@ def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: s
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype {dtype}: expected auto, float32, bfloat16 or float16")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    if resolve_mode(progress) != "bar":
+        _quiet_library_bars()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     if mask is not None:
         match_parameters(model, mask)  # before the dataset is read: a wrong mask fails in seconds
@@ -210,8 +222,7 @@ def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: s
     train_dataset = datasets_.prepare(algo_name, datasets_.load(dataset, split=dataset_split, name=dataset_config),
                                       rewards=rewards, default=algo.columns)
     shown = training_progress(progress, algo_name)
-    if shown is not None:
-        config.disable_tqdm = True  # ours draws instead (a line every ~10 s when not on a terminal)
+    config.disable_tqdm = True  # ours draws instead (or nothing, for progress "none")
     trainer = build_trainer(algo_name, model, config, train_dataset, tokenizer, mask=mask,
                             reward_funcs=reward_funcs, order=order, weight_decay=weight_decay, verify=verify,
                             sparse_optimizer=sparse_optimizer, callbacks=[shown] if shown else None)
