@@ -2,8 +2,8 @@
 
 Tiny base (default): each built-in recipe at its own batch settings, ``--steps`` steps at
 learning rate 1e-5 through the lab runner (``train.trainers``), one torch thread (the lab's
-default). Seconds per step are the trainer's ``train()`` wall time over the step count; for PPO
-and PRIME the process CPU time is also split into sampling, scoring the rollout (reward, no-grad
+default). Per step: the trainer's ``train()`` wall time and process CPU time over the step count
+(the lab's sparsity trace included); for PPO and PRIME the CPU time is also split into sampling, scoring the rollout (reward, no-grad
 forwards, advantages; PRIME's PRM forward, backward and step), and the policy / value updates.
 
 Real base (``--model FOLDER``): one PPO and one PRIME rollout-and-update on a local HF model
@@ -83,23 +83,31 @@ def tiny(steps: int, cache: str | None) -> list[dict]:
                 trainer = build(*args, **kwargs)
                 if hasattr(trainer, "_score_rollout"):
                     phases["totals"] = _instrument(trainer)
+                train = trainer.train
+
+                def timed_train(*a, **k):
+                    start = time.process_time()
+                    try:
+                        return train(*a, **k)
+                    finally:
+                        phases["train_cpu"] = time.process_time() - start
+                trainer.train = timed_train
                 return trainer
 
             trainers.build_trainer = instrumented
-            start = time.process_time()
             try:
                 result = runner.train_one(run, recipe, 1e-5, data, Path(tmp) / name)
             finally:
                 trainers.build_trainer = build
-            cpu = time.process_time() - start  # includes loading, saving and the accuracy evaluation
+            cpu = phases["train_cpu"] / steps
             row = {"recipe": name, "algorithm": recipe.algorithm, "trainer": result["trainer"],
                    "batch": recipe.batch_size, "steps": steps, "seconds_per_step": result["seconds"] / steps,
-                   "cpu_seconds_train_one": cpu}
+                   "cpu_seconds_per_step": cpu}
             if "totals" in phases:
                 row["phases_cpu_seconds"] = _split(phases["totals"], steps)
             rows_out.append(row)
             print(f"{name:18s} {result['trainer']:14s} {row['seconds_per_step']:.3f} s/step (wall), "
-                  f"train_one {cpu:.1f} CPU s"
+                  f"{cpu:.3f} CPU s/step"
                   + (f"; per step, CPU s: {_fmt(row['phases_cpu_seconds'])}" if "phases_cpu_seconds" in row else ""),
                   flush=True)
     return rows_out
