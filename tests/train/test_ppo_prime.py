@@ -241,3 +241,11 @@ def test_config_errors_are_caught_when_the_config_is_built(tmp_path):
         PPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, num_mini_batches=2, use_cpu=True)
     with pytest.raises(ValueError, match="num_generations >= 2"):
         PRIMEConfig(output_dir=str(tmp_path), num_generations=1, use_cpu=True)
+
+
+def test_under_bf16_autocast_the_reference_scores_like_the_policy(tmp_path):
+    # accelerate runs the policy's forward under autocast; the reference (an identical copy on the
+    # first rollout) must be run the same way, so the KL penalty starts at exactly 0.
+    trainer, _ = _build(tmp_path, "ppo", make_model(), max_steps=1, num_ppo_epochs=1, kl_coef=0.1, bf16=True)
+    trainer.train()
+    assert trainer.state.log_history[0]["kl"] == 0.0

@@ -114,6 +114,14 @@ class OnPolicyTrainer(Trainer):
     def _needs_reference(self) -> bool:
         return True
 
+    def _autocast(self):
+        """The policy's mixed precision for every other forward pass (reference, value model, PRM).
+
+        accelerate runs the policy's own forward under autocast (``--bf16``); the helper models
+        must compute the same way, or the KL to an identical reference would not be 0.
+        """
+        return self.accelerator.autocast()
+
     def _helper_optimizer(self, module, lr: float):
         """The policy's kind of optimizer (``args.optim``), without weight decay, for a helper model."""
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
@@ -170,7 +178,7 @@ class OnPolicyTrainer(Trainer):
         enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         enc = {k: v.to(self.accelerator.device) for k, v in enc.items()}
         unwrapped = self.accelerator.unwrap_model(model)
-        with self.compute_loss_context_manager():
+        with self._autocast():
             out = unwrapped.generate(**enc, do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
                                      max_new_tokens=self.args.max_completion_length,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

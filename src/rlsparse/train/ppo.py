@@ -97,7 +97,7 @@ class PPOTrainer(OnPolicyTrainer):
         args, mask = self.args, batch["mask"]
         n = mask.shape[1]
         scores = self._scores(batch, rows)
-        with self.compute_loss_context_manager():
+        with self._autocast():
             logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"], n, args.temperature)
             ref = (token_logprobs(self.ref_model, batch["input_ids"], batch["attention_mask"], n, args.temperature)
                    if args.kl_coef else logprobs)
@@ -126,7 +126,7 @@ class PPOTrainer(OnPolicyTrainer):
     def _update_value(self, batch: dict) -> None:
         args = self.args
         self.value_model.train()
-        with self.compute_loss_context_manager():
+        with self._autocast():
             values = self.value_model(batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1])
             loss = clipped_value_loss(values, batch["old_values"], batch["returns"], batch["mask"],
                                       args.cliprange_value)

@@ -78,11 +78,11 @@ class PRIMETrainer(OnPolicyTrainer):
         if bool(((outcomes < 0) | (outcomes > 1)).any()):
             raise UsageError(f"prime: outcome rewards must lie in [0, 1] (the implicit PRM learns them as labels); "
                              f"got {outcomes.min().item():g}..{outcomes.max().item():g}; use a 0/1 verifier reward")
-        with self.compute_loss_context_manager():
+        with self._autocast():
             logprobs = token_logprobs(model, ids, attention, n, args.temperature)
             ref = token_logprobs(self.ref_model, ids, attention, n)
         self.prm.train()
-        with torch.enable_grad(), self.compute_loss_context_manager():
+        with torch.enable_grad(), self._autocast():
             process = implicit_process_rewards(token_logprobs(self.prm, ids, attention, n), ref, mask, args.prm_beta)
             loss = prm_loss(process, mask, outcomes)
         self.prm_optimizer.zero_grad(set_to_none=True)
