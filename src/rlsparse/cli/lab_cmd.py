@@ -22,7 +22,9 @@ def add_lab_parser(sub) -> None:
 
     run = labsub.add_parser("run", help="run one recipe, several (comma-separated) or all")
     run.add_argument("recipes", metavar="NAME|all", help="recipe name(s), recipe JSON path(s), or 'all'")
-    run.add_argument("--out", metavar="RUN_DIR", default=None, help="run folder (default runs/lab-<time>)")
+    run.add_argument("--out", metavar="RUN_DIR", default=None,
+                     help="run folder (default runs/lab-<time>); a folder holding a lab run is refused without --resume")
+    run.add_argument("--resume", action="store_true", help="continue the lab run already in --out")
     run.add_argument("--quick", action="store_true", help="apply each recipe's quick overrides (smoke runs)")
     run.add_argument("--model", metavar="PATH", default=None,
                      help="HF causal LM folder to finetune (default: the cached tiny base)")
@@ -37,7 +39,8 @@ def add_lab_parser(sub) -> None:
                      help="train bf16 weights directly instead of fp32 master weights")
     run.add_argument("--cache-dir", default=None, help="where the tiny base is cached (default ~/.cache/rlsparse/lab)")
     run.add_argument("--base", nargs="+", metavar="KEY=VALUE", default=[],
-                     help="tiny-base overrides, e.g. --base hidden_size=256 intermediate_size=512 (a new cached base)")
+                     help="tiny-base overrides, e.g. --base hidden_size=256 intermediate_size=512 (a new cached base), "
+                          "or a real pretrained base: --base smollm2-135m (needs rlsparse[real]; same as NAME 'real')")
     run.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
@@ -68,15 +71,22 @@ def _run(args: argparse.Namespace) -> int:
     from rlsparse.lab.base import BaseConfig
     from rlsparse.lab.runner import LabOptions, run_lab
 
+    from rlsparse.lab.real import is_real_base
+
     names = args.recipes if args.recipes == "all" else [n for n in args.recipes.split(",") if n]
+    real = args.base[0] if len(args.base) == 1 and is_real_base(args.base[0]) else None
+    if real is None and names == ["real"]:
+        real = "smollm2-135m"
+    if real is not None:
+        args.base = []
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
                       checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
                       compute={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[args.compute],
                       weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
-                      base=BaseConfig().with_overrides(args.base))
-    run_dir = run_lab(names, opts)
+                      base=BaseConfig().with_overrides(args.base), real_base=real)
+    run_dir = run_lab(names, opts, resume=args.resume)
     print(f"run folder: {run_dir}")
     return 0
 
