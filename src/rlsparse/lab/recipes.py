@@ -151,6 +151,7 @@ class Suite:
         compute: Compute dtype for the suite ("float32" or "bfloat16"), chosen from measured step cost.
         threads: CPU threads.
         eval_batch / sample_batch: Prompts per generation batch.
+        rank_matrices: Update rank on this many matrices, evenly spaced (None: all 210 of the real base).
         preregistered: Thresholds written before the sweep ran (``learned_gain``, ``matched_gain``, ...),
             with the date they were fixed; copied into every run.json.
         description: One paragraph for the report.
@@ -170,6 +171,7 @@ class Suite:
     threads: int = 2
     eval_batch: int = 64
     sample_batch: int = 8
+    rank_matrices: int | None = None
     preregistered: dict = field(default_factory=dict)
     description: str = ""
     schema_version: int = SUITE_SCHEMA_VERSION

@@ -69,6 +69,7 @@ class LabOptions:
         preregistered: The suite's pre-registered thresholds, copied into run.json before any training.
         eval_batch: Prompts per greedy-evaluation batch.
         sample_batch: Prompts per policy-sampling batch (RFT and DPO data).
+        rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
     """
 
     out: Path
@@ -95,6 +96,7 @@ class LabOptions:
     preregistered: dict | None = None
     eval_batch: int = 256
     sample_batch: int = 256
+    rank_matrices: int | None = None
 
 
 class _Run:
@@ -398,7 +400,7 @@ def run_recipe(run: _Run, recipe: Recipe, progress: "Progress | None" = None) ->
         run.log(f"  {recipe.name}: lr={lr:g}, {recipe.steps} steps on {len(rows)} rows")
         trained = train_one(run, recipe, lr, rows, folder)
         sp = measure.sparsity(run.base_path, folder)
-        rank = measure.update_rank(run.base_path, folder)
+        rank = measure.update_rank(run.base_path, folder, max_matrices=run.opts.rank_matrices)
         point = {"learning_rate": lr, "checkpoint": str(folder.relative_to(run.opts.out)), **trained,
                  "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
                  "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
@@ -572,6 +574,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
                 "threads": opts.threads if opts.device == "cpu" else None,
                 "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": opts.n_test,
                 "style": opts.style, "test_families": opts.test_families, "max_new_tokens": opts.max_new_tokens,
+                "rank_matrices": opts.rank_matrices,
                 "learned_gain": opts.learned_gain, "preregistered": opts.preregistered,
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
@@ -638,6 +641,7 @@ def apply_suite(opts: LabOptions, suite) -> list[str]:
     opts.learned_gain = suite.preregistered["learned_gain"]
     opts.preregistered = dict(suite.preregistered)
     opts.eval_batch, opts.sample_batch = suite.eval_batch, suite.sample_batch
+    opts.rank_matrices = suite.rank_matrices
     if opts.compute == "auto":
         opts.compute = suite.compute
     if opts.threads == 1:
