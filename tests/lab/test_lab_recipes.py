@@ -32,8 +32,8 @@ def test_recipe_file_by_path_and_errors(tmp_path):
     assert load_recipe(path).name == "mine"
     with pytest.raises(UsageError, match="not found"):
         load_recipe("no_such_recipe")
-    with pytest.raises(UsageError, match="algorithm 'ppo'"):
-        Recipe(name="x", algorithm="ppo")
+    with pytest.raises(UsageError, match="algorithm 'a2c'"):
+        Recipe(name="x", algorithm="a2c")
     with pytest.raises(UsageError, match="unknown fields"):
         Recipe.from_dict({"name": "x", "algorithm": "sft", "lr": 1})
     with pytest.raises(UsageError, match="schema_version"):

@@ -84,3 +84,21 @@ def test_bad_options_fail_with_usage_errors(base):
         _cli(["train", "rloo", "--dataset", str(base / "data.jsonl"), *argv])
     with pytest.raises(UsageError, match="mask_order"):
         _cli(["train", "sft", "--dataset", str(base / "data.jsonl"), "--mask_order", "never", *argv])
+
+
+@pytest.mark.parametrize("algo", ["ppo", "prime"])
+def test_ppo_and_prime_from_the_cli_on_a_prompt_answer_dataset(tmp_path, algo):
+    model, tok = make_model(), make_tokenizer()
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    random_mask(model).save(tmp_path / "sub.mask.safetensors")
+    rows = [{"prompt": "what is 1 plus 2", "answer": "3"}, {"prompt": "w1 w2", "answer": "w3"}] * 2
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / algo
+    code = _cli(["train", algo, "--model", str(tmp_path / "base"), "--dataset", str(tmp_path / "data.jsonl"),
+                 "--reward", "exact_answer", "--num_generations", "2", "--max_completion_length", "3",
+                 "--mask", str(tmp_path / "sub.mask.safetensors"), "--verify", "--output_dir", str(out), *COMMON])
+    assert code == 0 and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    with pytest.raises(UsageError, match="needs a reward"):
+        _cli(["train", algo, "--model", str(tmp_path / "base"), "--dataset", str(tmp_path / "data.jsonl"),
+              "--output_dir", str(tmp_path / "x"), *COMMON])

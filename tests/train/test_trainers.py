@@ -20,15 +20,18 @@ DATA = {
     "sft": {"prompt": PROMPTS, "completion": [" w6 w7", " w8", " 3", " w1"]},
     "dpo": PREFS, "orpo": PREFS, "cpo": PREFS, "simpo": PREFS,
     "kto": {"prompt": PROMPTS, "completion": [" good", " bad", " 3", " 4"], "label": [True, False, True, False]},
-    "grpo": ANSWERS, "rloo": ANSWERS, "online-dpo": ANSWERS,
+    "grpo": ANSWERS, "rloo": ANSWERS, "online-dpo": ANSWERS, "ppo": ANSWERS, "prime": ANSWERS,
 }
 GENERATION = dict(num_generations=2, max_completion_length=4, beta=0.0)
-OPTIONS = {"grpo": GENERATION, "rloo": GENERATION, "online-dpo": dict(max_new_tokens=4)}
+OPTIONS = {"grpo": GENERATION, "rloo": GENERATION, "online-dpo": dict(max_new_tokens=4),
+           "ppo": dict(num_generations=2, max_completion_length=4, num_ppo_epochs=2),
+           "prime": dict(num_generations=2, max_completion_length=4, prm_learning_rate=1e-2)}
 NEEDS_REF = ("dpo", "kto", "online-dpo")
 
 
 def _length_reward(completions, **kwargs):
-    return [float(len(str(c))) for c in completions]
+    # in [0, 1]: PRIME learns its implicit PRM on outcome labels
+    return [min(1.0, len(str(c)) / 20) for c in completions]
 
 
 def _trainer(tmp_path, name, model, mask=None, dtype=torch.float32, **kwargs):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 # Kept in step with rlsparse.train.trainers.ALGORITHMS (a test checks); listed here so that
 # building the parser imports neither torch nor TRL.
-ALGORITHM_NAMES = ("sft", "dpo", "kto", "grpo", "rloo", "orpo", "cpo", "simpo", "online-dpo")
+ALGORITHM_NAMES = ("sft", "dpo", "kto", "grpo", "rloo", "orpo", "cpo", "simpo", "online-dpo", "ppo", "prime")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class TrainArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split of --dataset to train on."})
     dataset_config: str | None = field(default=None, metadata={"help": "Config name of a hub dataset."})
     reward: list[str] | None = field(default=None, metadata={
-        "help": "GRPO/RLOO/OnlineDPO rewards: 'exact_answer' (final answer vs the `answer` column), "
+        "help": "GRPO/RLOO/OnlineDPO/PPO/PRIME rewards: 'exact_answer' (final answer vs the `answer` column), "
                 "'module:function', 'file.py:function', or a reward model path. Repeatable."})
     dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."})
     mask_order: str = field(default="after_clip", metadata={

@@ -1,5 +1,5 @@
 """Training data for each recipe: ground-truth SFT rows, the policy's own samples (RFT, DPO
-pairs), constructed out-of-distribution pairs, and GRPO prompts.
+pairs, KTO labels), constructed out-of-distribution pairs, and prompts for the on-policy trainers.
 
 Policy samples are drawn with a fixed seed, so the same base and seed give the same data. Chat
 problems (the real base) become TRL's conversational rows: lists of ``{"role", "content"}``
@@ -77,6 +77,15 @@ def policy_pairs(problems: list[Problem], samples: list[list[str]]) -> list[dict
         if good and bad:
             rows.append({"prompt": _prompt(p), "chosen": _reply(p, _kept(p, good[0])),
                          "rejected": _reply(p, _kept(p, bad[0]))})
+    return rows
+
+
+def kto_rows(problems: list[Problem], samples: list[list[str]]) -> list[dict]:
+    """KTO's unpaired data: every distinct answer the policy sampled, labelled desirable when correct."""
+    rows = []
+    for p, texts in zip(problems, samples):
+        for answer in dict.fromkeys(extract_answer(t) for t in texts if extract_answer(t)):
+            rows.append({"prompt": p.prompt, "completion": answer, "label": answer == p.answer})
     return rows
 
 

@@ -1,7 +1,7 @@
 """Recipes: one small, typed, versioned JSON config per experiment, run by ``runner.run_recipe``.
 
-Recipe files live in ``rlsparse/lab/recipes/*.json``. A recipe names the algorithm (``sft``,
-``rft``, ``dpo``, ``grpo``), its data, a learning-rate sweep, the step count and the extra
+Recipe files live in ``rlsparse/lab/recipes/*.json``. A recipe names the algorithm (one of
+``ALGORITHMS``: every algorithm of the paper's Table 1, plus SFT, RFT and RLOO), its data, a learning-rate sweep, the step count and the extra
 TRL config fields (``trl``), plus a ``quick`` override for smoke runs and the paper's number
 it is compared against.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from rlsparse.errors import UsageError
 
 RECIPE_SCHEMA_VERSION = 1
-ALGORITHMS = ("sft", "rft", "dpo", "grpo")
+ALGORITHMS = ("sft", "rft", "dpo", "grpo", "rloo", "kto", "orpo", "simpo", "ppo", "prime")
 DATA_KINDS = ("ground_truth", "policy_samples", "constructed_pairs", "prompts")
 # A run "learned" when held-out accuracy rose by at least this much (200 test problems: one
 # standard error of an accuracy near 50% is 3.5 points).
@@ -30,14 +30,16 @@ class Recipe:
 
     Attributes:
         name: Recipe name (file stem).
-        algorithm: "sft", "rft", "dpo" or "grpo".
+        algorithm: One of ``ALGORITHMS``; each trains through ``rlsparse.train.trainers`` (RFT is SFT).
         family: Task family of the training data ("add", "sub", "mul").
-        data: How the data is made: "ground_truth" (SFT), "policy_samples" (RFT, DPO in-distribution),
-            "constructed_pairs" (DPO out-of-distribution), "prompts" (GRPO).
+        data: How the data is made: "ground_truth" (SFT), "policy_samples" (RFT; DPO, ORPO and SimPO
+            pairs; KTO labelled samples), "constructed_pairs" (preference pairs not written by the
+            policy), "prompts" (GRPO, RLOO, PPO, PRIME: they sample their own completions).
         in_distribution: Whether the data is drawn from the policy's own distribution.
         learning_rates: The learning-rate sweep (one full run each).
         steps: Optimiser steps per run.
-        batch_size: Sequences (SFT/DPO) or completions (GRPO) per step.
+        batch_size: Sequences (SFT/DPO) or completions (GRPO, RLOO) per step; prompts per rollout
+            (PPO, PRIME: each rollout samples ``trl.num_generations`` completions per prompt).
         seed: Seed for data order, sampling and the trainer.
         n_train: Training problems drawn from the family's train split.
         samples_per_prompt: Policy samples per prompt (RFT, DPO pairs).
@@ -46,6 +48,9 @@ class Recipe:
         conjecture: Whether to run the Conjecture 1 subnetwork rerun for this recipe.
         group: The finding this recipe feeds ("sft_vs_rl", "kl_clip").
         description: One line for the report.
+        on_policy, kl, online: The algorithm's flags in the paper's Table 1 (None where not stated):
+            trains on samples of the current policy; has a KL term to the reference; generates its
+            data during training.
     """
 
     name: str
@@ -64,6 +69,9 @@ class Recipe:
     conjecture: bool = False
     group: str = "sft_vs_rl"
     description: str = ""
+    on_policy: bool | None = None
+    kl: bool | None = None
+    online: bool | None = None
     schema_version: int = RECIPE_SCHEMA_VERSION
 
     def __post_init__(self) -> None:

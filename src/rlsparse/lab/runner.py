@@ -198,6 +198,8 @@ def build_rows(run: _Run, recipe: Recipe) -> list[dict]:
     samples = run.policy_samples(recipe, train)
     if recipe.algorithm in ("sft", "rft"):
         rows = labdata.rft_rows(train, samples)
+    elif recipe.algorithm == "kto":
+        rows = labdata.kto_rows(train, samples)
     else:
         rows = labdata.policy_pairs(train, samples)
     if not rows:

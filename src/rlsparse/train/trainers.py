@@ -45,6 +45,9 @@ ALGORITHMS: dict[str, Algorithm] = {
                        defaults={"loss_type": "simpo", "cpo_alpha": 0.0}),
     "online-dpo": Algorithm("trl.experimental.online_dpo", "OnlineDPOTrainer", "OnlineDPOConfig", ("prompt",),
                             uses_rewards=True),
+    # TRL 1.16 has no PPO or PRIME trainer: ours, on transformers.Trainer (rlsparse/train/ppo.py, prime.py).
+    "ppo": Algorithm("rlsparse.train.ppo", "PPOTrainer", "PPOConfig", ("prompt",), uses_rewards=True),
+    "prime": Algorithm("rlsparse.train.prime", "PRIMETrainer", "PRIMEConfig", ("prompt",), uses_rewards=True),
 }
 
 
@@ -133,7 +136,7 @@ def build_trainer(algo_name: str, model, config, train_dataset, processing_class
             raise UsageError(f"{algo_name} needs a reward: pass --reward exact_answer or --reward module:function")
         kwargs["reward_funcs"] = list(reward_funcs)
     elif reward_funcs:
-        raise UsageError(f"{algo_name} takes no reward function; --reward is for grpo, rloo and online-dpo")
+        raise UsageError(f"{algo_name} takes no reward function; --reward is for grpo, rloo, online-dpo, ppo and prime")
     if mask is not None:
         kwargs["callbacks"].append(MaskCallback(mask, order=order, weight_decay=weight_decay, verify=verify))
     if sparse_optimizer and mask is None:
@@ -177,7 +180,7 @@ def train(algo_name: str, config, model_path: str, dataset: str, *, mask_path: s
         _check_not_empty(mask)
     reward_funcs = [load_reward(r) if r in BUILTIN or ":" in r else r for r in rewards or []]
     if not algo.uses_rewards and reward_funcs:
-        raise UsageError(f"{algo_name} takes no reward function; --reward is for grpo, rloo and online-dpo")
+        raise UsageError(f"{algo_name} takes no reward function; --reward is for grpo, rloo, online-dpo, ppo and prime")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype {dtype}: expected auto, float32, bfloat16 or float16")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
