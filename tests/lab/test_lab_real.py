@@ -206,3 +206,20 @@ def test_two_steps_of_grpo_and_dpo_on_the_real_base(tmp_path):
         # Two Adam steps at 1e-5 change some bf16 weights of a 134.5M model, but not all of them.
         assert 0 < point["changed"]["0"] < point["numel"] == 134515008
     assert results["run"]["style"] == "chat" and results["run"]["preregistered"]["learned_gain"] == 0.03
+
+
+def test_every_real_recipe_builds_a_valid_trainer_config(tmp_path):
+    """Each real recipe's 'trl' block is accepted by its trainer's config class, as the real run will
+    build it (a typo would otherwise surface an hour into a background run)."""
+    from rlsparse.lab.runner import _trl_config
+
+    suite = load_suite("real")
+    for name in suite.recipes:
+        r = load_recipe(name, suite="real")
+        for recipe in (r, r.quickened()):
+            args = _trl_config(recipe, recipe.learning_rates[0], str(tmp_path), "cpu")
+            assert args.max_steps == recipe.steps and args.learning_rate == recipe.learning_rates[0]
+            assert args.lr_scheduler_type == "constant"
+            for key, value in recipe.trl.items():
+                got = getattr(args, key)
+                assert (got.value if hasattr(got, "value") else got) == value, (name, key)

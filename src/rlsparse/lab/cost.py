@@ -6,7 +6,8 @@ library code is changed) and is a ``TrainerCallback`` for the step boundaries.
 
 Phases:
     generation: sampling completions (``_generate`` of the on-policy trainers).
-    scoring_forward: forward passes without gradients (old-policy and reference log-probabilities).
+    scoring_forward: forward passes without gradients (old-policy and reference log-probabilities;
+        for PPO and PRIME the whole rollout scoring: rewards, values, reference and PRM passes).
     train_forward_backward: ``training_step`` minus the two above (the loss, its backward).
     optimizer_and_rest: the rest of the step (optimizer, scheduler, callbacks, logging).
 """
@@ -18,7 +19,8 @@ import time
 
 # Methods whose time is not the policy's own forward/backward.
 _GENERATION = ("_generate",)
-_SCORING = ("_get_per_token_logps_and_entropies", "compute_ref_log_probs", "_compute_ref_log_probs")
+_SCORING = ("_get_per_token_logps_and_entropies", "compute_ref_log_probs", "_compute_ref_log_probs",
+            "_score_rollout")
 
 
 class StepCost:

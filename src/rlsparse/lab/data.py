@@ -84,8 +84,10 @@ def kto_rows(problems: list[Problem], samples: list[list[str]]) -> list[dict]:
     """KTO's unpaired data: every distinct answer the policy sampled, labelled desirable when correct."""
     rows = []
     for p, texts in zip(problems, samples):
-        for answer in dict.fromkeys(extract_answer(t) for t in texts if extract_answer(t)):
-            rows.append({"prompt": p.prompt, "completion": answer, "label": answer == p.answer})
+        kept = dict.fromkeys(_kept(p, t) for t in texts if answer_of(t, p.style))
+        for text in kept:
+            rows.append({"prompt": _prompt(p), "completion": _reply(p, text),
+                         "label": answer_of(text, p.style) == p.answer})
     return rows
 
 
