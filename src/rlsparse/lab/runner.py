@@ -291,16 +291,17 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     model, tok = load_model(run.base_path, run.opts.device, weights=precision["master_weights"])
     name = _TRAINER.get(recipe.algorithm, recipe.algorithm)
     tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
+    cost = StepCost()
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
         autocast = precision["compute"] == "bfloat16" and precision["master_weights"] == "float32"
         args = _trl_config(recipe, lr, workdir, run.opts.device, autocast_bf16=autocast)
         effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
         trainer = build_trainer(name, model, args, Dataset.from_list(rows), tok, mask=mask, verify=mask is not None,
                                 reward_funcs=[reward] if algorithm(name).uses_rewards else None,
-                                callbacks=[tracer] if tracer is not None else None)
+                                # The cost callback first: its step ends before the trace's measurement.
+                                callbacks=[cost] + ([tracer] if tracer is not None else []))
         trainer.remove_callback(PrinterCallback)
-        cost = StepCost().attach(trainer)
-        trainer.add_callback(cost)
+        cost.attach(trainer)
         start = time.time()
         trainer.train()
         seconds = time.time() - start
