@@ -39,7 +39,8 @@ def add_lab_parser(sub) -> None:
                      help="train bf16 weights directly instead of fp32 master weights")
     run.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
     run.add_argument("--base", nargs="+", metavar="KEY=VALUE", default=[],
-                     help="tiny-base overrides, e.g. --base hidden_size=256 intermediate_size=512 (a new cached base)")
+                     help="tiny-base overrides, e.g. --base hidden_size=256 intermediate_size=512 (a new cached base), "
+                          "or a real pretrained base: --base smollm2-135m (needs rlsparse[real]; same as NAME 'real')")
     run.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
@@ -110,7 +111,14 @@ def _run(args: argparse.Namespace) -> int:
     from rlsparse.lab.runner import LabOptions, run_lab
 
     _check_out(args.out, args.resume)
+    from rlsparse.lab.real import is_real_base
+
     names = args.recipes if args.recipes == "all" else [n for n in args.recipes.split(",") if n]
+    real = args.base[0] if len(args.base) == 1 and is_real_base(args.base[0]) else None
+    if real is None and names == ["real"]:
+        real = "smollm2-135m"
+    if real is not None:
+        args.base = []
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
                       checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
@@ -118,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
                       weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
                       progress=args.progress,
-                      base=BaseConfig().with_overrides(args.base))
+                      base=BaseConfig().with_overrides(args.base), real_base=real)
     run_dir = run_lab(names, opts, resume=args.resume)
     print(f"run folder: {run_dir}")
     return 0

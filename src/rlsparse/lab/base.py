@@ -141,7 +141,7 @@ def accuracy(model, tokenizer, problems, batch_size: int = 256, max_new_tokens: 
     """Greedy-decoding exact-answer accuracy on a list of Problem."""
     import torch
 
-    from rlsparse.lab.tasks import reward
+    from rlsparse.lab.tasks import encode_prompts, reward
 
     if not problems:
         return float("nan")
@@ -152,11 +152,11 @@ def accuracy(model, tokenizer, problems, batch_size: int = 256, max_new_tokens: 
     with torch.no_grad():
         for start in range(0, len(problems), batch_size):
             chunk = problems[start:start + batch_size]
-            enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
+            enc = encode_prompts(chunk, tokenizer, device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += sum(reward(texts, answer=[p.answer for p in chunk]))
+            correct += sum(reward(texts, answer=[p.answer for p in chunk], style=[p.style for p in chunk]))
     return correct / len(problems)
 
 

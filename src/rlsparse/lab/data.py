@@ -1,35 +1,51 @@
 """Training data for each recipe: ground-truth SFT rows, the policy's own samples (RFT, DPO
 pairs, KTO labels), constructed out-of-distribution pairs, and prompts for the on-policy trainers.
 
-Policy samples are drawn with a fixed seed, so the same base and seed give the same data.
+Policy samples are drawn with a fixed seed, so the same base and seed give the same data. Chat
+problems (the real base) become TRL's conversational rows: lists of ``{"role", "content"}``
+messages that TRL sends through the tokenizer's chat template, as the evaluation does.
 """
 
 from __future__ import annotations
 
 import random
 
-from rlsparse.lab.tasks import Problem, extract_answer
+from rlsparse.lab.tasks import Problem, answer_of
+
+
+def _prompt(p: Problem):
+    return [{"role": "user", "content": p.prompt}] if p.style == "chat" else p.prompt
+
+
+def _reply(p: Problem, text: str):
+    return [{"role": "assistant", "content": text}] if p.style == "chat" else text
+
+
+def _kept(p: Problem, text: str) -> str:
+    """What of a sample becomes training text: the whole reply (chat) or the answer word (plain)."""
+    return text.strip() if p.style == "chat" else answer_of(text, p.style)
 
 
 def sft_rows(problems: list[Problem]) -> list[dict]:
-    """Prompt/completion rows with the ground-truth answer (TRL appends EOS)."""
-    return [{"prompt": p.prompt, "completion": p.answer} for p in problems]
+    """Prompt/completion rows with the ground-truth answer alone (TRL appends EOS)."""
+    return [{"prompt": _prompt(p), "completion": _reply(p, p.answer)} for p in problems]
 
 
 def sample(model, tokenizer, problems: list[Problem], n: int, *, seed: int, temperature: float = 1.0,
            max_new_tokens: int = 6, batch_size: int = 256) -> list[list[str]]:
-    """``n`` sampled completions per problem from the model (the policy's own distribution)."""
+    """``n`` sampled completions per problem (``batch_size`` problems at a time) from the model."""
     import torch
+
+    from rlsparse.lab.tasks import encode_prompts
 
     torch.manual_seed(seed)
     model.eval()
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
     out: list[list[str]] = []
     with torch.no_grad():
         for start in range(0, len(problems), batch_size):
             chunk = problems[start:start + batch_size]
-            enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
+            enc = encode_prompts(chunk, tokenizer, device)
             gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                  num_return_sequences=n, max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -42,9 +58,9 @@ def rft_rows(problems: list[Problem], samples: list[list[str]]) -> list[dict]:
     """Rejection-sampling finetuning data: the policy's own correct samples (one per problem)."""
     rows = []
     for p, texts in zip(problems, samples):
-        good = [t for t in texts if extract_answer(t) == p.answer]
+        good = [t for t in texts if answer_of(t, p.style) == p.answer]
         if good:
-            rows.append({"prompt": p.prompt, "completion": extract_answer(good[0])})
+            rows.append({"prompt": _prompt(p), "completion": _reply(p, _kept(p, good[0]))})
     return rows
 
 
@@ -56,10 +72,11 @@ def policy_pairs(problems: list[Problem], samples: list[list[str]]) -> list[dict
     """
     rows = []
     for p, texts in zip(problems, samples):
-        good = [t for t in texts if extract_answer(t) == p.answer]
-        bad = [t for t in texts if extract_answer(t) != p.answer and extract_answer(t)]
+        good = [t for t in texts if answer_of(t, p.style) == p.answer]
+        bad = [t for t in texts if answer_of(t, p.style) != p.answer and answer_of(t, p.style)]
         if good and bad:
-            rows.append({"prompt": p.prompt, "chosen": extract_answer(good[0]), "rejected": extract_answer(bad[0])})
+            rows.append({"prompt": _prompt(p), "chosen": _reply(p, _kept(p, good[0])),
+                         "rejected": _reply(p, _kept(p, bad[0]))})
     return rows
 
 
@@ -67,8 +84,10 @@ def kto_rows(problems: list[Problem], samples: list[list[str]]) -> list[dict]:
     """KTO's unpaired data: every distinct answer the policy sampled, labelled desirable when correct."""
     rows = []
     for p, texts in zip(problems, samples):
-        for answer in dict.fromkeys(extract_answer(t) for t in texts if extract_answer(t)):
-            rows.append({"prompt": p.prompt, "completion": answer, "label": answer == p.answer})
+        kept = dict.fromkeys(_kept(p, t) for t in texts if answer_of(t, p.style))
+        for text in kept:
+            rows.append({"prompt": _prompt(p), "completion": _reply(p, text),
+                         "label": answer_of(text, p.style) == p.answer})
     return rows
 
 
@@ -80,14 +99,15 @@ def constructed_pairs(problems: list[Problem], *, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for p in problems:
-        digits = list(p.answer)
+        digits = list(p.answer.lstrip("-"))
+        sign = "-" if p.answer.startswith("-") else ""
         i = rng.randrange(len(digits))
         choices = [d for d in "0123456789" if d != digits[i] and not (i == 0 and d == "0" and len(digits) > 1)]
         digits[i] = rng.choice(choices)
-        rows.append({"prompt": p.prompt, "chosen": p.answer, "rejected": "".join(digits)})
+        rows.append({"prompt": _prompt(p), "chosen": _reply(p, p.answer), "rejected": _reply(p, sign + "".join(digits))})
     return rows
 
 
 def grpo_rows(problems: list[Problem]) -> list[dict]:
-    """Prompt/answer rows for GRPO: TRL passes ``answer`` to the reward function."""
-    return [{"prompt": p.prompt, "answer": p.answer} for p in problems]
+    """Prompt/answer rows for on-policy RL: TRL passes ``answer`` and ``style`` to the reward function."""
+    return [{"prompt": _prompt(p), "answer": p.answer, "style": p.style} for p in problems]

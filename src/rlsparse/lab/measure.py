@@ -33,15 +33,18 @@ def sparsity(base: str | os.PathLike, finetuned: str | os.PathLike, tolerances=T
             "grid": {f"{k[0]}|{k[1]}": agg(a) for k, a in r.grid().items()}}
 
 
-def update_rank(base: str | os.PathLike, finetuned: str | os.PathLike) -> dict:
+def update_rank(base: str | os.PathLike, finetuned: str | os.PathLike, max_matrices: int | None = None) -> dict:
     """Mean rank of the 2-D update matrices (embeddings excluded) as a fraction of the maximum (Table 2).
+
+    ``max_matrices`` takes that many matrices evenly spaced over (layer, type) order: on a real
+    base the SVDs of all of them cost minutes per checkpoint on CPU.
 
     Returns:
         {"mean_rank_fraction", "mean_effective_rank_fraction", "per_matrix": {name: fraction}}.
     """
     from rlsparse.analysis.rank import rank
 
-    r = rank(base, finetuned, device="cpu")
+    r = rank(base, finetuned, device="cpu", max_matrices=max_matrices)
     per = {m.name: m.rank_pct / 100 for m in r.matrices}
     eff = [m.effective_rank / m.max_rank for m in r.matrices if m.effective_rank is not None and m.max_rank]
     return {"mean_rank_fraction": sum(per.values()) / len(per) if per else float("nan"),

@@ -117,21 +117,92 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in recipe_dir().glob("*.json"))
 
 
-def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
-    """Load a built-in recipe by name, or any recipe JSON file by path.
+def load_recipe(name_or_path: str | os.PathLike, suite: str | None = None) -> Recipe:
+    """Load a built-in recipe by name (the tiny base's, or a suite's), or any recipe JSON file by path.
 
     Example:
         >>> load_recipe("grpo").learning_rates
+        >>> load_recipe("grpo", suite="real").steps
     """
     path = Path(name_or_path)
+    folder = recipe_dir() / suite if suite else recipe_dir()
     if not path.suffix == ".json":
-        path = recipe_dir() / f"{name_or_path}.json"
+        path = folder / f"{name_or_path}.json"
     if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.json") if p.stem != "suite")
         raise UsageError(f"recipe {str(name_or_path)!r} not found; expected a JSON file or one of: "
-                         f"{', '.join(recipe_names())}")
+                         f"{', '.join(known)}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"recipe file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix it") from None
     data.setdefault("name", path.stem)
     return Recipe.from_dict(data)
+
+
+SUITE_SCHEMA_VERSION = 1
+
+
+@dataclass
+class Suite:
+    """A pre-registered set of recipes on one base: tasks, test sets and verdict thresholds, fixed before running.
+
+    Attributes:
+        name: Suite name (its folder under ``recipes/``).
+        base: The packaged real base (``smollm2-135m``).
+        style: Prompt style of its tasks ("chat": through the base's chat template).
+        eval_family: The task whose held-out accuracy is "the task".
+        test_families: Held-out families measured after every run.
+        n_test / quick_n_test: Held-out problems per family (full run / ``--quick``).
+        max_new_tokens: Greedy evaluation and sampling budget (the answer is a short number).
+        recipes / quick_recipes: Recipe names of the full run and of the ``--quick`` core.
+        compute: Compute dtype for the suite ("float32" or "bfloat16"), chosen from measured step cost.
+        threads: CPU threads.
+        eval_batch / sample_batch: Prompts per generation batch.
+        rank_matrices: Update rank on this many matrices, evenly spaced (None: all 210 of the real base).
+        preregistered: Thresholds written before the sweep ran (``learned_gain``, ``matched_gain``, ...),
+            with the date they were fixed; copied into every run.json.
+        description: One paragraph for the report.
+    """
+
+    name: str
+    base: str
+    style: str = "chat"
+    eval_family: str = "add"
+    test_families: list[str] = field(default_factory=lambda: ["add"])
+    n_test: dict = field(default_factory=dict)
+    quick_n_test: dict = field(default_factory=dict)
+    max_new_tokens: int = 12
+    recipes: list[str] = field(default_factory=list)
+    quick_recipes: list[str] = field(default_factory=list)
+    compute: str = "float32"
+    threads: int = 2
+    eval_batch: int = 64
+    sample_batch: int = 8
+    rank_matrices: int | None = None
+    preregistered: dict = field(default_factory=dict)
+    description: str = ""
+    schema_version: int = SUITE_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        missing = sorted({"learned_gain", "matched_gain", "fixed_on"} - set(self.preregistered))
+        if missing:
+            raise UsageError(f"suite {self.name!r}: preregistered lacks {missing}; write them in the suite file "
+                             "before running")
+
+
+def load_suite(name: str) -> Suite:
+    """Load a built-in suite (``real``) from ``recipes/<name>/suite.json``.
+
+    Example:
+        >>> load_suite("real").quick_recipes
+    """
+    path = recipe_dir() / name / "suite.json"
+    if not path.is_file():
+        raise UsageError(f"suite {name!r} not found; the built-in suite is 'real'")
+    data = json.loads(path.read_text())
+    known = {f.name for f in fields(Suite)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UsageError(f"suite file {path} has unknown fields {unknown}; expected only {sorted(known)}")
+    return Suite(**data)

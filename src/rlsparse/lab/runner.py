@@ -26,7 +26,8 @@ from rlsparse.io.atomic import write_json
 from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
-from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, recipe_names
+from rlsparse.lab.cost import signal_steps
+from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, load_suite, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
 from rlsparse.lab.trace import sparsity_trace
 from rlsparse.report.progress import training_progress
@@ -64,6 +65,15 @@ class LabOptions:
             starting weights in memory). Turn off for large ``--model`` runs.
         progress: Progress within each training run (``report.progress`` modes): ``auto`` shows the
             trainer's bar on a terminal and a steps/s + ETA line every ~10 s otherwise.
+        real_base: A packaged pretrained base (``smollm2-135m``, see ``lab.real``) instead of the tiny one.
+        style: Prompt style of the tasks: "plain" (tiny base) or "chat" (an instruction-tuned base).
+        test_families: Held-out task families measured for every run (default: eval family, the
+            recipe's family and "sub").
+        learned_gain: Held-out gain from which a run counts as "learned" (Conjecture 1's choice of run).
+        preregistered: The suite's pre-registered thresholds, copied into run.json before any training.
+        eval_batch: Prompts per greedy-evaluation batch.
+        sample_batch: Prompts per policy-sampling batch (RFT and DPO data).
+        rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
     """
 
     out: Path
@@ -77,13 +87,21 @@ class LabOptions:
     base: BaseConfig = field(default_factory=BaseConfig)
     cache_dir: str | None = None
     eval_family: str = "add"
-    n_test: int = 200
+    n_test: int | dict = 200
     conjecture: bool = True
     report: bool = True
     max_new_tokens: int = 6
     threads: int = 1
     trace: bool = True
     progress: str = "auto"
+    real_base: str | None = None
+    style: str = "plain"
+    test_families: list[str] | None = None
+    learned_gain: float = LEARNED_GAIN
+    preregistered: dict | None = None
+    eval_batch: int = 256
+    sample_batch: int = 256
+    rank_matrices: int | None = None
 
 
 class _Run:
@@ -102,15 +120,20 @@ class _Run:
 
             rows = list(self._jsonl)
             random.Random(self.opts.base.seed).shuffle(rows)
-            n_test = min(self.opts.n_test, max(1, len(rows) // 10))
+            n_test = min(self.n_test("jsonl"), max(1, len(rows) // 10))
             return rows[n_test:], rows[:n_test]
         # The base's own split (its seed): held-out problems were never in its pretraining corpus.
-        return split(family, seed=self.opts.base.seed, n_test=self.opts.n_test, digits=self.opts.base.digits)
+        return split(family, seed=self.opts.base.seed, n_test=self.n_test(family), digits=self.opts.base.digits,
+                     style=self.opts.style)
+
+    def n_test(self, family: str) -> int:
+        n = self.opts.n_test
+        return int(n.get(family, 200)) if isinstance(n, dict) else int(n)
 
     def test_sets(self, recipe: Recipe) -> dict[str, list[Problem]]:
         if self._jsonl is not None:
             return {"jsonl": self.problems("jsonl")[1]}
-        fams = dict.fromkeys([self.opts.eval_family, recipe.family, "sub"])
+        fams = dict.fromkeys(self.opts.test_families or [self.opts.eval_family, recipe.family, "sub"])
         return {f: self.problems(f)[1] for f in fams}
 
     def eval_key(self, recipe: Recipe) -> str:
@@ -118,20 +141,37 @@ class _Run:
 
     def base_accuracy(self, recipe: Recipe) -> dict[str, float]:
         tests = self.test_sets(recipe)
+        # Cached in the run folder: on the real base one evaluation costs minutes, and a resumed run
+        # must compare against the same numbers.
+        cache = self.opts.out / "base_accuracy.json"
+        if not self._base_acc and cache.is_file():
+            self._base_acc = json.loads(cache.read_text())
         missing = [f for f in tests if f not in self._base_acc]
         if missing:
             model, tok = load_model(self.base_path, self.opts.device)
             for f in missing:
-                self._base_acc[f] = accuracy(model, tok, tests[f], max_new_tokens=self.opts.max_new_tokens)
+                start = time.time()
+                self._base_acc[f] = self.accuracy(model, tok, tests[f])
+                self.log(f"  base accuracy on {len(tests[f])} held-out {f} problems: {self._base_acc[f]:.1%} "
+                         f"({time.time() - start:.0f}s)")
+            _write_json(cache, self._base_acc)
         return {f: self._base_acc[f] for f in tests}
+
+    def accuracy(self, model, tok, problems: list[Problem]) -> float:
+        return accuracy(model, tok, problems, batch_size=self.opts.eval_batch, max_new_tokens=self.opts.max_new_tokens)
 
     def policy_samples(self, recipe: Recipe, problems: list[Problem]):
         key = (recipe.family, len(problems), recipe.samples_per_prompt, recipe.seed)
+        cache = self.opts.out / "samples" / ("{}-{}-{}-seed{}.json".format(*key))
+        if key not in self._samples and cache.is_file():
+            self._samples[key] = json.loads(cache.read_text())
         if key not in self._samples:
             model, tok = load_model(self.base_path, self.opts.device)
             self.log(f"  sampling {recipe.samples_per_prompt} completions x {len(problems)} prompts from the base")
             self._samples[key] = labdata.sample(model, tok, problems, recipe.samples_per_prompt, seed=recipe.seed,
-                                                  max_new_tokens=self.opts.max_new_tokens)
+                                                max_new_tokens=self.opts.max_new_tokens,
+                                                batch_size=self.opts.sample_batch)
+            _write_json(cache, self._samples[key])
         return self._samples[key]
 
 
@@ -245,6 +285,7 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
+    from rlsparse.lab.cost import StepCost
     from rlsparse.train.trainers import algorithm, build_trainer
 
     # TRL 1.16 sets transformers options that transformers 5.24 renamed: a FutureWarning per run
@@ -255,6 +296,7 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     model, tok = load_model(run.base_path, run.opts.device, weights=precision["master_weights"])
     name = _TRAINER.get(recipe.algorithm, recipe.algorithm)
     tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
+    cost = StepCost()
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
         autocast = precision["compute"] == "bfloat16" and precision["master_weights"] == "float32"
         args = _trl_config(recipe, lr, workdir, run.opts.device, autocast_bf16=autocast)
@@ -263,8 +305,10 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
         effective = {k: _plain(getattr(args, k)) for k in _RECORDED if hasattr(args, k)}
         trainer = build_trainer(name, model, args, Dataset.from_list(rows), tok, mask=mask, verify=mask is not None,
                                 reward_funcs=[reward] if algorithm(name).uses_rewards else None,
-                                callbacks=[c for c in (tracer, shown) if c is not None] or None)
+                                # The cost callback first: its step ends before the trace's measurement.
+                                callbacks=[cost] + [c for c in (tracer, shown) if c is not None])
         trainer.remove_callback(PrinterCallback)
+        cost.attach(trainer)
         start = time.time()
         trainer.train()
         seconds = time.time() - start
@@ -277,10 +321,11 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     del trainer, final, model
     # Accuracy of the checkpoint as saved: the same view the sparsity numbers use.
     saved, tok = load_model(out, run.opts.device)
-    acc = {f: accuracy(saved, tok, probs, max_new_tokens=run.opts.max_new_tokens)
-           for f, probs in run.test_sets(recipe).items()}
-    return {"seconds": round(seconds, 2), "accuracy": acc, "rows": len(rows), "log_history": history,
-            "trainer": trainer_name, "trl_config": effective,
+    start = time.time()
+    acc = {f: run.accuracy(saved, tok, probs) for f, probs in run.test_sets(recipe).items()}
+    return {"seconds": round(seconds, 2), "eval_seconds": round(time.time() - start, 2), "accuracy": acc,
+            "rows": len(rows), "log_history": history, "trainer": trainer_name, "trl_config": effective,
+            "step_cost": cost.summary(), "signal": signal_steps(history),
             "trace": tracer.trace if tracer is not None else None}
 
 
@@ -295,7 +340,8 @@ def _plain(value):
 
 
 def _losses(log_history: list[dict]) -> list[dict]:
-    keep = ("step", "loss", "reward", "rewards/reward/mean", "kl", "grad_norm", "learning_rate")
+    keep = ("step", "loss", "reward", "rewards/reward/mean", "kl", "grad_norm", "learning_rate", "reward_std",
+            "frac_reward_zero_std")
     return [{k: e[k] for k in keep if k in e} for e in log_history if "loss" in e]
 
 
@@ -303,66 +349,133 @@ def _lr_label(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
-def run_recipe(run: _Run, recipe: Recipe) -> dict:
-    """Run one recipe over its learning-rate sweep; returns its results entry."""
-    rows = build_rows(run, recipe)
+class Progress:
+    """Cells done out of planned, with elapsed time and an ETA from the cells run in this session."""
+
+    def __init__(self, total: int, log):
+        self.total, self.log, self.done, self.ran = total, log, 0, []
+        self.started = time.time()
+
+    def skip(self, label: str) -> None:
+        self.done += 1
+        self.log(f"[{self.done}/{self.total}] {label}: finished earlier, kept (resume)")
+
+    def finish(self, label: str, seconds: float) -> None:
+        self.done += 1
+        self.ran.append(seconds)
+        left = self.total - self.done
+        eta = left * sum(self.ran) / len(self.ran)
+        self.log(f"[{self.done}/{self.total}] {label}: {_clock(seconds)}; elapsed {_clock(time.time() - self.started)}, "
+                 f"ETA {_clock(eta)} for {left} more cell{'s' if left != 1 else ''}")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def cell_folder(out: Path, recipe: Recipe, lr: float) -> Path:
+    """The checkpoint folder of one cell (recipe x learning rate; the seed is the recipe's)."""
+    return out / "runs" / recipe.name / f"lr-{_lr_label(lr)}"
+
+
+def _finished(folder: Path) -> dict | None:
+    """The measurements of a finished cell, or None. metrics.json is written last, atomically."""
+    metrics = folder / "metrics.json"
+    if metrics.is_file() and (folder / "config.json").is_file():
+        return json.loads(metrics.read_text())
+    return None
+
+
+def run_recipe(run: _Run, recipe: Recipe, progress: "Progress | None" = None) -> dict:
+    """Run one recipe over its learning-rate sweep; returns its results entry.
+
+    A cell whose ``metrics.json`` exists is finished and is read back, never rerun.
+    """
     base_acc = run.base_accuracy(recipe)
-    points = []
+    points, rows = [], None
     for lr in recipe.learning_rates:
-        folder = run.opts.out / "runs" / recipe.name / f"lr-{_lr_label(lr)}"
+        folder = cell_folder(run.opts.out, recipe, lr)
+        label = f"{recipe.name} lr={lr:g}"
+        done = _finished(folder)
+        if done is not None:
+            points.append(done)
+            if progress:
+                progress.skip(label)
+            continue
+        if rows is None:
+            rows = build_rows(run, recipe)
+        start = time.time()
         run.log(f"  {recipe.name}: lr={lr:g}, {recipe.steps} steps on {len(rows)} rows")
         trained = train_one(run, recipe, lr, rows, folder)
         sp = measure.sparsity(run.base_path, folder)
-        rank = measure.update_rank(run.base_path, folder)
+        rank = measure.update_rank(run.base_path, folder, max_matrices=run.opts.rank_matrices)
         point = {"learning_rate": lr, "checkpoint": str(folder.relative_to(run.opts.out)), **trained,
                  "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
                  "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
-                 "update_rank": rank["mean_rank_fraction"],
+                 "update_rank": rank["mean_rank_fraction"], "seed": recipe.seed,
                  "accuracy_gain": {f: trained["accuracy"][f] - base_acc.get(f, float("nan"))
                                    for f in trained["accuracy"]}}
-        _write_json(folder / "metrics.json", {k: v for k, v in point.items() if k != "grid"})
+        point["cell_seconds"] = round(time.time() - start, 1)
+        _write_json(folder / "metrics.json", point)
+        cost = (trained.get("step_cost") or {}).get("per_step_seconds", {})
         run.log(f"    sparsity@1e-5 {sp['sparsity']['1e-05']:.1%}, accuracy "
-                + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items()))
+                + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items())
+                + (f"; {cost['total']:.1f}s/step" if cost else "")
+                + (f"; steps with signal {trained['signal']['with_signal']}/{trained['signal']['steps']}"
+                   if trained.get("signal") else ""))
         points.append(point)
-    return {"recipe": recipe.to_dict(), "rows": len(rows), "base_accuracy": base_acc, "points": points}
+        if progress:
+            progress.finish(label, point["cell_seconds"])
+    return {"recipe": recipe.to_dict(), "rows": len(rows) if rows is not None else points[0].get("rows"),
+            "base_accuracy": base_acc, "points": points}
 
 
 def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = measure.PAPER_TOLERANCE) -> dict:
     """Conjecture 1: retrain from the same start, same data/seed/steps, updating only the full run's subnetwork.
 
-    The full run used is the sparsest sweep point that learned (held-out gain of at least
-    LEARNED_GAIN: the conjecture only means something where the full run improved the task and
-    its subnetwork is a real subset); if none learned, the point with the largest gain.
+    The full run used is the sparsest sweep point that learned (held-out gain of at least the run's
+    ``learned_gain``, pre-registered in the suite for the real base: the conjecture only means
+    something where the full run improved the task and its subnetwork is a real subset); if none
+    learned, the point with the largest gain. The result lands in ``conjecture/<recipe>/result.json``;
+    a finished one is read back, never rerun.
     """
-    best = choose_subnetwork_run(entry["points"], run.eval_key(recipe))
+    folder = run.opts.out / "conjecture" / recipe.name
+    if (folder / "result.json").is_file():
+        return json.loads((folder / "result.json").read_text())
+    best = choose_subnetwork_run(entry["points"], run.eval_key(recipe), run.opts.learned_gain)
     lr = best["learning_rate"]
     full = run.opts.out / best["checkpoint"]
-    sub = run.opts.out / "conjecture" / recipe.name / "sub"
-    mask_path = run.opts.out / "conjecture" / recipe.name / "subnetwork.mask.safetensors"
+    sub = folder / "sub"
+    mask_path = folder / "subnetwork.mask.safetensors"
     mask = measure.subnetwork_mask(run.base_path, full, mask_path, tolerance)
     density = mask.density
     run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance})")
     if density == 0:
         # Nothing to retrain: the full run moved no weight beyond the tolerance.
-        return {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
-                "mask_tolerance": tolerance, "mask_density": 0.0, "full_checkpoint": best["checkpoint"],
-                "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
-    rows = build_rows(run, recipe)
-    trained = train_one(run, recipe, lr, rows, sub, mask=mask)
-    same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
-    outside = measure.changed_outside(run.base_path, sub, mask)
-    return {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
-            "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"],
-            "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
-            "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"]},
-            "identical_share": same["sparsity"],
-            "loss": {"full": best["log_history"], "sub": trained["log_history"]},
-            "changed_outside_mask": outside}
+        result = {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
+                  "mask_tolerance": tolerance, "mask_density": 0.0, "full_checkpoint": best["checkpoint"],
+                  "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
+    else:
+        rows = build_rows(run, recipe)
+        trained = train_one(run, recipe, lr, rows, sub, mask=mask)
+        same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
+        outside = measure.changed_outside(run.base_path, sub, mask)
+        result = {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
+                  "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"],
+                  "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
+                  "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"]},
+                  "identical_share": same["sparsity"],
+                  "loss": {"full": best["log_history"], "sub": trained["log_history"]},
+                  "step_cost": trained.get("step_cost"), "changed_outside_mask": outside}
+    _write_json(folder / "result.json", result)
+    return result
 
 
-def choose_subnetwork_run(points: list[dict], family: str) -> dict:
-    """The sparsest point whose accuracy gain is at least LEARNED_GAIN, else the largest-gain point."""
-    learned = [p for p in points if p["accuracy_gain"].get(family, float("-inf")) >= LEARNED_GAIN]
+def choose_subnetwork_run(points: list[dict], family: str, learned_gain: float = LEARNED_GAIN) -> dict:
+    """The sparsest point whose accuracy gain is at least ``learned_gain``, else the largest-gain point."""
+    learned = [p for p in points if p["accuracy_gain"].get(family, float("-inf")) >= learned_gain]
     if learned:
         return max(learned, key=lambda p: p["sparsity"][measure.PAPER_TOLERANCE])
     return max(points, key=lambda p: p["accuracy_gain"].get(family, float("-inf")))
@@ -387,14 +500,19 @@ def _versions() -> dict:
 
 
 def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = False) -> Path:
-    """Run recipes (by name, path or "all") into one run folder and render the report.
+    """Run recipes (by name, path, "all", or the "real" suite) into one run folder and render the report.
+
+    Every cell (recipe x learning rate, and each Conjecture 1 rerun) lands on disk atomically as it
+    finishes; ``resume=True`` continues a run folder, reading finished cells back instead of
+    rerunning them (recipes may be added on resume).
 
     Args:
-        names: Recipe names or JSON paths, or "all" for every built-in recipe.
+        names: Recipe names or JSON paths, "all" for every built-in tiny-base recipe, or "real" for
+            the pre-registered real-base suite (which sets the base, tasks and thresholds).
         opts: Shared options (output folder, base/model, device, quick, precision).
         log: Progress printer.
-        resume: Continue the lab run already in ``opts.out``; without it an existing run folder
-            is refused (two runs merged into one folder would be reported as one).
+        resume: Continue the run in ``opts.out`` (it must hold one); without it, a folder holding a
+            run is refused.
 
     Returns:
         The run folder.
@@ -414,16 +532,24 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     if opts.compute not in ("auto", "bfloat16", "float32") or opts.weights not in ("bfloat16", "float32"):
         raise UsageError(f"compute {opts.compute!r} / weights {opts.weights!r}: expected compute auto, bfloat16 "
                          "or float32 and weights float32 or bfloat16")
-    if names == "all" or names == ["all"]:
+    if names in ("real", ["real"]) or opts.real_base:
+        # The real base comes with its suite: chat tasks, test sets and pre-registered thresholds.
+        suite_names = apply_suite(opts, load_suite("real"))
+        names = suite_names if names in ("real", ["real"], "all", ["all"]) else names
+    elif names == "all" or names == ["all"]:
         names = recipe_names()
-    recipes = [load_recipe(n) for n in ([names] if isinstance(names, str) else names)]
+    suite = "real" if opts.real_base else None
+    recipes = [load_recipe(n, suite=suite) for n in ([names] if isinstance(names, str) else names)]
     if opts.quick:
         recipes = [r.quickened() for r in recipes]
     out = Path(opts.out)
-    if out.exists() and any(out.iterdir()) and not (out / "run.json").is_file():
+    held = (out / "run.json").is_file()
+    if held and not resume:
+        raise OutputError(f"{out} already holds a lab run; resume it (--resume) or choose a new --out")
+    if resume and not held:
+        raise OutputError(f"{out} holds no lab run (no run.json) to resume; start one without --resume")
+    if out.exists() and any(out.iterdir()) and not held:
         raise OutputError(f"{out} exists and is not an rlsparse lab run folder; pass an empty or new --out")
-    if (out / "run.json").is_file() and not resume:
-        raise OutputError(f"{out} already holds a lab run; pass --resume to continue it, or a new --out")
     out.mkdir(parents=True, exist_ok=True)
     opts.out = out
     _quiet()
@@ -431,7 +557,15 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         torch.set_num_threads(max(1, opts.threads))
     run = _Run(opts, log)
     started = time.time()
-    if opts.model:
+    if opts.real_base:
+        from rlsparse.lab.real import ensure_real_base, real_metadata
+
+        log(f"base: converting or reusing the real base {opts.real_base} ...")
+        run.base_path = ensure_real_base(opts.real_base, opts.cache_dir)
+        meta = real_metadata(run.base_path) or {}
+        log(f"base: {run.base_path} ({meta.get('num_parameters')} parameters, source sha256 "
+            f"{str(meta.get('source_sha256'))[:12]}, folder sha256 {str(meta.get('folder_sha256'))[:12]})")
+    elif opts.model:
         run.base_path = Path(opts.model)
         log(f"model: {run.base_path}")
     else:
@@ -443,27 +577,40 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         acc = ", ".join(f"{k} {v:.1%}" for k, v in (meta.get("test_accuracy") or {}).items())
         log(f"base: {run.base_path} ({meta.get('num_parameters')} parameters, {meta.get('steps_trained')} steps, "
             f"held-out accuracy {acc})")
+    previous = json.loads((out / "run.json").read_text()) if held else None
     _link_base(out, run.base_path)
     run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base": str(run.base_path),
+                "created": previous["created"] if previous else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "base": str(run.base_path), "real_base": opts.real_base,
                 "base_metadata": base_metadata(run.base_path), "device": opts.device, "quick": opts.quick,
                 "threads": opts.threads if opts.device == "cpu" else None,
                 "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": opts.n_test,
+                "style": opts.style, "test_families": opts.test_families, "max_new_tokens": opts.max_new_tokens,
+                "rank_matrices": opts.rank_matrices,
+                "learned_gain": opts.learned_gain, "preregistered": opts.preregistered,
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
                 "recipes": [r.to_dict() for r in recipes],
-                "seeds": {r.name: r.seed for r in recipes}, "versions": _versions()}
+                "seeds": {r.name: r.seed for r in recipes}, "versions": _versions(),
+                "sessions": (previous or {}).get("sessions", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
+    _check_same_run(previous, run_meta)
     _write_json(out / "run.json", run_meta)
     results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {}}
+    conj = [r for r in recipes if r.conjecture] if opts.conjecture else []
+    progress = Progress(sum(len(r.learning_rates) for r in recipes) + len(conj), log)
     for recipe in recipes:
         log(f"recipe {recipe.name} ({recipe.algorithm}, {recipe.data}, family {recipe.family})")
-        results["recipes"][recipe.name] = run_recipe(run, recipe)
+        results["recipes"][recipe.name] = run_recipe(run, recipe, progress)
         _write_json(out / "results.json", results)
-    if opts.conjecture:
-        for recipe in recipes:
-            if recipe.conjecture:
-                results["conjecture"][recipe.name] = run_conjecture(run, recipe, results["recipes"][recipe.name])
-                _write_json(out / "results.json", results)
+    for recipe in conj:
+        start = time.time()
+        finished = (out / "conjecture" / recipe.name / "result.json").is_file()
+        results["conjecture"][recipe.name] = run_conjecture(run, recipe, results["recipes"][recipe.name])
+        if finished:
+            progress.skip(f"conjecture 1 on {recipe.name}")
+        else:
+            progress.finish(f"conjecture 1 on {recipe.name}", time.time() - start)
+        _write_json(out / "results.json", results)
     results["seconds"] = round(time.time() - started, 1)
     _write_json(out / "results.json", results)
     if opts.report:
@@ -488,6 +635,46 @@ def _link_base(out: Path, base: Path) -> None:
 def _require_lab_extras() -> None:
     for module in ("transformers", "trl", "datasets", "accelerate"):
         require(module, "lab")
+
+
+# What must not change between the sessions of one resumed run: a finished cell measured against
+# another base or another test set would be silently mixed with the new ones.
+_SAME_ACROSS_SESSIONS = ("base", "real_base", "dataset", "eval_family", "n_test", "style", "test_families",
+                         "max_new_tokens", "precision")
+
+
+def _check_same_run(previous: dict | None, current: dict) -> None:
+    if previous is None:
+        return
+    changed = [k for k in _SAME_ACROSS_SESSIONS if k in previous and previous[k] != current[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: {previous[k]!r} then, {current[k]!r} now" for k in changed)
+        raise UsageError(f"cannot resume: the run was started with other settings ({diffs}); "
+                         "resume with the same options or start a new --out")
+    old = {r["name"]: r for r in previous.get("recipes", [])}
+    moved = [r["name"] for r in current["recipes"] if r["name"] in old and old[r["name"]] != r]
+    if moved:
+        raise UsageError(f"cannot resume: recipes {moved} changed since the run started (their finished cells "
+                         "would mix two settings); restore them or start a new --out")
+
+
+def apply_suite(opts: LabOptions, suite) -> list[str]:
+    """Set a suite's base, tasks and pre-registered thresholds on ``opts``; return its recipe names."""
+    opts.real_base = suite.base
+    opts.style = suite.style
+    opts.eval_family = suite.eval_family
+    opts.test_families = list(suite.test_families)
+    opts.max_new_tokens = suite.max_new_tokens
+    opts.n_test = dict(suite.quick_n_test if opts.quick else suite.n_test)
+    opts.learned_gain = suite.preregistered["learned_gain"]
+    opts.preregistered = dict(suite.preregistered)
+    opts.eval_batch, opts.sample_batch = suite.eval_batch, suite.sample_batch
+    opts.rank_matrices = suite.rank_matrices
+    if opts.compute == "auto":
+        opts.compute = suite.compute
+    if opts.threads == 1:
+        opts.threads = suite.threads
+    return list(suite.quick_recipes if opts.quick else suite.recipes)
 
 
 def _stored_dtype(path: Path) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -17,6 +18,12 @@ from rlsparse.errors import UsageError
 
 FAMILIES = ("add", "sub", "mul")
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
+# Prompt styles: "plain" is the tiny base's "12+34=" (the answer is the completion's first word);
+# "chat" is a question for an instruction-tuned model, sent through its chat template (the answer
+# is the last number of the reply).
+STYLES = ("plain", "chat")
+_QUESTION = "What is {a} {sym} {b}? Reply with just the number."
+_NUMBER = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
@@ -30,9 +37,10 @@ class Problem:
     prompt: str
     answer: str
     family: str
+    style: str = "plain"
 
     def to_row(self) -> dict:
-        return {"prompt": self.prompt, "answer": self.answer, "family": self.family}
+        return {"prompt": self.prompt, "answer": self.answer, "family": self.family, "style": self.style}
 
 
 def _operands(family: str, digits: int) -> list[tuple[int, int]]:
@@ -51,15 +59,21 @@ def solve(family: str, a: int, b: int) -> int:
     return {"add": a + b, "sub": a - b, "mul": a * b}[family]
 
 
-def all_problems(family: str, digits: int = 2) -> list[Problem]:
-    """Every problem of a family, in a fixed canonical order."""
+def all_problems(family: str, digits: int = 2, style: str = "plain") -> list[Problem]:
+    """Every problem of a family, in a fixed canonical order, with prompts in ``style``."""
     if digits < 1 or digits > 4:
         raise UsageError(f"digits={digits} is out of range; expected 1 to 4 (the tiny model's context is short)")
+    if style not in STYLES:
+        raise UsageError(f"prompt style {style!r} is unknown; expected one of {', '.join(STYLES)}")
     sym = _SYMBOL.get(family)
-    return [Problem(f"{a}{sym}{b}=", str(solve(family, a, b)), family) for a, b in _operands(family, digits)]
+    ops = _operands(family, digits)
+    if style == "chat":
+        return [Problem(_QUESTION.format(a=a, sym=sym, b=b), str(solve(family, a, b)), family, "chat") for a, b in ops]
+    return [Problem(f"{a}{sym}{b}=", str(solve(family, a, b)), family) for a, b in ops]
 
 
-def split(family: str, *, seed: int, n_test: int = 200, digits: int = 2) -> tuple[list[Problem], list[Problem]]:
+def split(family: str, *, seed: int, n_test: int = 200, digits: int = 2,
+          style: str = "plain") -> tuple[list[Problem], list[Problem]]:
     """Deterministic, disjoint train/test split of a task family.
 
     Args:
@@ -67,6 +81,7 @@ def split(family: str, *, seed: int, n_test: int = 200, digits: int = 2) -> tupl
         seed: Shuffling seed; the same seed gives the same split everywhere.
         n_test: Size of the held-out test split.
         digits: Digits per operand.
+        style: "plain" prompts (``12+34=``) or "chat" questions; the split is the same for both.
 
     Returns:
         (train, test) lists of Problem.
@@ -76,7 +91,7 @@ def split(family: str, *, seed: int, n_test: int = 200, digits: int = 2) -> tupl
         >>> len(set(p.prompt for p in train) & set(p.prompt for p in test))
         0
     """
-    problems = all_problems(family, digits)
+    problems = all_problems(family, digits, style)
     if n_test >= len(problems):
         raise UsageError(f"n_test={n_test} leaves no training problems ({family} has {len(problems)}); lower n_test")
     rng = random.Random(f"{family}:{digits}:{seed}")
@@ -100,7 +115,25 @@ def extract_answer(completion) -> str:
     return text
 
 
-def reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+def extract_number(completion) -> str:
+    """The last integer in a completion (commas in numbers ignored), or "" if it has none.
+
+    Example:
+        >>> extract_number("63 + 59 = 122.")
+        '122'
+    """
+    if isinstance(completion, list):
+        completion = completion[-1]["content"] if completion else ""
+    found = _NUMBER.findall(completion.replace(",", ""))
+    return found[-1] if found else ""
+
+
+def answer_of(completion, style: str = "plain") -> str:
+    """The answer a completion gives, read the way its prompt style asks for."""
+    return extract_number(completion) if style == "chat" else extract_answer(completion)
+
+
+def reward(completions: list, answer: list[str], style: list[str] | None = None, **kwargs) -> list[float]:
     """Exact-answer reward, usable directly as a TRL GRPO reward function.
 
     TRL passes the dataset's extra columns as keyword arguments, so a dataset with an
@@ -109,6 +142,7 @@ def reward(completions: list, answer: list[str], **kwargs) -> list[float]:
     Args:
         completions: Generated completions (strings or conversational message lists).
         answer: The expected answers, one per completion.
+        style: Optional prompt style per completion ("chat": the last number of the reply counts).
 
     Returns:
         1.0 where the completion's answer equals the expected answer exactly, else 0.0.
@@ -119,7 +153,14 @@ def reward(completions: list, answer: list[str], **kwargs) -> list[float]:
     """
     if len(completions) != len(answer):
         raise UsageError(f"reward got {len(completions)} completions but {len(answer)} answers; pass one answer each")
-    return [1.0 if extract_answer(c) == str(a).strip() else 0.0 for c, a in zip(completions, answer)]
+    styles = style if style is not None else ["plain"] * len(answer)
+    return [1.0 if answer_of(c, s) == str(a).strip() else 0.0 for c, a, s in zip(completions, answer, styles)]
+
+
+def prompt_texts(problems: list[Problem], tokenizer) -> list[str]:
+    """The exact text a model is given for each problem: chat prompts through the tokenizer's template."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True,
+                                          tokenize=False) if p.style == "chat" else p.prompt for p in problems]
 
 
 def load_jsonl(path: str | os.PathLike) -> list[Problem]:
@@ -147,3 +188,11 @@ def load_jsonl(path: str | os.PathLike) -> list[Problem]:
 def rows(problems: Iterable[Problem]) -> list[dict]:
     """Problems as dataset rows (prompt, answer, family columns)."""
     return [p.to_row() for p in problems]
+
+
+def encode_prompts(problems: list[Problem], tokenizer, device="cpu"):
+    """Left-padded input tensors for generation; chat prompts already hold their special tokens."""
+    chat = any(p.style == "chat" for p in problems)
+    tokenizer.padding_side = "left"
+    return tokenizer(prompt_texts(problems, tokenizer), return_tensors="pt", padding=True,
+                     add_special_tokens=not chat).to(device)

