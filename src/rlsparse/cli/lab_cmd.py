@@ -42,6 +42,8 @@ def add_lab_parser(sub) -> None:
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
     run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")
+    run.add_argument("--seeds", metavar="S,S,...", default=None,
+                     help="run every recipe with these seeds (e.g. 0,1,2), replacing the recipes' own")
     run.set_defaults(func=_run)
 
     report = labsub.add_parser("report", help="render report.html and report.md for a run folder")
@@ -68,14 +70,22 @@ def _run(args: argparse.Namespace) -> int:
     from rlsparse.lab.base import BaseConfig
     from rlsparse.lab.runner import LabOptions, run_lab
 
+    from rlsparse.errors import UsageError
+
     names = args.recipes if args.recipes == "all" else [n for n in args.recipes.split(",") if n]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds is not None else None
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers such as 0,1,2")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
                       checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
                       compute={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[args.compute],
                       weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
-                      base=BaseConfig().with_overrides(args.base))
+                      base=BaseConfig().with_overrides(args.base), seeds=seeds)
     run_dir = run_lab(names, opts)
     print(f"run folder: {run_dir}")
     return 0

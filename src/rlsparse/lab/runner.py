@@ -14,10 +14,11 @@ Run folder layout::
 from __future__ import annotations
 
 import json
+import math
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rlsparse.errors import OutputError, UsageError
@@ -25,7 +26,8 @@ from rlsparse.io.atomic import write_json
 from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
-from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, recipe_names
+from rlsparse.lab.preregistration import load_preregistration
+from rlsparse.lab.recipes import Recipe, load_recipe, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
 from rlsparse.lab.trace import sparsity_trace
 
@@ -51,15 +53,16 @@ class LabOptions:
         base: Config of the tiny base (used when ``model`` is None).
         cache_dir: Where cached bases live (default ``~/.cache/rlsparse/lab``).
         eval_family: The task whose held-out accuracy is "the task" (the base's own task).
-        n_test: Held-out problems per family.
+        n_test: Held-out problems per family (at most the tiny base's own held-out split).
         conjecture: Run the Conjecture 1 reruns for recipes that ask for them.
         report: Render the report at the end.
         max_new_tokens: Answer length budget for evaluation and policy sampling (raise it for real data;
             GRPO's own budget is the recipe's ``trl.max_completion_length``).
         threads: CPU threads for torch. One is the default: the models are tiny, and on a shared
             machine two threads waiting on each other ran 3x slower than one.
-        trace: Record sparsity along training (bf16 and fp32 views; keeps one fp32 copy of the
-            starting weights in memory). Turn off for large ``--model`` runs.
+        trace: Record sparsity along training (bf16 and fp32 views) and the net-drift ratio (keeps
+            three fp32 copies of the weights in memory). Turn off for large ``--model`` runs.
+        seeds: Seeds for every recipe, replacing each recipe's own ``seeds`` (None keeps them).
     """
 
     out: Path
@@ -73,12 +76,13 @@ class LabOptions:
     base: BaseConfig = field(default_factory=BaseConfig)
     cache_dir: str | None = None
     eval_family: str = "add"
-    n_test: int = 200
+    n_test: int = 1000
     conjecture: bool = True
     report: bool = True
     max_new_tokens: int = 6
     threads: int = 1
     trace: bool = True
+    seeds: list[int] | None = None
 
 
 class _Run:
@@ -90,6 +94,8 @@ class _Run:
         self._base_acc: dict = {}
         self.base_path: Path | None = None
         self._jsonl: list[Problem] | None = load_jsonl(opts.dataset) if opts.dataset else None
+        self.n_test = opts.n_test
+        self._start_acc: dict = {}
 
     def problems(self, family: str) -> tuple[list[Problem], list[Problem]]:
         if self._jsonl is not None:
@@ -100,7 +106,7 @@ class _Run:
             n_test = min(self.opts.n_test, max(1, len(rows) // 10))
             return rows[n_test:], rows[:n_test]
         # The base's own split (its seed): held-out problems were never in its pretraining corpus.
-        return split(family, seed=self.opts.base.seed, n_test=self.opts.n_test, digits=self.opts.base.digits)
+        return split(family, seed=self.opts.base.seed, n_test=self.n_test, digits=self.opts.base.digits)
 
     def test_sets(self, recipe: Recipe) -> dict[str, list[Problem]]:
         if self._jsonl is not None:
@@ -119,6 +125,21 @@ class _Run:
             for f in missing:
                 self._base_acc[f] = accuracy(model, tok, tests[f], max_new_tokens=self.opts.max_new_tokens)
         return {f: self._base_acc[f] for f in tests}
+
+    def start_accuracy(self, recipe: Recipe, start: Path) -> dict[str, float]:
+        """Held-out accuracy of a recipe's own starting model (a pre-SFT model), cached by folder."""
+        if start == self.base_path:
+            return self.base_accuracy(recipe)
+        if start not in self._start_acc:
+            model, tok = load_model(start, self.opts.device)
+            self._start_acc[start] = {f: accuracy(model, tok, probs, max_new_tokens=self.opts.max_new_tokens)
+                                      for f, probs in self.test_sets(recipe).items()}
+        return self._start_acc[start]
+
+    def probe_pairs(self) -> list[tuple[str, str]]:
+        """The fixed KL probe set: the first 256 held-out problems of the evaluation task with their answers."""
+        family = "jsonl" if self._jsonl is not None else self.opts.eval_family
+        return [(p.prompt, p.answer) for p in self.problems(family)[1][:256]]
 
     def policy_samples(self, recipe: Recipe, problems: list[Problem]):
         key = (recipe.family, len(problems), recipe.samples_per_prompt, recipe.seed)
@@ -158,6 +179,10 @@ def build_rows(run: _Run, recipe: Recipe) -> list[dict]:
     samples = run.policy_samples(recipe, train)
     if recipe.algorithm in ("sft", "rft"):
         rows = labdata.rft_rows(train, samples)
+    elif recipe.data == "random_rejected":
+        rows = labdata.random_rejected_pairs(train, samples, seed=recipe.seed)
+    elif recipe.data == "format_pairs":
+        rows = labdata.format_pairs(train, samples)
     else:
         rows = labdata.policy_pairs(train, samples)
     if not rows:
@@ -227,7 +252,8 @@ def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str, autocast_b
         raise UsageError(f"recipe {recipe.name}: TRL rejected the config ({exc}); fix the recipe") from None
 
 
-def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask=None) -> dict:
+def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask=None,
+              start: Path | None = None) -> dict:
     """Train one recipe at one learning rate from the base; save the checkpoint; return its log.
 
     Training goes through ``rlsparse.train.trainers.build_trainer``, the path ``rlsparse train``
@@ -245,7 +271,7 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
     _set_seed(recipe.seed)
     precision = resolve_precision(run.opts)
-    model, tok = load_model(run.base_path, run.opts.device, weights=precision["master_weights"])
+    model, tok = load_model(start or run.base_path, run.opts.device, weights=precision["master_weights"])
     name = _TRAINER.get(recipe.algorithm, recipe.algorithm)
     tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
@@ -272,7 +298,17 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
            for f, probs in run.test_sets(recipe).items()}
     return {"seconds": round(seconds, 2), "accuracy": acc, "rows": len(rows), "log_history": history,
             "trainer": trainer_name, "trl_config": effective,
-            "trace": tracer.trace if tracer is not None else None}
+            "trace": tracer.trace if tracer is not None else None,
+            "net_drift": tracer.drift if tracer is not None else None,
+            "clip_active_share": _clip_share(history, effective.get("max_grad_norm"))}
+
+
+def _clip_share(history: list[dict], max_norm) -> float | None:
+    """Share of logged steps whose pre-clipping gradient norm exceeded ``max_grad_norm`` (clipping acted)."""
+    norms = [h["grad_norm"] for h in history if isinstance(h.get("grad_norm"), (int, float))]
+    if not max_norm or not norms:
+        return None
+    return sum(n > float(max_norm) for n in norms) / len(norms)
 
 
 _RECORDED = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -295,65 +331,176 @@ def _lr_label(lr: float) -> str:
 
 
 def run_recipe(run: _Run, recipe: Recipe) -> dict:
-    """Run one recipe over its learning-rate sweep; returns its results entry."""
-    rows = build_rows(run, recipe)
-    base_acc = run.base_accuracy(recipe)
-    points = []
-    for lr in recipe.learning_rates:
-        folder = run.opts.out / "runs" / recipe.name / f"lr-{_lr_label(lr)}"
-        run.log(f"  {recipe.name}: lr={lr:g}, {recipe.steps} steps on {len(rows)} rows")
-        trained = train_one(run, recipe, lr, rows, folder)
-        sp = measure.sparsity(run.base_path, folder)
-        rank = measure.update_rank(run.base_path, folder)
-        point = {"learning_rate": lr, "checkpoint": str(folder.relative_to(run.opts.out)), **trained,
-                 "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
-                 "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
-                 "update_rank": rank["mean_rank_fraction"],
-                 "accuracy_gain": {f: trained["accuracy"][f] - base_acc.get(f, float("nan"))
-                                   for f in trained["accuracy"]}}
-        _write_json(folder / "metrics.json", {k: v for k, v in point.items() if k != "grid"})
-        run.log(f"    sparsity@1e-5 {sp['sparsity']['1e-05']:.1%}, accuracy "
-                + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items()))
-        points.append(point)
-    return {"recipe": recipe.to_dict(), "rows": len(rows), "base_accuracy": base_acc, "points": points}
+    """Run one recipe over its learning-rate sweep, once per seed; returns its results entry.
+
+    Every point records, besides sparsity and accuracy, the measurements the verdicts match on:
+    KL(start || finetuned) on the fixed probe set, ||Δθ|| in fp32, the rank of the update next to
+    the rank of the same entries at random positions, the share of steps where clipping acted and
+    the net-drift ratio of the fp32 master weights.
+    """
+    points, entry = [], {}
+    for seed in recipe.seeds:
+        seeded = replace(recipe, seed=seed)
+        rows = build_rows(run, seeded)
+        start = _pre_sft(run, seeded, rows) if recipe.pre_sft else run.base_path
+        start_acc = run.start_accuracy(seeded, start)
+        if not entry:
+            entry = {"recipe": recipe.to_dict(), "rows": len(rows), "base_accuracy": start_acc,
+                     "data_nll": _data_nll(run, start, rows)}
+        for lr in recipe.learning_rates:
+            folder = run.opts.out / "runs" / recipe.name / _point_label(lr, seed, recipe.seeds[0])
+            run.log(f"  {recipe.name}: lr={lr:g}, seed {seed}, {recipe.steps} steps on {len(rows)} rows")
+            trained = train_one(run, seeded, lr, rows, folder, start=start)
+            point = _measure_point(run, start, folder, trained, start_acc)
+            point.update(learning_rate=lr, seed=seed, start=_relative(run, start))
+            _write_json(folder / "metrics.json", {k: v for k, v in point.items() if k != "grid"})
+            run.log(f"    sparsity@1e-5 {point['sparsity']['1e-05']:.1%}, KL {point['probe_kl']:.2e}, accuracy "
+                    + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items()))
+            points.append(point)
+    return {**entry, "points": points}
+
+
+def _point_label(lr: float, seed: int, first_seed: int) -> str:
+    return f"lr-{_lr_label(lr)}" + ("" if seed == first_seed else f"-seed{seed}")
+
+
+def _relative(run: _Run, path: Path) -> str:
+    try:
+        return str(Path(path).relative_to(run.opts.out))
+    except ValueError:
+        return "base"
+
+
+def _measure_point(run: _Run, start: Path, folder: Path, trained: dict, start_acc: dict) -> dict:
+    sp = measure.sparsity(start, folder)
+    rank = measure.update_rank(start, folder)
+    control = measure.random_rank_control(start, folder)
+    before, tok = load_model(start, run.opts.device)
+    after, _ = load_model(folder, run.opts.device)
+    kl = measure.probe_kl(before, after, tok, run.probe_pairs())
+    del before, after
+    return {"checkpoint": str(folder.relative_to(run.opts.out)), **trained,
+            "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
+            "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
+            "update_rank": rank["mean_rank_fraction"], "update_rank_random_control": control["mean_rank_fraction"],
+            "probe_kl": kl, "delta_norm": measure.delta_norm(start, folder),
+            "accuracy_gain": {f: trained["accuracy"][f] - start_acc.get(f, float("nan"))
+                              for f in trained["accuracy"]}}
+
+
+def _data_nll(run: _Run, start: Path, rows: list[dict], limit: int = 512) -> dict:
+    """Per-token NLL of each target column of the training data under the recipe's starting policy."""
+    model, tok = load_model(start, run.opts.device)
+    out = {}
+    for column in ("completion", "chosen", "rejected", "answer"):
+        pairs = [(r["prompt"], r[column]) for r in rows[:limit] if isinstance(r.get(column), str)]
+        if pairs:
+            out[column] = measure.dataset_nll(model, tok, pairs)
+    return out
+
+
+def _pre_sft(run: _Run, recipe: Recipe, rows: list[dict]) -> Path:
+    """SFT the base on the chosen answers of a recipe's pairs (Table 5's manipulation); the recipe's start."""
+    folder = run.opts.out / "runs" / recipe.name / f"pre-sft-seed{recipe.seed}"
+    sft = replace(recipe, name=f"{recipe.name}-pre-sft", algorithm="sft", data="ground_truth", trl={},
+                  steps=int(recipe.pre_sft["steps"]), learning_rates=[float(recipe.pre_sft["learning_rate"])],
+                  pre_sft=None, conjecture=False)
+    sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    run.log(f"  {recipe.name}: SFT first on {len(sft_rows)} chosen answers, lr {sft.learning_rates[0]:g}, "
+            f"{sft.steps} steps")
+    trained = train_one(run, sft, sft.learning_rates[0], sft_rows, folder)
+    _write_json(folder / "metrics.json", {k: v for k, v in trained.items() if k != "trace"})
+    return folder
 
 
 def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = measure.PAPER_TOLERANCE) -> dict:
-    """Conjecture 1: retrain from the same start, same data/seed/steps, updating only the full run's subnetwork.
+    """Conjecture 1 with its controls: retrain from the same start, same data/seed/steps, updating only
+    the full run's subnetwork; then a random mask of the same per-tensor density, and a reseeded full run.
 
-    The full run used is the sparsest sweep point that learned (held-out gain of at least
-    LEARNED_GAIN: the conjecture only means something where the full run improved the task and
-    its subnetwork is a real subset); if none learned, the point with the largest gain.
+    The full run is the recipe's pre-registered ``conjecture_lr`` at its first seed. Without one, the
+    sparsest point that learned (a best-case selection, labelled so in the result and the report).
     """
-    best = choose_subnetwork_run(entry["points"], run.eval_key(recipe))
-    lr = best["learning_rate"]
+    firsts = [p for p in entry["points"] if p.get("seed", recipe.seeds[0]) == recipe.seeds[0]]
+    if recipe.conjecture_lr is not None:
+        chosen = [p for p in firsts if math.isclose(p["learning_rate"], recipe.conjecture_lr, rel_tol=1e-9)]
+        if not chosen:
+            raise UsageError(f"recipe {recipe.name}: conjecture_lr {recipe.conjecture_lr:g} is not one of its "
+                             f"learning_rates {recipe.learning_rates}; add it to the sweep")
+        best, selection = chosen[0], "pre-registered (conjecture_lr in the recipe)"
+    else:
+        best = choose_subnetwork_run(firsts, run.eval_key(recipe))
+        selection = "best case (chosen after the sweep: the sparsest point that learned)"
+    lr, seed = best["learning_rate"], recipe.seeds[0]
+    seeded = replace(recipe, seed=seed)
+    start = run.opts.out / best["start"] if best.get("start", "base") != "base" else run.base_path
     full = run.opts.out / best["checkpoint"]
-    sub = run.opts.out / "conjecture" / recipe.name / "sub"
-    mask_path = run.opts.out / "conjecture" / recipe.name / "subnetwork.mask.safetensors"
-    mask = measure.subnetwork_mask(run.base_path, full, mask_path, tolerance)
+    root = run.opts.out / "conjecture" / recipe.name
+    mask_path = root / "subnetwork.mask.safetensors"
+    mask = measure.subnetwork_mask(start, full, mask_path, tolerance)
     density = mask.density
-    run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance})")
+    common = {"recipe": recipe.name, "learning_rate": lr, "seed": seed, "steps": recipe.steps, "selection": selection,
+              "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"]}
+    run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance}), {selection}")
     if density == 0:
         # Nothing to retrain: the full run moved no weight beyond the tolerance.
-        return {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
-                "mask_tolerance": tolerance, "mask_density": 0.0, "full_checkpoint": best["checkpoint"],
-                "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
-    rows = build_rows(run, recipe)
-    trained = train_one(run, recipe, lr, rows, sub, mask=mask)
+        return {**common, "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
+    rows = build_rows(run, seeded)
+    sub = root / "sub"
+    trained = train_one(run, seeded, lr, rows, sub, mask=mask, start=start)
     same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
-    outside = measure.changed_outside(run.base_path, sub, mask)
-    return {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
-            "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"],
-            "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
-            "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"]},
+    outside = measure.changed_outside(start, sub, mask)
+    # Control 1: the same number of trainable elements per tensor, at random positions.
+    rmask = random_mask_like(mask, seed=seed)
+    rmask.save(root / "random.mask.safetensors")
+    rand_dir = root / "random"
+    run.log(f"  conjecture 1 control on {recipe.name}: a random mask of the same per-tensor density")
+    rand = train_one(run, seeded, lr, rows, rand_dir, mask=rmask, start=start)
+    # Control 2: the full run again with another seed: how identical two full runs are by themselves.
+    other = next((p for p in entry["points"] if p.get("seed") not in (None, seed)
+                  and math.isclose(p["learning_rate"], lr, rel_tol=1e-9)), None)
+    if other is not None:
+        reseeded_dir, reseeded_acc = run.opts.out / other["checkpoint"], other["accuracy"]
+    else:
+        reseeded_dir = root / "reseeded"
+        run.log(f"  conjecture 1 control on {recipe.name}: the full run reseeded (seed {seed + 1})")
+        again = replace(recipe, seed=seed + 1)
+        reseeded_acc = train_one(run, again, lr, build_rows(run, again), reseeded_dir, start=start)["accuracy"]
+    reseeded_same = measure.sparsity(full, reseeded_dir, tolerances=("0", "1e-05", "1e-04"))
+    return {**common, "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
+            "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"], "random_mask": rand["accuracy"],
+                         "reseeded_full": reseeded_acc},
             "identical_share": same["sparsity"],
-            "loss": {"full": best["log_history"], "sub": trained["log_history"]},
-            "changed_outside_mask": outside}
+            "identical_share_random_mask": measure.sparsity(full, rand_dir, tolerances=("0", "1e-05", "1e-04"))["sparsity"],
+            "identical_share_reseeded_full": reseeded_same["sparsity"],
+            "reseeded_checkpoint": _relative(run, reseeded_dir),
+            "loss": {"full": best["log_history"], "sub": trained["log_history"], "random_mask": rand["log_history"]},
+            "changed_outside_mask": outside,
+            "changed_outside_random_mask": measure.changed_outside(start, rand_dir, rmask)}
 
 
-def choose_subnetwork_run(points: list[dict], family: str) -> dict:
-    """The sparsest point whose accuracy gain is at least LEARNED_GAIN, else the largest-gain point."""
-    learned = [p for p in points if p["accuracy_gain"].get(family, float("-inf")) >= LEARNED_GAIN]
+def random_mask_like(mask, seed: int = 0):
+    """A mask with exactly as many elements per tensor as ``mask``, placed uniformly at random."""
+    import torch
+
+    from rlsparse.masks import Mask
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in mask.names:
+        shape = tuple(mask.shape(name))
+        n = math.prod(shape)
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[torch.randperm(n, generator=gen)[:mask.count(name)]] = True
+        tensors[name] = flat.reshape(shape)
+    return Mask.from_tensors(tensors, tolerance=mask.meta.tolerance)
+
+
+def choose_subnetwork_run(points: list[dict], family: str, learned_gain: float | None = None) -> dict:
+    """The sparsest point whose accuracy gain is at least the pre-registered "learned" gain, else the largest-gain point."""
+    from rlsparse.lab.stats import at_least
+
+    threshold = load_preregistration()["learned_gain"] if learned_gain is None else learned_gain
+    learned = [p for p in points if at_least(p["accuracy_gain"].get(family, float("-inf")), threshold)]
     if learned:
         return max(learned, key=lambda p: p["sparsity"][measure.PAPER_TOLERANCE])
     return max(points, key=lambda p: p["accuracy_gain"].get(family, float("-inf")))
@@ -407,6 +554,8 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
     recipes = [load_recipe(n) for n in ([names] if isinstance(names, str) else names)]
     if opts.quick:
         recipes = [r.quickened() for r in recipes]
+    if opts.seeds:
+        recipes = [replace(r, seeds=list(opts.seeds), seed=opts.seeds[0]) for r in recipes]
     out = Path(opts.out)
     if out.exists() and any(out.iterdir()) and not (out / "run.json").is_file():
         raise OutputError(f"{out} exists and is not an rlsparse lab run folder; pass an empty or new --out")
@@ -429,17 +578,24 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print) -> Path:
         acc = ", ".join(f"{k} {v:.1%}" for k, v in (meta.get("test_accuracy") or {}).items())
         log(f"base: {run.base_path} ({meta.get('num_parameters')} parameters, {meta.get('steps_trained')} steps, "
             f"held-out accuracy {acc})")
+        # Held-out problems must come from the base's own held-out split, never its pretraining corpus.
+        own = int((meta.get("config") or {}).get("n_test", opts.n_test))
+        if own < opts.n_test:
+            log(f"  held-out sets: {own} problems per family (the base's own held-out split), not {opts.n_test}")
+            run.n_test = own
     run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base": str(run.base_path),
                 "base_metadata": base_metadata(run.base_path), "device": opts.device, "quick": opts.quick,
                 "threads": opts.threads if opts.device == "cpu" else None,
-                "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": opts.n_test,
+                "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": run.n_test,
+                "preregistration": load_preregistration().to_json(),
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
                 "recipes": [r.to_dict() for r in recipes],
                 "seeds": {r.name: r.seed for r in recipes}, "versions": _versions()}
     _write_json(out / "run.json", run_meta)
-    results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {}}
+    results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {},
+               "controls": {"spacing_share": measure.spacing_share(run.base_path)}}
     for recipe in recipes:
         log(f"recipe {recipe.name} ({recipe.algorithm}, {recipe.data}, family {recipe.family})")
         results["recipes"][recipe.name] = run_recipe(run, recipe)
