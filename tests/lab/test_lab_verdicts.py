@@ -245,3 +245,28 @@ def test_precision_view_compares_net_drift_of_rl_and_sft():
     f = precision.finding(_results(grpo=rl, sft_id=sft), PRE)
     assert f.data["net_drift_by_lr"][1e-5] == {"rl": 0.9, "sft": 0.5}
     assert "RL more sign-consistent at 3/3" in f.sentence
+
+
+# Scale trend ---------------------------------------------------------------------------------
+
+def test_scale_trend_orders_runs_by_size_and_reads_the_matched_gain(tmp_path):
+    import json
+
+    from rlsparse.lab.verdicts.scale import render_trend, trend
+
+    dirs = []
+    for n, rl in ((2_000_000, 0.7), (500_000, 0.4)):
+        r = _results(grpo=_entry("grpo", "grpo", True, {0: [(0.95, 0.0), (rl, 0.1), (0.1, 0.3)]}),
+                     sft_id=_entry("sft_id", "sft", False, {0: [(0.9, 0.0), (0.3, 0.1), (0.1, 0.3)]}))
+        r["run"]["base_metadata"] = {"num_parameters": n, "config": {"hidden_size": n // 10_000}}
+        d = tmp_path / f"run-{n}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(r))
+        dirs.append(d)
+    f = trend(dirs)
+    assert [(r["parameters"], r["rl"], r["sft"]) for r in f.data["rows"]] == [(500_000, 0.4, 0.3), (2_000_000, 0.7, 0.3)]
+    assert "+10.0 to +40.0 points" in f.sentence
+    md = render_trend(dirs, tmp_path / "scale")
+    assert md.read_text().count("| 500000 |") == 1
+    assert (tmp_path / "scale" / "figures" / "scale_trend.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "scale" / "scale.json").read_text())["schema_version"] == 1

@@ -17,7 +17,7 @@ add_parser = add_parsers
 def add_lab_parser(sub) -> None:
     lab = sub.add_parser("lab", help="the reproduction lab: run recipes on a tiny model and report",
                          description="Run the paper's experiments in miniature and report agreement.")
-    labsub = lab.add_subparsers(dest="lab_command", metavar="{run,report,list}")
+    labsub = lab.add_subparsers(dest="lab_command", metavar="{run,report,list,scale}")
     labsub.required = True
 
     run = labsub.add_parser("run", help="run one recipe, several (comma-separated) or all")
@@ -52,6 +52,11 @@ def add_lab_parser(sub) -> None:
 
     lst = labsub.add_parser("list", help="list the built-in recipes")
     lst.set_defaults(func=_list)
+
+    scale = labsub.add_parser("scale", help="sparsity at a matched gain vs model size, from several run folders")
+    scale.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="lab run folders (e.g. one per tiny-base width)")
+    scale.add_argument("--out", metavar="DIR", required=True, help="where scale.md, scale.json and the figure go")
+    scale.set_defaults(func=_scale)
 
 
 def add_demo_parser(sub) -> None:
@@ -96,6 +101,13 @@ def _report(args: argparse.Namespace) -> int:
 
     html, md = render(args.run_dir)
     print(f"report: {html}\nmarkdown: {md}")
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from rlsparse.lab.verdicts.scale import render_trend
+
+    print(f"scale trend: {render_trend(args.run_dirs, args.out)}")
     return 0
 
 
