@@ -154,3 +154,21 @@ def test_table5_control_data_vary_only_the_targets():
     assert all(r["rejected"] != r["chosen"] and len(r["rejected"]) == len(r["chosen"]) for r in rand)
     fmt = labdata.format_pairs(problems, samples)
     assert [(r["chosen"], r["rejected"]) for r in fmt] == [(r["chosen"][::-1], r["rejected"][::-1]) for r in policy]
+
+
+def test_seed_overlap_counts_a_known_intersection(tiny_base, tmp_path):
+    name = "model.layers.1.self_attn.q_proj.weight"
+
+    def bump(indices):
+        def edit(n, t):
+            if n == name:
+                t.view(-1)[indices] += 1.0
+            return t
+        return edit
+
+    _copy(tiny_base, tmp_path / "a", bump([0, 1, 2, 3]))
+    _copy(tiny_base, tmp_path / "b", bump([2, 3, 4]))
+    numel = sum(t.numel() for t in load_file(str(tiny_base / "model.safetensors")).values())
+    ov = measure.seed_overlap(tiny_base, tmp_path / "a", tmp_path / "b", tmp_path / "work")
+    assert ov["o1"] == 2 / 4 and ov["o2"] == 2 / 3
+    assert ov["o1_random"] == pytest.approx(3 / numel) and ov["o2_random"] == pytest.approx(4 / numel)

@@ -270,3 +270,22 @@ def test_scale_trend_orders_runs_by_size_and_reads_the_matched_gain(tmp_path):
     assert md.read_text().count("| 500000 |") == 1
     assert (tmp_path / "scale" / "figures" / "scale_trend.png").stat().st_size > 1000
     assert json.loads((tmp_path / "scale" / "scale.json").read_text())["schema_version"] == 1
+
+
+# Table 4 -------------------------------------------------------------------------------------
+
+def _overlap(o1, uniform, stratified):
+    e = _entry("grpo", "grpo", True, {0: [(0.5, 0.1)] * 3})
+    e["seed_overlap"] = [{"learning_rate": 1e-5, "seeds": [0, 1], "o1": o1, "o1_random": uniform,
+                          "o1_stratified": stratified}]
+    return _results(grpo=e)
+
+
+def test_table4_is_judged_against_the_stricter_null():
+    from rlsparse.lab.verdicts import table4
+
+    assert table4.finding(_overlap(0.666, 0.466, 0.50), PRE).verdict == "reproduces"
+    # beats the uniform null by 20 points, the stratified one by less than the 2-point margin
+    assert table4.finding(_overlap(0.666, 0.466, 0.655), PRE).verdict == "partly reproduces"
+    assert table4.finding(_overlap(0.666, 0.466, None), PRE).verdict == "partly reproduces"
+    assert table4.finding(_overlap(0.47, 0.466, 0.46), PRE).verdict == "does not reproduce at this scale"

@@ -18,7 +18,7 @@ from rlsparse.errors import CheckpointError
 from rlsparse.io.atomic import atomic_path, write_text
 from rlsparse.lab import stats
 from rlsparse.lab.preregistration import for_run
-from rlsparse.lab.verdicts import conjecture, figure1, figure5, kl_clip, precision, table2, table5, table6
+from rlsparse.lab.verdicts import conjecture, figure1, figure5, kl_clip, precision, table2, table4, table5, table6
 from rlsparse.lab.verdicts import plots as verdict_plots
 from rlsparse.lab.verdicts import render as verdict_text
 from rlsparse.lab.verdicts.common import Finding
@@ -95,7 +95,8 @@ def findings(results: dict) -> list[Finding]:
     thresholds pre-registered for that run (its ``run.json`` record, else the built-in file)."""
     prereg = for_run(results["run"])
     return [figure1.finding(results, prereg), table5.finding(results, prereg), table6.finding(results, prereg),
-            table2.finding(results, prereg), _layer_finding(results), kl_clip.finding(results, prereg),
+            table2.finding(results, prereg), _layer_finding(results), table4.finding(results, prereg),
+            kl_clip.finding(results, prereg),
             conjecture.finding(results, prereg), conjecture.figure4(results, prereg), figure5.finding(results, prereg),
             precision.finding(results, prereg)]
 

@@ -357,7 +357,22 @@ def run_recipe(run: _Run, recipe: Recipe) -> dict:
             run.log(f"    sparsity@1e-5 {point['sparsity']['1e-05']:.1%}, KL {point['probe_kl']:.2e}, accuracy "
                     + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items()))
             points.append(point)
-    return {**entry, "points": points}
+    return {**entry, "points": points, "seed_overlap": _seed_overlaps(run, recipe, points)}
+
+
+def _seed_overlaps(run: _Run, recipe: Recipe, points: list[dict]) -> list[dict]:
+    """Table 4: subnetwork overlap of the first two seeds at every learning rate (same start, same data recipe)."""
+    if len(recipe.seeds) < 2:
+        return []
+    out = []
+    for lr in recipe.learning_rates:
+        a, b = (next((p for p in points if p["seed"] == s and p["learning_rate"] == lr), None) for s in recipe.seeds[:2])
+        if a is None or b is None or a["start"] != "base":
+            continue  # different starts (pre-SFT per seed): not the same base to overlap against
+        with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as tmp:
+            ov = measure.seed_overlap(run.base_path, run.opts.out / a["checkpoint"], run.opts.out / b["checkpoint"], tmp)
+        out.append({"learning_rate": lr, "seeds": recipe.seeds[:2], **ov})
+    return out
 
 
 def _point_label(lr: float, seed: int, first_seed: int) -> str:
