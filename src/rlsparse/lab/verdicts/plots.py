@@ -40,8 +40,8 @@ def plot(f: Finding, figdir: Path) -> bool:
         for name, nll in f.data["nll"].items():
             pts = f.data["curves"][name]
             axes[1].scatter([nll] * len(pts), [100 * p["sparsity"] for p in pts], label=name, s=18)
-        axes[1].set_xlabel("per-token NLL of the training targets under the starting policy (nats)")
-        axes[1].set_ylabel("sparsity at 1e-5 (%), one point per learning rate")
+        axes[1].set_xlabel("target NLL under the starting policy (nats/token)")
+        axes[1].set_ylabel("sparsity at 1e-5 (%), one dot per lr")
         axes[1].legend(fontsize=7)
     else:
         fig, ax = plt.subplots(figsize=(6, 4))
