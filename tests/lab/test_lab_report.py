@@ -82,7 +82,8 @@ def test_render_writes_html_markdown_json_and_figures(tmp_path):
     text = md.read_text()
     assert "Verdict: reproduces" in text and "Paper:" in text and "Seeds:" in text
     assert "<img src='figures/sparsity_vs_lr.png'" in page.read_text()
-    for png in ("sparsity_vs_lr", "tolerance_sweep", "update_rank", "layer_matrix", "kl_clip", "conjecture_loss"):
+    for png in ("sparsity_vs_lr", "sparsity_vs_gain", "tolerance_sweep", "update_rank", "layer_matrix", "kl_clip",
+                "conjecture_loss"):
         assert (tmp_path / "figures" / f"{png}.png").stat().st_size > 1000
     report = json.loads((tmp_path / "report.json").read_text())
     assert [f["key"] for f in report["findings"]][0] == "sparsity_sft_vs_rl"

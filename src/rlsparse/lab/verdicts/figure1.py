@@ -128,5 +128,5 @@ def finding(results: dict, prereg) -> Finding:
                     "sparsity_at_matched_gain_by_seed": at_gain, "kl_at_matched_gain": kl_at_gain,
                     "delta_norm_at_matched_gain": norm_at_gain, "rl_minus_sft": [diff, lo, hi],
                     "rl_at_gain": rl_level, "sft_at_gain": sft_level, "matched": matched,
-                    "matched_lr_tally": tally, "matched_lrs": lrs},
+                    "matched_lr_tally": tally, "matched_lrs": lrs, "extra_figures": ["sparsity_vs_gain.png"]},
                    "sparsity_vs_lr.png", seeds_of(results, curves), rule, control, "pre-registered matched gain")

@@ -18,10 +18,31 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _sparsity_vs_gain(f: Finding, figdir: Path) -> None:
+    """Figure 1's verdict as a picture: sparsity against held-out gain, the matched gain marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in f.data["curves"].items():
+        style = "-o" if name in f.data["rl"] else "--x" if name in f.data["sft"] else ":."
+        ax.plot([100 * p["gain"] for p in pts], [100 * p["sparsity"] for p in pts], style, label=name)
+    ax.axvline(100 * f.data["matched_gain"], color="k", ls=":", lw=1, label="matched gain")
+    ax.set_xlabel("held-out accuracy gain on the recipe's own task (points), seed mean")
+    ax.set_ylabel("sparsity at 1e-5 (%), seed mean")
+    ax.legend(fontsize=7)
+    _save(fig, figdir / "sparsity_vs_gain.png")
+
+
 def plot(f: Finding, figdir: Path) -> bool:
     """Draw ``f``'s figure if this module owns it; True when handled (drawn, or drawn by another finding)."""
     if f.key == "figure4":
         return True  # shares conjecture_loss.png, drawn with the Conjecture 1 finding
+    if f.key == "sparsity_sft_vs_rl" and f.data.get("curves"):
+        _sparsity_vs_gain(f, figdir)
+        return False  # the learning-rate figure is report._plot's
     if f.key not in ("table5", "scale") or f.figure is None:
         return False
     import matplotlib

@@ -29,7 +29,8 @@ def preregistration_statement(results: dict) -> str:
 
 
 def finding_markdown(f: Finding) -> list[str]:
-    lines = []
+    lines = [f"![{name}](figures/{name})" for name in f.data.get("extra_figures", [])]
+    lines += [""] if lines else []
     if f.rule:
         lines += [f"Rule: {f.rule}", ""]
     if f.control:
@@ -41,7 +42,7 @@ def finding_markdown(f: Finding) -> list[str]:
 
 def finding_html(f: Finding) -> str:
     e = html.escape
-    out = ""
+    out = "".join(f"<img src='figures/{e(n)}' alt='{e(n)}'>" for n in f.data.get("extra_figures", []))
     if f.rule:
         out += f"<p><i>Rule:</i> {e(f.rule)}</p>"
     if f.control:
