@@ -41,11 +41,17 @@ def finding(results: dict, prereg) -> Finding:
     flat = [r for rs in rows.values() for r in rs]
     n, r = max(((n, r) for n, rs in rows.items() for r in rs), key=lambda t: t[1]["bf16"] - t[1]["fp32"])
     pure = (results["run"].get("precision") or {}).get("master_weights") == "bfloat16"
-    sentence = (f"The optimiser leaves {pct(min(x['fp32'] for x in flat))} to {pct(max(x['fp32'] for x in flat))} of "
-                f"fp32 master weights untouched, while the bf16 checkpoints read {pct(min(x['bf16'] for x in flat))} to "
-                f"{pct(max(x['bf16'] for x in flat))} sparse; the largest gap ({n}, lr {r['lr']:g}: bf16 {pct(r['bf16'])} "
-                f"vs fp32 {pct(r['fp32'])}) is sparsity made by bf16 rounding, not by the optimiser"
-                + (" (this run trained pure bf16 weights)" if pure else ""))
+    if pure:
+        sentence = (f"Pure bf16 training (no fp32 master copy): every step's update below half the bf16 spacing is "
+                    f"lost, so {pct(min(x['fp32'] for x in flat))} to {pct(max(x['fp32'] for x in flat))} of weights "
+                    f"never move at all, and the checkpoints read {pct(min(x['bf16'] for x in flat))} to "
+                    f"{pct(max(x['bf16'] for x in flat))} sparse at 1e-5")
+    else:
+        sentence = (f"The optimiser leaves {pct(min(x['fp32'] for x in flat))} to {pct(max(x['fp32'] for x in flat))} "
+                    f"of fp32 master weights untouched, while the bf16 checkpoints read "
+                    f"{pct(min(x['bf16'] for x in flat))} to {pct(max(x['bf16'] for x in flat))} sparse; the largest gap "
+                    f"({n}, lr {r['lr']:g}: bf16 {pct(r['bf16'])} vs fp32 {pct(r['fp32'])}) is sparsity made by bf16 "
+                    "rounding, not by the optimiser")
     lrs = sorted(set(rl_d) & set(sft_d))
     drift = {lr: {"rl": stats.mean(rl_d[lr]), "sft": stats.mean(sft_d[lr])} for lr in lrs}
     if lrs:
