@@ -15,10 +15,11 @@ Run folder layout::
 from __future__ import annotations
 
 import json
+import math
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rlsparse.errors import OutputError, UsageError, require
@@ -28,6 +29,8 @@ from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
 from rlsparse.lab.cost import signal_steps
 from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, load_suite, recipe_names
+from rlsparse.lab.preregistration import load_preregistration
+from rlsparse.lab.recipes import Recipe, load_recipe, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
 from rlsparse.lab.trace import sparsity_trace
 from rlsparse.report.progress import training_progress
@@ -54,26 +57,28 @@ class LabOptions:
         base: Config of the tiny base (used when ``model`` is None).
         cache_dir: Where cached bases live (default ``~/.cache/rlsparse/lab``).
         eval_family: The task whose held-out accuracy is "the task" (the base's own task).
-        n_test: Held-out problems per family.
+        n_test: Held-out problems per family (at most the tiny base's own held-out split).
         conjecture: Run the Conjecture 1 reruns for recipes that ask for them.
         report: Render the report at the end.
         max_new_tokens: Answer length budget for evaluation and policy sampling (raise it for real data;
             GRPO's own budget is the recipe's ``trl.max_completion_length``).
         threads: CPU threads for torch. One is the default: the models are tiny, and on a shared
             machine two threads waiting on each other ran 3x slower than one.
-        trace: Record sparsity along training (bf16 and fp32 views; keeps one fp32 copy of the
-            starting weights in memory). Turn off for large ``--model`` runs.
+        trace: Record sparsity along training (bf16 and fp32 views) and the net-drift ratio (keeps
+            three fp32 copies of the weights in memory). Turn off for large ``--model`` runs.
         progress: Progress within each training run (``report.progress`` modes): ``auto`` shows the
             trainer's bar on a terminal and a steps/s + ETA line every ~10 s otherwise.
         real_base: A packaged pretrained base (``smollm2-135m``, see ``lab.real``) instead of the tiny one.
         style: Prompt style of the tasks: "plain" (tiny base) or "chat" (an instruction-tuned base).
         test_families: Held-out task families measured for every run (default: eval family, the
             recipe's family and "sub").
-        learned_gain: Held-out gain from which a run counts as "learned" (Conjecture 1's choice of run).
+        learned_gain: Held-out gain from which a run counts as "learned" (Conjecture 1's choice of run;
+            None: the pre-registered one in ``lab/preregistration.json``).
         preregistered: The suite's pre-registered thresholds, copied into run.json before any training.
         eval_batch: Prompts per greedy-evaluation batch.
         sample_batch: Prompts per policy-sampling batch (RFT and DPO data).
         rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
+        seeds: Seeds for every recipe, replacing each recipe's own ``seeds`` (None keeps them).
     """
 
     out: Path
@@ -87,7 +92,7 @@ class LabOptions:
     base: BaseConfig = field(default_factory=BaseConfig)
     cache_dir: str | None = None
     eval_family: str = "add"
-    n_test: int | dict = 200
+    n_test: int | dict = 1000
     conjecture: bool = True
     report: bool = True
     max_new_tokens: int = 6
@@ -97,11 +102,12 @@ class LabOptions:
     real_base: str | None = None
     style: str = "plain"
     test_families: list[str] | None = None
-    learned_gain: float = LEARNED_GAIN
+    learned_gain: float | None = None
     preregistered: dict | None = None
     eval_batch: int = 256
     sample_batch: int = 256
     rank_matrices: int | None = None
+    seeds: list[int] | None = None
 
 
 class _Run:
@@ -113,6 +119,7 @@ class _Run:
         self._base_acc: dict = {}
         self.base_path: Path | None = None
         self._jsonl: list[Problem] | None = load_jsonl(opts.dataset) if opts.dataset else None
+        self._start_acc: dict = {}
 
     def problems(self, family: str) -> tuple[list[Problem], list[Problem]]:
         if self._jsonl is not None:
@@ -160,6 +167,21 @@ class _Run:
     def accuracy(self, model, tok, problems: list[Problem]) -> float:
         return accuracy(model, tok, problems, batch_size=self.opts.eval_batch, max_new_tokens=self.opts.max_new_tokens)
 
+    def start_accuracy(self, recipe: Recipe, start: Path) -> dict[str, float]:
+        """Held-out accuracy of a recipe's own starting model (a pre-SFT model), cached by folder."""
+        if start == self.base_path:
+            return self.base_accuracy(recipe)
+        if start not in self._start_acc:
+            model, tok = load_model(start, self.opts.device)
+            self._start_acc[start] = {f: self.accuracy(model, tok, probs)
+                                      for f, probs in self.test_sets(recipe).items()}
+        return self._start_acc[start]
+
+    def probe_pairs(self) -> list[tuple[str, str]]:
+        """The fixed KL probe set: the first 256 held-out problems of the evaluation task with their answers."""
+        family = "jsonl" if self._jsonl is not None else self.opts.eval_family
+        return [(p.prompt, p.answer) for p in self.problems(family)[1][:256]]
+
     def policy_samples(self, recipe: Recipe, problems: list[Problem]):
         key = (recipe.family, len(problems), recipe.samples_per_prompt, recipe.seed)
         cache = self.opts.out / "samples" / ("{}-{}-{}-seed{}.json".format(*key))
@@ -205,6 +227,10 @@ def build_rows(run: _Run, recipe: Recipe) -> list[dict]:
         rows = labdata.rft_rows(train, samples)
     elif recipe.algorithm == "kto":
         rows = labdata.kto_rows(train, samples)
+    elif recipe.data == "random_rejected":
+        rows = labdata.random_rejected_pairs(train, samples, seed=recipe.seed)
+    elif recipe.data == "format_pairs":
+        rows = labdata.format_pairs(train, samples)
     else:
         rows = labdata.policy_pairs(train, samples)
     if not rows:
@@ -274,7 +300,8 @@ def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str, autocast_b
         raise UsageError(f"recipe {recipe.name}: TRL rejected the config ({exc}); fix the recipe") from None
 
 
-def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask=None) -> dict:
+def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask=None,
+              start: Path | None = None) -> dict:
     """Train one recipe at one learning rate from the base; save the checkpoint; return its log.
 
     Training goes through ``rlsparse.train.trainers.build_trainer``, the path ``rlsparse train``
@@ -293,7 +320,7 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
     _set_seed(recipe.seed)
     precision = resolve_precision(run.opts)
-    model, tok = load_model(run.base_path, run.opts.device, weights=precision["master_weights"])
+    model, tok = load_model(start or run.base_path, run.opts.device, weights=precision["master_weights"])
     name = _TRAINER.get(recipe.algorithm, recipe.algorithm)
     tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
     cost = StepCost()
@@ -326,7 +353,17 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     return {"seconds": round(seconds, 2), "eval_seconds": round(time.time() - start, 2), "accuracy": acc,
             "rows": len(rows), "log_history": history, "trainer": trainer_name, "trl_config": effective,
             "step_cost": cost.summary(), "signal": signal_steps(history),
-            "trace": tracer.trace if tracer is not None else None}
+            "trace": tracer.trace if tracer is not None else None,
+            "net_drift": tracer.drift if tracer is not None else None,
+            "clip_active_share": _clip_share(history, effective.get("max_grad_norm"))}
+
+
+def _clip_share(history: list[dict], max_norm) -> float | None:
+    """Share of logged steps whose pre-clipping gradient norm exceeded ``max_grad_norm`` (clipping acted)."""
+    norms = [h["grad_norm"] for h in history if isinstance(h.get("grad_norm"), (int, float))]
+    if not max_norm or not norms:
+        return None
+    return sum(n > float(max_norm) for n in norms) / len(norms)
 
 
 _RECORDED = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -375,9 +412,10 @@ def _clock(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def cell_folder(out: Path, recipe: Recipe, lr: float) -> Path:
-    """The checkpoint folder of one cell (recipe x learning rate; the seed is the recipe's)."""
-    return out / "runs" / recipe.name / f"lr-{_lr_label(lr)}"
+def cell_folder(out: Path, recipe: Recipe, lr: float, seed: int | None = None) -> Path:
+    """The checkpoint folder of one cell (recipe x learning rate x seed; the first seed has no suffix)."""
+    seeds = recipe.seeds or [recipe.seed]
+    return out / "runs" / recipe.name / _point_label(lr, seeds[0] if seed is None else seed, seeds[0])
 
 
 def _finished(folder: Path) -> dict | None:
@@ -389,93 +427,225 @@ def _finished(folder: Path) -> dict | None:
 
 
 def run_recipe(run: _Run, recipe: Recipe, progress: "Progress | None" = None) -> dict:
-    """Run one recipe over its learning-rate sweep; returns its results entry.
+    """Run one recipe over its learning-rate sweep, once per seed; returns its results entry.
 
-    A cell whose ``metrics.json`` exists is finished and is read back, never rerun.
+    Every point records, besides sparsity and accuracy, the measurements the verdicts match on:
+    KL(start || finetuned) on the fixed probe set, ||Δθ|| in fp32, the rank of the update next to
+    the rank of the same entries at random positions, the share of steps where clipping acted and
+    the net-drift ratio of the fp32 master weights. A cell whose ``metrics.json`` exists is
+    finished and is read back, never rerun.
     """
-    base_acc = run.base_accuracy(recipe)
-    points, rows = [], None
-    for lr in recipe.learning_rates:
-        folder = cell_folder(run.opts.out, recipe, lr)
-        label = f"{recipe.name} lr={lr:g}"
-        done = _finished(folder)
-        if done is not None:
-            points.append(done)
+    points = []
+    entry_path = run.opts.out / "runs" / recipe.name / "entry.json"
+    entry = json.loads(entry_path.read_text()) if entry_path.is_file() else {}
+    for seed in recipe.seeds:
+        seeded = replace(recipe, seed=seed)
+        rows = start = start_acc = None  # built when a cell of this seed still has to run
+        for lr in recipe.learning_rates:
+            folder = cell_folder(run.opts.out, recipe, lr, seed)
+            label = f"{recipe.name} lr={lr:g}" + (f" seed {seed}" if len(recipe.seeds) > 1 else "")
+            done = _finished(folder)
+            if done is not None:
+                points.append(done)
+                if progress:
+                    progress.skip(label)
+                continue
+            if rows is None:
+                rows = build_rows(run, seeded)
+                start = _pre_sft(run, seeded, rows) if recipe.pre_sft else run.base_path
+                start_acc = run.start_accuracy(seeded, start)
+                if not entry:
+                    entry = {"recipe": recipe.to_dict(), "rows": len(rows), "base_accuracy": start_acc,
+                             "data_nll": _data_nll(run, start, rows)}
+                    _write_json(entry_path, entry)
+            began = time.time()
+            run.log(f"  {recipe.name}: lr={lr:g}, seed {seed}, {recipe.steps} steps on {len(rows)} rows")
+            trained = train_one(run, seeded, lr, rows, folder, start=start)
+            point = _measure_point(run, start, folder, trained, start_acc)
+            point.update(learning_rate=lr, seed=seed, start=_relative(run, start),
+                         cell_seconds=round(time.time() - began, 1))
+            _write_json(folder / "metrics.json", point)
+            cost = (trained.get("step_cost") or {}).get("per_step_seconds", {})
+            run.log(f"    sparsity@1e-5 {point['sparsity']['1e-05']:.1%}, KL {point['probe_kl']:.2e}, accuracy "
+                    + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items())
+                    + (f"; {cost['total']:.1f}s/step" if cost else "")
+                    + (f"; steps with signal {trained['signal']['with_signal']}/{trained['signal']['steps']}"
+                       if trained.get("signal") else ""))
+            points.append(point)
             if progress:
-                progress.skip(label)
-            continue
-        if rows is None:
-            rows = build_rows(run, recipe)
-        start = time.time()
-        run.log(f"  {recipe.name}: lr={lr:g}, {recipe.steps} steps on {len(rows)} rows")
-        trained = train_one(run, recipe, lr, rows, folder)
-        sp = measure.sparsity(run.base_path, folder)
-        rank = measure.update_rank(run.base_path, folder, max_matrices=run.opts.rank_matrices)
-        point = {"learning_rate": lr, "checkpoint": str(folder.relative_to(run.opts.out)), **trained,
-                 "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
-                 "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
-                 "update_rank": rank["mean_rank_fraction"], "seed": recipe.seed,
-                 "accuracy_gain": {f: trained["accuracy"][f] - base_acc.get(f, float("nan"))
-                                   for f in trained["accuracy"]}}
-        point["cell_seconds"] = round(time.time() - start, 1)
-        _write_json(folder / "metrics.json", point)
-        cost = (trained.get("step_cost") or {}).get("per_step_seconds", {})
-        run.log(f"    sparsity@1e-5 {sp['sparsity']['1e-05']:.1%}, accuracy "
-                + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items())
-                + (f"; {cost['total']:.1f}s/step" if cost else "")
-                + (f"; steps with signal {trained['signal']['with_signal']}/{trained['signal']['steps']}"
-                   if trained.get("signal") else ""))
-        points.append(point)
-        if progress:
-            progress.finish(label, point["cell_seconds"])
-    return {"recipe": recipe.to_dict(), "rows": len(rows) if rows is not None else points[0].get("rows"),
-            "base_accuracy": base_acc, "points": points}
+                progress.finish(label, point["cell_seconds"])
+    if not entry:  # every cell finished in an earlier session that kept no entry.json
+        entry = {"rows": points[0].get("rows"), "base_accuracy": run.base_accuracy(recipe)}
+    entry["recipe"] = recipe.to_dict()
+    return {**entry, "points": points, "seed_overlap": _seed_overlaps(run, recipe, points)}
+
+
+def _seed_overlaps(run: _Run, recipe: Recipe, points: list[dict]) -> list[dict]:
+    """Table 4: subnetwork overlap of the first two seeds at every learning rate (same start, same data recipe)."""
+    if len(recipe.seeds) < 2:
+        return []
+    out = []
+    for lr in recipe.learning_rates:
+        a, b = (next((p for p in points if p["seed"] == s and p["learning_rate"] == lr), None) for s in recipe.seeds[:2])
+        if a is None or b is None or a["start"] != "base":
+            continue  # different starts (pre-SFT per seed): not the same base to overlap against
+        with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as tmp:
+            ov = measure.seed_overlap(run.base_path, run.opts.out / a["checkpoint"], run.opts.out / b["checkpoint"], tmp)
+        out.append({"learning_rate": lr, "seeds": recipe.seeds[:2], **ov})
+    return out
+
+
+def _point_label(lr: float, seed: int, first_seed: int) -> str:
+    return f"lr-{_lr_label(lr)}" + ("" if seed == first_seed else f"-seed{seed}")
+
+
+def _relative(run: _Run, path: Path) -> str:
+    try:
+        return str(Path(path).relative_to(run.opts.out))
+    except ValueError:
+        return "base"
+
+
+def _measure_point(run: _Run, start: Path, folder: Path, trained: dict, start_acc: dict) -> dict:
+    sp = measure.sparsity(start, folder)
+    rank = measure.update_rank(start, folder, max_matrices=run.opts.rank_matrices)
+    control = measure.random_rank_control(start, folder)
+    before, tok = load_model(start, run.opts.device)
+    after, _ = load_model(folder, run.opts.device)
+    kl = measure.probe_kl(before, after, tok, run.probe_pairs())
+    del before, after
+    return {"checkpoint": str(folder.relative_to(run.opts.out)), **trained,
+            "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
+            "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
+            "update_rank": rank["mean_rank_fraction"], "update_rank_random_control": control["mean_rank_fraction"],
+            "probe_kl": kl, "delta_norm": measure.delta_norm(start, folder),
+            "accuracy_gain": {f: trained["accuracy"][f] - start_acc.get(f, float("nan"))
+                              for f in trained["accuracy"]}}
+
+
+def _data_nll(run: _Run, start: Path, rows: list[dict], limit: int = 512) -> dict:
+    """Per-token NLL of each target column of the training data under the recipe's starting policy."""
+    model, tok = load_model(start, run.opts.device)
+    out = {}
+    for column in ("completion", "chosen", "rejected", "answer"):
+        pairs = [(r["prompt"], r[column]) for r in rows[:limit] if isinstance(r.get(column), str)]
+        if pairs:
+            out[column] = measure.dataset_nll(model, tok, pairs)
+    return out
+
+
+def _pre_sft(run: _Run, recipe: Recipe, rows: list[dict]) -> Path:
+    """SFT the base on the chosen answers of a recipe's pairs (Table 5's manipulation); the recipe's start."""
+    folder = run.opts.out / "runs" / recipe.name / f"pre-sft-seed{recipe.seed}"
+    if _finished(folder) is not None:  # resumed: the SFT start was finished earlier
+        return folder
+    sft = replace(recipe, name=f"{recipe.name}-pre-sft", algorithm="sft", data="ground_truth", trl={},
+                  steps=int(recipe.pre_sft["steps"]), learning_rates=[float(recipe.pre_sft["learning_rate"])],
+                  pre_sft=None, conjecture=False)
+    sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    run.log(f"  {recipe.name}: SFT first on {len(sft_rows)} chosen answers, lr {sft.learning_rates[0]:g}, "
+            f"{sft.steps} steps")
+    trained = train_one(run, sft, sft.learning_rates[0], sft_rows, folder)
+    _write_json(folder / "metrics.json", {k: v for k, v in trained.items() if k != "trace"})
+    return folder
 
 
 def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = measure.PAPER_TOLERANCE) -> dict:
-    """Conjecture 1: retrain from the same start, same data/seed/steps, updating only the full run's subnetwork.
+    """Conjecture 1 with its controls: retrain from the same start, same data/seed/steps, updating only
+    the full run's subnetwork; then a random mask of the same per-tensor density, and a reseeded full run.
 
-    The full run used is the sparsest sweep point that learned (held-out gain of at least the run's
-    ``learned_gain``, pre-registered in the suite for the real base: the conjecture only means
-    something where the full run improved the task and its subnetwork is a real subset); if none
-    learned, the point with the largest gain. The result lands in ``conjecture/<recipe>/result.json``;
-    a finished one is read back, never rerun.
+    The full run is the recipe's pre-registered ``conjecture_lr`` at its first seed. Without one, the
+    sparsest point that learned (a best-case selection, labelled so in the result and the report).
+    A finished one (``conjecture/<recipe>/result.json``) is read back, never rerun.
     """
-    folder = run.opts.out / "conjecture" / recipe.name
-    if (folder / "result.json").is_file():
-        return json.loads((folder / "result.json").read_text())
-    best = choose_subnetwork_run(entry["points"], run.eval_key(recipe), run.opts.learned_gain)
-    lr = best["learning_rate"]
+    root = run.opts.out / "conjecture" / recipe.name
+    if (root / "result.json").is_file():
+        return json.loads((root / "result.json").read_text())
+    firsts = [p for p in entry["points"] if p.get("seed", recipe.seeds[0]) == recipe.seeds[0]]
+    if recipe.conjecture_lr is not None:
+        chosen = [p for p in firsts if math.isclose(p["learning_rate"], recipe.conjecture_lr, rel_tol=1e-9)]
+        if not chosen:
+            raise UsageError(f"recipe {recipe.name}: conjecture_lr {recipe.conjecture_lr:g} is not one of its "
+                             f"learning_rates {recipe.learning_rates}; add it to the sweep")
+        best, selection = chosen[0], "pre-registered (conjecture_lr in the recipe)"
+    else:
+        best = choose_subnetwork_run(firsts, run.eval_key(recipe), run.opts.learned_gain)
+        selection = "best case (chosen after the sweep: the sparsest point that learned)"
+    lr, seed = best["learning_rate"], recipe.seeds[0]
+    seeded = replace(recipe, seed=seed)
+    start = run.opts.out / best["start"] if best.get("start", "base") != "base" else run.base_path
     full = run.opts.out / best["checkpoint"]
-    sub = folder / "sub"
-    mask_path = folder / "subnetwork.mask.safetensors"
-    mask = measure.subnetwork_mask(run.base_path, full, mask_path, tolerance)
+    mask_path = root / "subnetwork.mask.safetensors"
+    mask = measure.subnetwork_mask(start, full, mask_path, tolerance)
     density = mask.density
-    run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance})")
+    common = {"recipe": recipe.name, "learning_rate": lr, "seed": seed, "steps": recipe.steps, "selection": selection,
+              "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"]}
+    run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance}), {selection}")
     if density == 0:
         # Nothing to retrain: the full run moved no weight beyond the tolerance.
-        result = {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
-                  "mask_tolerance": tolerance, "mask_density": 0.0, "full_checkpoint": best["checkpoint"],
-                  "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
+        result = {**common, "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
+        _write_json(root / "result.json", result)
+        return result
+    rows = build_rows(run, seeded)
+    sub = root / "sub"
+    trained = train_one(run, seeded, lr, rows, sub, mask=mask, start=start)
+    same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
+    outside = measure.changed_outside(start, sub, mask)
+    # Control 1: the same number of trainable elements per tensor, at random positions.
+    rmask = random_mask_like(mask, seed=seed)
+    rmask.save(root / "random.mask.safetensors")
+    rand_dir = root / "random"
+    run.log(f"  conjecture 1 control on {recipe.name}: a random mask of the same per-tensor density")
+    rand = train_one(run, seeded, lr, rows, rand_dir, mask=rmask, start=start)
+    # Control 2: the full run again with another seed: how identical two full runs are by themselves.
+    other = next((p for p in entry["points"] if p.get("seed") not in (None, seed)
+                  and math.isclose(p["learning_rate"], lr, rel_tol=1e-9)), None)
+    if other is not None:
+        reseeded_dir, reseeded_acc = run.opts.out / other["checkpoint"], other["accuracy"]
     else:
-        rows = build_rows(run, recipe)
-        trained = train_one(run, recipe, lr, rows, sub, mask=mask)
-        same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
-        outside = measure.changed_outside(run.base_path, sub, mask)
-        result = {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
-                  "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"],
-                  "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
-                  "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"]},
-                  "identical_share": same["sparsity"],
-                  "loss": {"full": best["log_history"], "sub": trained["log_history"]},
-                  "step_cost": trained.get("step_cost"), "changed_outside_mask": outside}
-    _write_json(folder / "result.json", result)
+        reseeded_dir = root / "reseeded"
+        run.log(f"  conjecture 1 control on {recipe.name}: the full run reseeded (seed {seed + 1})")
+        again = replace(recipe, seed=seed + 1)
+        reseeded_acc = train_one(run, again, lr, build_rows(run, again), reseeded_dir, start=start)["accuracy"]
+    reseeded_same = measure.sparsity(full, reseeded_dir, tolerances=("0", "1e-05", "1e-04"))
+    result = {**common, "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
+            "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"], "random_mask": rand["accuracy"],
+                         "reseeded_full": reseeded_acc},
+            "identical_share": same["sparsity"],
+            "identical_share_random_mask": measure.sparsity(full, rand_dir, tolerances=("0", "1e-05", "1e-04"))["sparsity"],
+            "identical_share_reseeded_full": reseeded_same["sparsity"],
+            "reseeded_checkpoint": _relative(run, reseeded_dir),
+            "loss": {"full": best["log_history"], "sub": trained["log_history"], "random_mask": rand["log_history"]},
+            "changed_outside_mask": outside,
+            "changed_outside_random_mask": measure.changed_outside(start, rand_dir, rmask),
+            "step_cost": trained.get("step_cost")}
+    _write_json(root / "result.json", result)
     return result
 
 
-def choose_subnetwork_run(points: list[dict], family: str, learned_gain: float = LEARNED_GAIN) -> dict:
-    """The sparsest point whose accuracy gain is at least ``learned_gain``, else the largest-gain point."""
-    learned = [p for p in points if p["accuracy_gain"].get(family, float("-inf")) >= learned_gain]
+def random_mask_like(mask, seed: int = 0):
+    """A mask with exactly as many elements per tensor as ``mask``, placed uniformly at random."""
+    import torch
+
+    from rlsparse.masks import Mask
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in mask.names:
+        shape = tuple(mask.shape(name))
+        n = math.prod(shape)
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[torch.randperm(n, generator=gen)[:mask.count(name)]] = True
+        tensors[name] = flat.reshape(shape)
+    return Mask.from_tensors(tensors, tolerance=mask.meta.tolerance)
+
+
+def choose_subnetwork_run(points: list[dict], family: str, learned_gain: float | None = None) -> dict:
+    """The sparsest point whose accuracy gain is at least the pre-registered "learned" gain, else the largest-gain point."""
+    from rlsparse.lab.stats import at_least
+
+    threshold = load_preregistration()["learned_gain"] if learned_gain is None else learned_gain
+    learned = [p for p in points if at_least(p["accuracy_gain"].get(family, float("-inf")), threshold)]
     if learned:
         return max(learned, key=lambda p: p["sparsity"][measure.PAPER_TOLERANCE])
     return max(points, key=lambda p: p["accuracy_gain"].get(family, float("-inf")))
@@ -542,6 +712,8 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     recipes = [load_recipe(n, suite=suite) for n in ([names] if isinstance(names, str) else names)]
     if opts.quick:
         recipes = [r.quickened() for r in recipes]
+    if opts.seeds:
+        recipes = [replace(r, seeds=list(opts.seeds), seed=opts.seeds[0]) for r in recipes]
     out = Path(opts.out)
     held = (out / "run.json").is_file()
     if held and not resume:
@@ -577,6 +749,11 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         acc = ", ".join(f"{k} {v:.1%}" for k, v in (meta.get("test_accuracy") or {}).items())
         log(f"base: {run.base_path} ({meta.get('num_parameters')} parameters, {meta.get('steps_trained')} steps, "
             f"held-out accuracy {acc})")
+        # Held-out problems must come from the base's own held-out split, never its pretraining corpus.
+        own = int((meta.get("config") or {}).get("n_test", opts.n_test)) if isinstance(opts.n_test, int) else None
+        if own is not None and own < opts.n_test:
+            log(f"  held-out sets: {own} problems per family (the base's own held-out split), not {opts.n_test}")
+            opts.n_test = own
     previous = json.loads((out / "run.json").read_text()) if held else None
     _link_base(out, run.base_path)
     run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
@@ -588,6 +765,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
                 "style": opts.style, "test_families": opts.test_families, "max_new_tokens": opts.max_new_tokens,
                 "rank_matrices": opts.rank_matrices,
                 "learned_gain": opts.learned_gain, "preregistered": opts.preregistered,
+                "preregistration": load_preregistration().to_json(),
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
                 "recipes": [r.to_dict() for r in recipes],
@@ -595,9 +773,10 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
                 "sessions": (previous or {}).get("sessions", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
     _check_same_run(previous, run_meta)
     _write_json(out / "run.json", run_meta)
-    results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {}}
+    results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {},
+               "controls": {"spacing_share": measure.spacing_share(run.base_path)}}
     conj = [r for r in recipes if r.conjecture] if opts.conjecture else []
-    progress = Progress(sum(len(r.learning_rates) for r in recipes) + len(conj), log)
+    progress = Progress(sum(len(r.learning_rates) * len(r.seeds) for r in recipes) + len(conj), log)
     for recipe in recipes:
         log(f"recipe {recipe.name} ({recipe.algorithm}, {recipe.data}, family {recipe.family})")
         results["recipes"][recipe.name] = run_recipe(run, recipe, progress)
