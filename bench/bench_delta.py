@@ -188,7 +188,7 @@ def print_table(rows: list[dict]) -> None:
                   mb(r["index_value_bytes"]), mb(r["zipnn_bytes"]), mb(r["order0_bound_bytes"]),
                   f"{r['ours_vs_bound']:.3f}", ws_txt, f"{r['pack_GBps']:.2f}", f"{r['apply_GBps']:.2f}",
                   f"{r['pack_rss_MB']:.0f}/{r['apply_rss_MB']:.0f}", "yes" if r["bit_exact"] else "NO")
-    Console().print(t)
+    Console(width=250).print(t)
     for r in rows:
         print(f"{r['pair']}: ours is {r['zstd9_xor_bytes'] / r['ours_bytes']:.1f}x smaller than zstd-9 XOR, "
               f"{r['index_value_bytes'] / r['ours_bytes']:.1f}x than index+value, {r['zipnn_bytes'] / r['ours_bytes']:.1f}x "
