@@ -14,7 +14,7 @@ import torch
 
 import rlsparse.delta as delta
 from rlsparse.cli.main import main
-from rlsparse.errors import MismatchError, OutputError, PatchError
+from rlsparse.errors import MismatchError, PatchError
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 import rlsparse.delta as delta
 from rlsparse.delta.format import PatchReader
 
-from helpers import assert_bit_identical, bits_tensor, config_files, load, write
+from deltahelpers import assert_bit_identical, bits_tensor, config_files, load, write
 
 GOLDEN = Path(__file__).parent.parent / "data" / "golden.rlpatch"
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import rlsparse.delta as delta
 from rlsparse.io.checkpoint import Checkpoint
 
-from helpers import KINDS, assert_bit_identical, bits_of, bits_tensor, change, config_files, load, random_bits, write
+from deltahelpers import KINDS, assert_bit_identical, bits_of, bits_tensor, change, config_files, load, random_bits, write
 
 SHAPES = [(), (0,), (0, 3), (1,), (7,), (5, 9), (33, 17), (4, 3, 5)]
 

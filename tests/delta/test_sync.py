@@ -12,7 +12,7 @@ from rlsparse.delta.sync import LoadWeightsReceiver, SyncReceiver, SyncSender
 from rlsparse.delta.transport import FileTransport, SocketTransport
 from rlsparse.errors import MismatchError
 
-from helpers import bits_of
+from deltahelpers import bits_of
 
 
 def _train_steps(model, steps: int, lr: float = 3e-3, seed: int = 0):
@@ -139,3 +139,20 @@ def test_callback_syncs_every_n_steps_from_a_trainer(tmp_path):
     for n, bits in final.items():
         assert torch.equal(bits_of(receiver[n]), bits), n
     assert len((tmp_path / "sync.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.distributed
+def test_sync_over_torch_distributed_gloo(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from _gloo_worker import run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(run, args=(port, str(tmp_path), 4), nprocs=2, join=True)
+    sent, received = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert sent["bits"] == received["bits"]  # the trainer's weights in bf16 == the receiver's

@@ -106,8 +106,30 @@ def _bit_length(v: np.ndarray) -> np.ndarray:
     return out + (x != 0)
 
 
+def _symbol_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(symbol, raw-bit count) of every 16-bit value; (base value, raw-bit count) of every symbol."""
+    v = np.arange(1 << 16, dtype=np.int64)
+    length = _BITLEN16
+    big = length > 4
+    nbits = np.where(big, length - 3, 0)
+    sym = np.where(big, _DIRECT + (length - 5) * 4 + ((v >> nbits) & 3), v)
+    q = np.arange(_ALPHABET, dtype=np.int64) - _DIRECT
+    sym_nbits = np.where(q >= 0, q // 4 + 2, 0)
+    sym_base = np.where(q >= 0, (4 | (q & 3)).astype(np.uint64) << sym_nbits.astype(np.uint64),
+                        np.arange(_ALPHABET, dtype=np.uint64))
+    return sym.astype(np.int32), nbits.astype(np.uint8), sym_base, sym_nbits.astype(np.uint8)
+
+
+_SYM16, _NBITS16, _SYM_BASE, _SYM_NBITS = _symbol_tables()
+
+
 def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(symbol, raw-bit count, raw bits) per value."""
+    if v.dtype.itemsize > 2 and v.size and int(v.max()) < 1 << 16:
+        v = v.astype(np.uint16)
+    if v.dtype.itemsize <= 2:  # the common case (16-bit dtypes, small gaps): table lookups
+        nbits = _NBITS16[v]
+        return _SYM16[v], nbits, v & ((np.uint16(1) << nbits.astype(np.uint16)) - np.uint16(1))
     length = _bit_length(v)
     big = length > 4
     nbits = np.where(big, length - 3, 0)
@@ -115,7 +137,7 @@ def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     top = (v64 >> nbits.astype(np.uint64)) & np.uint64(3)
     sym = np.where(big, _DIRECT + (length - 5) * 4 + top.astype(np.int64), v64.astype(np.int64))
     extra = v64 & ((np.uint64(1) << nbits.astype(np.uint64)) - np.uint64(1))
-    return sym.astype(np.int32), nbits, extra
+    return sym.astype(np.int32), nbits.astype(np.uint8), extra
 
 
 def _entropy_bytes(counts: np.ndarray) -> float:
@@ -234,33 +256,39 @@ def _encode_uints(out: _Out, v) -> None:
     sym, nbits, extra = _symbolize(v) if isinstance(v, np.ndarray) else v
     _encode_symbols(out, sym)
     # the raw low bits of values with the same bit count, packed together (ascending count)
-    order = np.argsort(nbits, kind="stable")
     counts = np.bincount(nbits, minlength=65)
+    if counts[0] == nbits.size:
+        return
+    order = np.argsort(nbits, kind="stable")
     starts = np.concatenate([[0], np.cumsum(counts)])
+    t = extra.dtype.type
     for k in np.flatnonzero(counts[1:]) + 1:
         vals = extra[order[starts[k]:starts[k + 1]]]
-        bitmat = ((vals[:, None] >> np.arange(k, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+        bitmat = ((vals[:, None] >> np.arange(k, dtype=extra.dtype)) & t(1)).astype(np.uint8)
         out.parts.append(np.packbits(bitmat, bitorder="little").tobytes())
 
 
 def _decode_uints(inp: _In, n: int, dtype) -> np.ndarray:
-    sym = _decode_symbols(inp, n).astype(np.int64)
-    big = sym >= _DIRECT
-    q = sym - _DIRECT
-    length = np.where(big, q // 4 + 5, 0)
-    nbits = np.where(big, length - 3, 0)
-    v = np.where(big, (4 | (q & 3)).astype(np.uint64) << nbits.astype(np.uint64), sym.astype(np.uint64))
-    for k in np.unique(nbits[nbits > 0]):
-        where = np.flatnonzero(nbits == k)
-        nbytes = (len(where) * int(k) + 7) // 8
-        if inp.pos + nbytes > len(inp.mv):
-            raise inp._fail()
-        raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
-        inp.pos += nbytes
-        bitmat = np.unpackbits(raw, bitorder="little")[:len(where) * int(k)].reshape(-1, int(k)).astype(np.uint64)
-        v[where] |= (bitmat << np.arange(k, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
-    if int(length.max(initial=0)) > 8 * np.dtype(dtype).itemsize:
+    sym = _decode_symbols(inp, n)
+    nbits = _SYM_NBITS[sym]
+    width = 8 * np.dtype(dtype).itemsize
+    if int(nbits.max(initial=0)) + 3 > width:
         raise inp._fail()
+    work = np.uint32 if width <= 32 else np.uint64
+    v = _SYM_BASE[sym].astype(work)
+    counts = np.bincount(nbits, minlength=65)
+    if counts[0] != n:
+        order = np.argsort(nbits, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for k in np.flatnonzero(counts[1:]) + 1:
+            where = order[starts[k]:starts[k + 1]]
+            nbytes = (len(where) * int(k) + 7) // 8
+            if inp.pos + nbytes > len(inp.mv):
+                raise inp._fail()
+            raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
+            inp.pos += nbytes
+            bitmat = np.unpackbits(raw, bitorder="little")[:len(where) * int(k)].reshape(-1, int(k)).astype(work)
+            v[where] |= (bitmat << np.arange(k, dtype=work)).sum(axis=1, dtype=work)
     return v.astype(dtype)
 
 

@@ -1,0 +1,239 @@
+"""Patch size and speed of ``rlsparse delta`` beside the baselines, per checkpoint pair, in one run.
+
+Per pair: our patch vs zstd -9 of the XOR of the two checkpoints' tensor bytes, the int32 index +
+value encoding that weight-sync systems send (6 bytes per changed bf16 element), ZipNN of the
+finetuned weights, the order-0 bound (positions at the measured density + entropy of the changes
+counted in units in the last place), and weightscope's lossless ``.wsp`` (``--threshold 0``).
+Every tool runs in its own child process, so its wall time and peak RSS are its own; pack and
+apply are timed on a warm page cache (files read once first). Our apply's output is checked
+bit-identical to the finetuned checkpoint (``rlsparse.diff``: 0 elements whose bits differ).
+
+    python bench/bench_delta.py                       # synthetic 50M-parameter pair (+ real pairs found)
+    python bench/bench_delta.py --synthetic 850e6     # the 850M pair of bench/synthetic.py
+    python bench/bench_delta.py --pair BASE FT --pair FT FT2 --no-synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+REAL_BASE = "/work/labcache/real-smollm2-135m-b179c9523d0e"
+REAL_RUNS = "/tmp/delta-real"  # written by bench/real_pairs.py
+
+
+def run_child(code: str) -> tuple[float, float, dict]:
+    """Like ``child`` but with this child's own peak RSS (via wait4)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"child failed ({proc.returncode}): {err.decode()[-2000:]}")
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+    return seconds, usage.ru_maxrss / 1024, json.loads(lines[-1]) if lines else {}
+
+
+PACK = """
+import json, time, rlsparse.delta as d
+from rlsparse.delta import codec
+t = time.perf_counter()
+r = d.pack({base!r}, {ft!r}, {out!r}, ulp_hist={hist}, files=False, workers={workers})
+res = {{"seconds": time.perf_counter() - t, "bytes": r.patch_bytes, "changed": r.changed, "numel": r.numel,
+        "read": r.bytes_read, "ft_bytes": r.manifest.stats["finetuned_bytes"]}}
+if {hist}:
+    res["bound"] = codec.order0_bits(r.changed, r.numel, r.ulp_hist) / 8
+print(json.dumps(res))
+"""
+
+APPLY = """
+import json, time, rlsparse.delta as d
+t = time.perf_counter()
+r = d.apply({base!r}, {patch!r}, {out!r}, overwrite=True, workers={workers})
+print(json.dumps({{"seconds": time.perf_counter() - t, "bytes": r.bytes_written}}))
+"""
+
+VERIFY = """
+import json, rlsparse
+r = rlsparse.diff({a!r}, {b!r}, tolerances=[0])
+print(json.dumps({{"bit_changed": sum(t.bit_changed or 0 for t in r.tensors.values())}}))
+"""
+
+XOR_ZSTD = """
+import json, time, numpy as np, zstandard
+from rlsparse.io.checkpoint import Checkpoint
+from rlsparse.io.reader import TensorReader
+a, b = Checkpoint.open({base!r}), Checkpoint.open({ft!r})
+ra, rb = TensorReader(), TensorReader()
+t = time.perf_counter()
+size = 0
+cctx = zstandard.ZstdCompressor(level=9)
+with cctx.stream_writer(open("/dev/null", "wb"), closefd=True) as w:
+    counter = cctx  # sizes come from the writer's tell()
+    for name, ib in sorted(b.tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].offset or 0)):
+        ia = a.tensors.get(name)
+        step = 4 << 20
+        for s in range(0, ib.numel, step):
+            n = min(step, ib.numel - s)
+            x = rb.read(ib, s, n).copy()
+            if ia is not None and ia.dtype == ib.dtype and ia.shape == ib.shape:
+                x ^= ra.read(ia, s, n)
+            w.write(x.tobytes())
+    w.flush(zstandard.FLUSH_FRAME)
+    size = w.tell()
+print(json.dumps({{"seconds": time.perf_counter() - t, "bytes": size}}))
+"""
+
+ZIPNN = """
+import json, time, zipnn
+from rlsparse.io.checkpoint import Checkpoint
+from rlsparse.io.reader import TensorReader
+b = Checkpoint.open({ft!r})
+r = TensorReader()
+z = zipnn.ZipNN(bytearray_dtype="bfloat16", input_format="byte")
+t = time.perf_counter()
+size = 0
+for name, ib in sorted(b.tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].offset or 0)):
+    step = 64 << 20
+    for s in range(0, ib.numel, step):
+        n = min(step, ib.numel - s)
+        size += len(z.compress(r.read(ib, s, n).tobytes()))
+print(json.dumps({{"seconds": time.perf_counter() - t, "bytes": size}}))
+"""
+
+
+def weightscope(base: str, ft: str, tmp: Path) -> dict:
+    exe = shutil.which("weightscope")
+    if exe is None:
+        return {}
+    wsp = tmp / "p.wsp"
+    code = (f"import subprocess, sys; sys.exit(subprocess.call([{exe!r}, 'export', {base!r}, {ft!r}, '-o', "
+            f"{str(wsp)!r}, '--threshold', '0'], stdout=subprocess.DEVNULL))")
+    t_exp, rss_exp, _ = run_child(code)
+    out = tmp / "ws.safetensors"
+    code = (f"import subprocess, sys; sys.exit(subprocess.call([{exe!r}, 'apply', {str(wsp)!r}, {base!r}, '-o', "
+            f"{str(out)!r}], stdout=subprocess.DEVNULL))")
+    t_app, rss_app, _ = run_child(code)
+    _, _, v = run_child(VERIFY.format(a=ft, b=str(out)))
+    return {"bytes": wsp.stat().st_size, "export_s": t_exp, "apply_s": t_app, "bit_exact": v["bit_changed"] == 0}
+
+
+def warm(paths) -> None:
+    for p in paths:
+        p = Path(p)
+        for f in ([p] if p.is_file() else sorted(p.rglob("*.safetensors"))):
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def bench_pair(label: str, base: str, ft: str, tmp: Path, workers: int, with_ws: bool) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
+    patch = tmp / "p.rlpatch"
+    _, _, sizes = run_child(PACK.format(base=base, ft=ft, out=str(patch), hist=True, workers=workers))
+    warm([base, ft])
+    t_pack, rss_pack, timed = run_child(PACK.format(base=base, ft=ft, out=str(patch), hist=False, workers=workers))
+    warm([base, patch])
+    t_apply, rss_apply, applied = run_child(APPLY.format(base=base, patch=str(patch), out=str(tmp / "out"),
+                                                         workers=workers))
+    _, _, verify = run_child(VERIFY.format(a=ft, b=str(tmp / "out")))
+    _, _, xor = run_child(XOR_ZSTD.format(base=base, ft=ft))
+    _, _, znn = run_child(ZIPNN.format(ft=ft))
+    ws = weightscope(base, ft, tmp) if with_ws else {}
+    ft_bytes = timed["ft_bytes"]
+    row = {
+        "pair": label, "base": base, "finetuned": ft, "numel": sizes["numel"], "changed": sizes["changed"],
+        "density": sizes["changed"] / sizes["numel"], "ours_bytes": sizes["bytes"], "zstd9_xor_bytes": xor["bytes"],
+        "zstd9_xor_s": xor["seconds"], "index_value_bytes": sizes["changed"] * 6, "zipnn_bytes": znn["bytes"],
+        "zipnn_s": znn["seconds"], "order0_bound_bytes": sizes["bound"], "weightscope": ws,
+        "ours_vs_bound": sizes["bytes"] / sizes["bound"] if sizes["bound"] else None,
+        "pack_s": timed["seconds"], "pack_GBps": ft_bytes / timed["seconds"] / 1e9, "pack_rss_MB": rss_pack,
+        "pack_process_s": t_pack, "apply_s": applied["seconds"], "apply_GBps": ft_bytes / applied["seconds"] / 1e9,
+        "apply_rss_MB": rss_apply, "apply_process_s": t_apply, "bit_exact": verify["bit_changed"] == 0,
+        "checkpoint_bytes": ft_bytes,
+    }
+    shutil.rmtree(tmp / "out", ignore_errors=True)
+    return row
+
+
+def mb(x) -> str:
+    return "-" if x is None else f"{x / 1e6:.2f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="rlsparse delta vs baselines (sizes in MB; speeds on a warm cache)")
+    for col in ("pair", "changed", "ours", "zstd-9 XOR", "idx+val", "ZipNN", "order-0", "ours/bound",
+                "weightscope", "pack GB/s", "apply GB/s", "RSS pack/apply MB", "bit-exact"):
+        t.add_column(col, justify="left" if col == "pair" else "right")
+    for r in rows:
+        ws = r["weightscope"]
+        ws_txt = (f"{mb(ws['bytes'])} ({ws['export_s']:.0f}s/{ws['apply_s']:.0f}s"
+                  f"{'' if ws.get('bit_exact') else ', NOT exact'})") if ws else "-"
+        t.add_row(r["pair"], f"{r['density']:.3%}", mb(r["ours_bytes"]), mb(r["zstd9_xor_bytes"]),
+                  mb(r["index_value_bytes"]), mb(r["zipnn_bytes"]), mb(r["order0_bound_bytes"]),
+                  f"{r['ours_vs_bound']:.3f}", ws_txt, f"{r['pack_GBps']:.2f}", f"{r['apply_GBps']:.2f}",
+                  f"{r['pack_rss_MB']:.0f}/{r['apply_rss_MB']:.0f}", "yes" if r["bit_exact"] else "NO")
+    Console(width=250).print(t)
+    for r in rows:
+        print(f"{r['pair']}: ours is {r['zstd9_xor_bytes'] / r['ours_bytes']:.1f}x smaller than zstd-9 XOR, "
+              f"{r['index_value_bytes'] / r['ours_bytes']:.1f}x than index+value, {r['zipnn_bytes'] / r['ours_bytes']:.1f}x "
+              f"than ZipNN, {r['checkpoint_bytes'] / r['ours_bytes']:.0f}x than the checkpoint; pack {r['pack_s']:.2f} s, "
+              f"apply {r['apply_s']:.2f} s, zstd-9 XOR {r['zstd9_xor_s']:.1f} s, ZipNN {r['zipnn_s']:.1f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--synthetic", type=float, default=50e6, help="parameters of the synthetic pair (850e6: large)")
+    ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--pair", nargs=2, action="append", metavar=("BASE", "FT"), default=[])
+    ap.add_argument("--no-real", action="store_true", help="skip the real pairs under " + REAL_RUNS)
+    ap.add_argument("--no-weightscope", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tmp", default="/tmp/delta-bench")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    tmp = Path(args.tmp)
+    pairs = []
+    if not args.no_synthetic:
+        sys.path.insert(0, str(HERE))
+        from synthetic import write_pair
+
+        root = tmp / f"synthetic-{args.synthetic:.0e}"
+        b, f, _ = write_pair(root, args.synthetic)
+        pairs.append((f"synthetic {args.synthetic / 1e6:.0f}M, 20% changed by 1-3 ULP", str(b), str(f)))
+    real = Path(REAL_RUNS)
+    if not args.no_real and real.is_dir():
+        for label, a, b in (("real 135M: base -> 1 step", REAL_BASE, real / "step-1"),
+                            ("real 135M: step 1 -> step 2", real / "step-1", real / "step-2"),
+                            ("real 135M: base -> 30 steps", REAL_BASE, real / "step-30")):
+            if Path(a).exists() and Path(b).exists():
+                pairs.append((label, str(a), str(b)))
+    pairs += [(f"{a} -> {b}", a, b) for a, b in args.pair]
+    rows = []
+    for i, (label, a, b) in enumerate(pairs):
+        print(f"[{i + 1}/{len(pairs)}] {label}", file=sys.stderr, flush=True)
+        rows.append(bench_pair(label, a, b, tmp / f"pair-{i}", args.workers, not args.no_weightscope))
+    print_table(rows)
+    print(f"load average during the run: {os.getloadavg()} on {os.cpu_count()} cores "
+          "(the machine is shared; speeds are lower bounds)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"schema_version": 1, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
