@@ -120,10 +120,14 @@ def run_predict_lab(out: str | Path, *, experiment: str | Path | None = None, qu
     for name in design.recipes:
         for k in design.k_steps():
             lab.score_predictors(name, k)
-    for name in design.recipes:
-        for k in design.k_steps():
-            for predictor in design.train_predictors:
-                lab.train_from_k(name, k, predictor)
+    cells = [(n, k, p) for n in design.recipes for k in design.k_steps() for p in design.train_predictors]
+    todo = [c for c in cells if lab.done(c[0], f"k{c[1]}", f"train_{c[2]}") is None]
+    train_started = time.time()
+    for i, (name, k, predictor) in enumerate(todo):
+        if i:
+            rate = (time.time() - train_started) / i
+            log(f"[train {i + 1}/{len(todo)}] {rate:.0f} s per run, about {rate * (len(todo) - i) / 60:.0f} min left")
+        lab.train_from_k(name, k, predictor)
     from rlsparse.lab.predict_report import render
 
     md = render(out)
