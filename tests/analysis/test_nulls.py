@@ -79,3 +79,21 @@ def test_base_of_another_model_is_refused(tmp_path):
     a = Mask.from_tensors({"w": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(MismatchError, match="does not match the masks"):
         stratified_intersections([a, a], tmp_path / "m.safetensors")
+
+
+def test_cli_overlap_base_adds_the_stratified_null(tmp_path, capsys):
+    import json
+
+    from rlsparse.cli.main import main
+
+    t = torch.tensor([0.01, 0.02, 1.0, 1.5, 3.0, 0.011], dtype=torch.bfloat16)
+    save_file({"w": t}, str(tmp_path / "m.safetensors"))
+    Mask.from_tensors({"w": torch.tensor([1, 1, 0, 0, 0, 0])}).save(tmp_path / "a.mask")
+    Mask.from_tensors({"w": torch.tensor([1, 0, 0, 0, 0, 1])}).save(tmp_path / "b.mask")
+    rc = main(["overlap", str(tmp_path / "a.mask"), str(tmp_path / "b.mask"), "--base", str(tmp_path / "m.safetensors"),
+               "--json", str(tmp_path / "o.json")])
+    assert rc == 0 and "o1 strat" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o.json").read_text())["pairs"][0]["intersection_stratified"] == pytest.approx(1.0)
+    rc = main(["overlap", "--from-checkpoints", "a", "b", "c", "d", "--base", "m"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--base applies to mask files" in err and err.count("\n") == 1

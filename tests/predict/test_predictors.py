@@ -250,14 +250,14 @@ def test_cli_predict_and_score(synthetic_run, tmp_path, capsys):
 
     base, run, final, truth, sets = synthetic_run
     truth.save(tmp_path / "final.mask.safetensors")
+    p_mask, p_scores, f_mask = (str(tmp_path / f) for f in ("p.mask.safetensors", "p.scores.safetensors",
+                                                             "final.mask.safetensors"))
     rc, out, _ = _cli(["predict", "checkpoints", str(base), "--run", str(run), "--step", "2", "--method", "union",
-                       "--out", str(tmp_path / "p.mask.safetensors"), "--scores", str(tmp_path / "p.scores.safetensors")],
-                      capsys)
+                       "--out", p_mask, "--scores", p_scores], capsys)
     assert rc == 0 and "union:" in out
     pred = Mask.load(tmp_path / "p.mask.safetensors")
     assert _as_sets(pred) == _pairs(sets["s1"]) | _pairs(sets["s2"])
-    rc, out, _ = _cli(["predict", "score", str(tmp_path / "p.mask.safetensors"), str(tmp_path / "final.mask.safetensors"),
-                       "--scores", str(tmp_path / "p.scores.safetensors"), "--base", str(base),
+    rc, out, _ = _cli(["predict", "score", p_mask, f_mask, "--scores", p_scores, "--base", str(base),
                        "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")], capsys)
     assert rc == 0 and (tmp_path / "s.png").stat().st_size > 0
     doc = json.loads((tmp_path / "s.json").read_text())

@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     c.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoints up to step k, in step order")
     _run_step(c)
     c.add_argument("--method", choices=("checkpoint", "union", "vote"), default="checkpoint",
-                   help="checkpoint: the mask at k; union: changed in any; vote: in more than half (default checkpoint)")
+                   help="checkpoint: the mask at k; union: changed in any; vote: in more than half "
+                        "(default checkpoint)")
     c.add_argument("--tolerance", default="1e-5", help="|new - old| > t is changed (default 1e-5, the paper's)")
     _mask_outputs(c)
     c.set_defaults(func=run_checkpoints_cmd)

@@ -80,8 +80,16 @@ class PredictExperiment:
 
 
 def run_predict_lab(out: str | Path, *, experiment: str | Path | None = None, quick: bool = False,
-                    cache_dir: str | None = None, log=print) -> Path:
+                    cache_dir: str | None = None, base=None, log=print) -> Path:
     """Run the prediction experiment into ``out`` (resumable) and write its report.
+
+    Args:
+        out: The run folder.
+        experiment: The design file (default: the built-in ``predict_tiny.json``).
+        quick: Apply the design's ``quick`` overrides (a smoke run).
+        cache_dir: Where the tiny base is cached.
+        base: A ``BaseConfig`` for the tiny base (default: the lab's).
+        log: Progress printer.
 
     Example:
         >>> run_predict_lab("runs/predict", quick=True)
@@ -99,7 +107,7 @@ def run_predict_lab(out: str | Path, *, experiment: str | Path | None = None, qu
     _quiet()
     torch.set_num_threads(1)
     opts = LabOptions(out=out, cache_dir=cache_dir, n_test=design.n_test, trace=False, conjecture=False,
-                      report=False, base=BaseConfig())
+                      report=False, base=base or BaseConfig())
     run = _Run(opts, log)
     run.base_path = ensure_base(opts.base, cache_dir)
     write_json(out / "experiment.json", {**asdict(design), "quick": quick, "base": str(run.base_path)})
@@ -112,10 +120,14 @@ def run_predict_lab(out: str | Path, *, experiment: str | Path | None = None, qu
     for name in design.recipes:
         for k in design.k_steps():
             lab.score_predictors(name, k)
-    for name in design.recipes:
-        for k in design.k_steps():
-            for predictor in design.train_predictors:
-                lab.train_from_k(name, k, predictor)
+    cells = [(n, k, p) for n in design.recipes for k in design.k_steps() for p in design.train_predictors]
+    todo = [c for c in cells if lab.done(c[0], f"k{c[1]}", f"train_{c[2]}") is None]
+    train_started = time.time()
+    for i, (name, k, predictor) in enumerate(todo):
+        if i:
+            rate = (time.time() - train_started) / i
+            log(f"[train {i + 1}/{len(todo)}] {rate:.0f} s per run, about {rate * (len(todo) - i) / 60:.0f} min left")
+        lab.train_from_k(name, k, predictor)
     from rlsparse.lab.predict_report import render
 
     md = render(out)
@@ -263,8 +275,8 @@ class _PredictLab:
                     row["natural"] = {"density": 0.0, "note": "the natural threshold selects nothing"}
             rows[label] = row
             curves[label] = s.curve
-            self.log(f"  {label:11s} recall@final {row['at_final_density']['recall']:.3f} "
-                     f"(random {row['at_final_density']['random']['recall']:.3f})")
+            self.log(f"  {label:11s} recall@final {_fmt(row['at_final_density']['recall'])} "
+                     f"(random {_fmt(row['at_final_density']['random']['recall'])})")
         (self.out / "figures").mkdir(exist_ok=True)
         pr_curves(curves, self.out / "figures" / f"pr_{name}_k{k}.png",
                   title=f"{name}: predictors at step {k} of {self.design.steps} vs the final subnetwork",
@@ -301,6 +313,10 @@ class _PredictLab:
         self.log(f"  accuracy {doc['accuracy']:.1%} (full {doc['full_accuracy']:.1%}), identical to full "
                  f"{same['0']:.1%} at 0")
         self.save_cell(doc, name, f"k{k}", f"train_{predictor}")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _brief(s) -> dict:
