@@ -28,6 +28,7 @@ def test_cli_error_names_the_flag(tmp_path, capsys):
     from rlsparse.cli.main import main
 
     a = save(tiny_llama(), tmp_path / "a")
-    code = main(["diff", str(a), str(a), "--tolerances", "abc", "--quiet"])
+    b = save(tiny_llama(), tmp_path / "b")  # two folders: the same one twice is refused before the tolerances
+    code = main(["diff", str(a), str(b), "--tolerances", "abc", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "--tolerances 'abc' is not a number" in err and "\n" == err[-1] and err.count("\n") == 1
