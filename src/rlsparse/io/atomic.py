@@ -137,13 +137,15 @@ def temp_name(dest: str | os.PathLike, suffix: str = ".tmp") -> str:
     return f".{name}.{_TAG}-{os.getpid()}@{_HOST}-{secrets.token_hex(4)}.tmp{extra}"
 
 
-def create_temp(dest: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Path]:
+def create_temp(dest: str | os.PathLike, suffix: str = ".tmp", *, folder_output: bool = False) -> tuple[int, Path]:
     """Create (exclusively) a temporary file for ``dest`` and open it for writing.
 
     The file lies beside the real destination (a symlink's target), or in the system temporary
     folder when the destination is a device or FIFO. Its mode is ``0o666`` minus the umask.
+    ``folder_output=True`` accepts an existing folder at ``dest`` (an output folder to be replaced).
     """
-    real = _destination(dest)
+    p = Path(dest)
+    real = p if folder_output and p.is_dir() and not p.is_symlink() else _destination(p)
     folder = Path(tempfile.gettempdir()) if _is_stream(str(real)) else (real.parent if str(real.parent) else Path("."))
     remove_stale(real)
     for _ in range(100):
@@ -201,7 +203,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", *, folder_output: boo
         ...     fig.savefig(tmp)
     """
     check_writable(path, folder_output=folder_output)
-    fd, tmp = create_temp(path, suffix or ".tmp")
+    fd, tmp = create_temp(path, suffix or ".tmp", folder_output=folder_output)
     os.close(fd)
     if folder_output:
         os.unlink(tmp)  # the caller creates the folder; the name stays ours (pid-tagged)

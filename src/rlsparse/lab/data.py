@@ -121,7 +121,7 @@ def random_rejected_pairs(problems: list[Problem], samples: list[list[str]], *, 
     rng = random.Random(seed)
     rows = []
     for p, texts in zip(problems, samples):
-        good = [t for t in texts if extract_answer(t) == p.answer]
+        good = [t for t in texts if answer_of(t, p.style) == p.answer]
         if not good:
             continue
         lo = 10 ** (len(p.answer) - 1) if len(p.answer) > 1 else 0
@@ -129,7 +129,7 @@ def random_rejected_pairs(problems: list[Problem], samples: list[list[str]], *, 
             wrong = str(rng.randrange(lo, 10 ** len(p.answer)))
             if wrong != p.answer:
                 break
-        rows.append({"prompt": _prompt(p), "chosen": extract_answer(good[0]), "rejected": wrong})
+        rows.append({"prompt": _prompt(p), "chosen": _reply(p, _kept(p, good[0])), "rejected": _reply(p, wrong)})
     return rows
 
 

@@ -202,7 +202,7 @@ def _draw(f: Finding, results: dict):
         for label, s in f.data["rows"].items():
             name, lr = _split_run(label)
             runs.setdefault(name, []).append((lr, s))
-        lrs = sorted({lr for rs in runs.values() for lr, _ in rs}, key=lambda x: float(x) if x else 0.0)
+        lrs = sorted({lr for rs in runs.values() for lr, _ in rs}, key=lambda x: (float(x.split()[0]) if x else 0.0, x))  # "1e-05" or "1e-05 seed 1"
         cmap = matplotlib.colormaps["viridis"]
         colour = {lr: cmap(i / max(1, len(lrs) - 1) * 0.9) for i, lr in enumerate(lrs)}
         fig, axes = _grid(len(runs), 3, 1.7, extra=0.9)
