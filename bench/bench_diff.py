@@ -11,8 +11,8 @@ Runs, each in a fresh subprocess so peak resident memory (ru_maxrss) is its own:
   3. a pair 3x larger: ours only, peak memory.
 
 With ``--before SRC`` (an older checkout's ``src``, e.g. ``git archive <commit> src | tar -x``)
-the older engine runs beside ours in every round, and ours also runs with O_DIRECT off
-("ours, page cache"), so what each step bought is measured side by side.
+the older engine runs beside ours in every round, and ours also runs with O_DIRECT cold reads
+switched on ("ours, O_DIRECT cold reads"), so what each step bought is measured side by side.
 
 Usage: python bench/bench_diff.py [--data DIR] [--params 850e6] [--rounds 3] [--before SRC]
                                   [--skip-baseline] [--skip-large]
@@ -67,15 +67,17 @@ def _run_measured(cmd: list[str]) -> tuple[float, int, str]:
     return wall, kb * 1024, proc.stdout
 
 
-# ours with O_DIRECT switched off: the same CLI with the stream engine's default flipped
-_PAGE_CACHE_ONLY = ("import sys; import rlsparse.diff.stream as s; s.DIRECT_READS = False; "
-                    "from rlsparse.cli.main import main; sys.exit(main(sys.argv[1:]))")
+# ours with O_DIRECT cold reads switched on or off: the same CLI, the stream engine's switch set
+_WITH_DIRECT = ("import sys; import rlsparse.diff.stream as s; s.DIRECT_READS = {}; "
+                "from rlsparse.cli.main import main; sys.exit(main(sys.argv[1:]))")
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
-def ours(base: Path, ft: Path, out: Path, src: Path = SRC, direct: bool = True) -> dict:
-    """One `rlsparse diff` run of the tree at ``src`` (ours, or an older checkout for before/after)."""
-    head = [sys.executable, "-m", "rlsparse"] if direct else [sys.executable, "-c", _PAGE_CACHE_ONLY]
+def ours(base: Path, ft: Path, out: Path, src: Path = SRC, direct: bool | None = None) -> dict:
+    """One `rlsparse diff` run of the tree at ``src`` (ours, or an older checkout for before/after);
+    ``direct`` sets O_DIRECT cold reads on/off (None: the engine's default)."""
+    head = ([sys.executable, "-m", "rlsparse"] if direct is None
+            else [sys.executable, "-c", _WITH_DIRECT.format(direct)])
     cmd = ["env", f"PYTHONPATH={src}", *head, "diff", str(base), str(ft), "--quiet", "--json",
            str(out / "diff.json"), "--save-mask", str(out / "mask.safetensors")]
     wall, rss, _ = _run_measured(cmd)
@@ -121,7 +123,7 @@ def main() -> None:
     variants = {"ours": lambda: ours(base, ft, out)}
     if args.before:
         variants["before"] = lambda: ours(base, ft, out, src=args.before.resolve())
-        variants["ours, page cache only (no O_DIRECT)"] = lambda: ours(base, ft, out, direct=False)
+        variants["ours, O_DIRECT cold reads"] = lambda: ours(base, ft, out, direct=True)
     rows = []
     warm_runs = {}
     for name, fn in variants.items():

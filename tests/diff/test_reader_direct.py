@@ -55,3 +55,26 @@ def test_direct_reads_equal_cached_reads(tmp_path):
     with TensorReader(direct=True) as direct:
         raw = np.empty(direct_size(999 * 2) + 1, np.uint8)[1:]
         assert np.array_equal(direct.read(ck.tensors["t0"], 0, 999, raw), expected["t0"][0])
+
+
+def test_stream_with_direct_reads_equals_page_cache_run(tiny_pair):
+    from rlsparse.diff import stream
+    from rlsparse.diff.engine import items_of, kernel_for
+    from rlsparse.diff.plan import plan
+
+    base, ft = tiny_pair
+    items = items_of(plan(Checkpoint.open(base), Checkpoint.open(ft)))
+    kernel = kernel_for([0.0, 1e-5], 1e-5, None)
+    runs = []
+    for direct in (False, True):
+        for f in [*base.glob("*.safetensors"), *ft.glob("*.safetensors")]:
+            _evict(f)
+        pieces = []
+        out = stream.run(items, kernel, chunk_elements=256, direct=direct,
+                         sink=lambda s, p: pieces.append((s.item, s.start, p.tobytes())))
+        runs.append((out, pieces))
+    (a, pa), (b, pb) = runs
+    assert pa == pb and sorted(a.partials) == sorted(b.partials)
+    for i in a.partials:
+        assert np.array_equal(a.partials[i].changed, b.partials[i].changed)
+        assert np.array_equal(a.partials[i].hist, b.partials[i].hist)

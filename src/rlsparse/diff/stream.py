@@ -62,8 +62,11 @@ DEFAULT_CHUNK_ELEMENTS = 1024 * 1024
 # With many sources (a long series) the chunk shrinks so that one chunk of all of them stays
 # about this size: the buffer pool (io_depth + 1 chunks) then stays bounded whatever N.
 _CHUNK_BYTES_ALL_SOURCES = 8 << 20
-# Cold ranges are read with O_DIRECT into the pool's page-aligned buffers (bench/bench_diff.py)
-DIRECT_READS = True
+# Read cold ranges with O_DIRECT into the pool's page-aligned buffers. Off by default: on the
+# shared 2-core machine it was measured (bench/bench_diff.py --before, 2026-11-28) no faster than
+# the page cache (cold medians 0.10 vs 0.13 GB/s on the 850M pair, 0.13 vs 0.13 on a 182M pair,
+# every run CPU-bound at load 15-28); measure on a quiet machine before switching it on.
+DIRECT_READS = False
 
 
 @dataclass(frozen=True)
