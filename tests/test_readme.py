@@ -89,7 +89,7 @@ def test_readme_commands_run_in_order(tmp_path):
         for command, shown in block:
             run = tiny(command)
             proc = subprocess.run(["bash", "-c", run], cwd=work, env=env, capture_output=True, text=True,
-                                  timeout=900)
+                                  timeout=1800)
             assert proc.returncode == 0, f"README command failed: {run}\n{proc.stderr[-3000:]}"
             printed = proc.stdout.splitlines()
             for line in shown:

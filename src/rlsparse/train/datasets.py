@@ -42,9 +42,12 @@ def load(spec: str, split: str = "train", name: str | None = None):
 
     from rlsparse.train.trainers import load_dataset_from
 
-    # The "Generating train split" bars would stand between the user and a one-line error.
+    # The "Generating train split" bars and the library's own error log (with a traceback) would
+    # stand between the user and the one-line error below.
     shown = datasets.is_progress_bar_enabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return load_dataset_from(spec, split=split, name=name)
     except UsageError:
@@ -54,6 +57,7 @@ def load(spec: str, split: str = "train", name: str | None = None):
         raise UsageError(f"--dataset {spec}: cannot be read as a dataset ({text}); see docs/train.md for the "
                          "accepted formats") from None
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if shown:
             datasets.enable_progress_bars()
 
