@@ -38,3 +38,31 @@ def test_recipe_file_by_path_and_errors(tmp_path):
         Recipe.from_dict({"name": "x", "algorithm": "sft", "lr": 1})
     with pytest.raises(UsageError, match="schema_version"):
         Recipe(name="x", algorithm="sft", schema_version=99)
+
+
+def test_preregistered_conjecture_runs_are_points_of_their_sweeps():
+    from rlsparse.lab.recipes import load_recipe, recipe_names
+
+    for name in recipe_names():
+        for r in (load_recipe(name), load_recipe(name).quickened()):
+            if r.conjecture_lr is not None:
+                assert r.conjecture_lr in r.learning_rates, name
+            assert r.seeds and len(set(r.seeds)) == len(r.seeds), name
+
+
+def test_bad_pre_sft_and_the_preregistration_file(tmp_path):
+    import json
+
+    from rlsparse.errors import UsageError
+    from rlsparse.lab.preregistration import load_preregistration
+    from rlsparse.lab.recipes import Recipe
+
+    with pytest.raises(UsageError, match="pre_sft"):
+        Recipe(name="x", algorithm="dpo", pre_sft={"learning_rate": 1e-4})
+    assert Recipe(name="x", algorithm="dpo", seed=4).seeds == [4]
+    pre = load_preregistration()
+    assert pre["matched_gain"] == 0.10 and pre["learned_gain"] == 0.05 and len(pre.sha256) == 64
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"schema_version": 1, "matched_gain": 0.1}))
+    with pytest.raises(UsageError, match="missing"):
+        load_preregistration(bad)

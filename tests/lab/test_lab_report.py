@@ -28,7 +28,7 @@ def _recipe(name, algo, in_dist, trl=None):
 def _results(rl_sparsity, sft_sparsity, conj_sub=0.62, kl_gap=0.01):
     lrs = (1e-6, 1e-5)
     rec = {
-        "sft_ood": (_recipe("sft_ood", "sft", False), [_point(lr, sft_sparsity, 0.0) for lr in lrs]),
+        "sft_ood": (_recipe("sft_ood", "sft", False), [_point(lr, sft_sparsity, 0.2) for lr in lrs]),
         "dpo_id": (_recipe("dpo_id", "dpo", True, {"beta": 0.1}), [_point(lr, rl_sparsity, 0.1) for lr in lrs]),
         "grpo": (_recipe("grpo", "grpo", True, {"beta": 0.04, "max_grad_norm": 1.0}),
                  [_point(lr, rl_sparsity, 0.2) for lr in lrs]),
@@ -54,17 +54,20 @@ def _by_key(results):
 def test_verdicts_follow_the_data():
     good = _by_key(_results(rl_sparsity=0.8, sft_sparsity=0.1))
     assert good["sparsity_sft_vs_rl"].verdict == "reproduces"
-    assert good["sparsity_sft_vs_rl"].data["rl_sparser_at"] == [1e-6, 1e-5]
-    assert good["kl_clip"].verdict == "reproduces"
-    assert good["conjecture"].verdict == "reproduces"
+    # sparsity at 1e-5 is the point's sparsity + 0.02 (see _point); every curve reaches +10 points at its first point
+    assert good["sparsity_sft_vs_rl"].data["sparsity_at_matched_gain"] == pytest.approx(
+        {"dpo_id": 0.82, "grpo": 0.82, "grpo_nokl": 0.81, "sft_ood": 0.12})
+    # the manipulations were not shown to act (no clip share, no logged KL): at most partly
+    assert good["kl_clip"].verdict == "partly reproduces"
     assert good["tolerance"].verdict == "reproduces"
     assert good["rank"].verdict == "reproduces"
     assert good["layers"].data["norm_vs_matrices"]["grpo"]["norm"] == 1.0
-    assert good["sparsity_sft_vs_rl"].seeds == {"dpo_id": 7, "grpo": 7, "grpo_nokl": 7, "sft_ood": 7}
+    assert good["sparsity_sft_vs_rl"].seeds == {"dpo_id": [7], "grpo": [7], "grpo_nokl": [7], "sft_ood": [7]}
+    assert all(f.rule for f in good.values() if f.verdict != "not measured" and f.key != "layers")
 
     direction_only = _by_key(_results(rl_sparsity=0.3, sft_sparsity=0.1))
     assert direction_only["sparsity_sft_vs_rl"].verdict == "partly reproduces"
-    assert "32.0% sparse" in direction_only["sparsity_sft_vs_rl"].sentence
+    assert "dpo_id 32.0%" in direction_only["sparsity_sft_vs_rl"].sentence
 
     bad = _by_key(_results(rl_sparsity=0.1, sft_sparsity=0.5, conj_sub=0.3, kl_gap=0.2))
     assert bad["sparsity_sft_vs_rl"].verdict.startswith("does not reproduce")
@@ -79,7 +82,8 @@ def test_render_writes_html_markdown_json_and_figures(tmp_path):
     text = md.read_text()
     assert "Verdict: reproduces" in text and "Paper:" in text and "Seeds:" in text
     assert "<img src='figures/sparsity_vs_lr.png'" in page.read_text()
-    for png in ("sparsity_vs_lr", "tolerance_sweep", "update_rank", "layer_matrix", "kl_clip", "conjecture_loss"):
+    for png in ("sparsity_vs_lr", "sparsity_vs_gain", "tolerance_sweep", "update_rank", "layer_matrix", "kl_clip",
+                "conjecture_loss"):
         assert (tmp_path / "figures" / f"{png}.png").stat().st_size > 1000
     report = json.loads((tmp_path / "report.json").read_text())
     assert [f["key"] for f in report["findings"]][0] == "sparsity_sft_vs_rl"
@@ -96,7 +100,7 @@ def test_a_skipped_conjecture_rerun_is_reported_not_plotted(tmp_path):
     results["conjecture"]["grpo"] = {"recipe": "grpo", "learning_rate": 1e-5, "seed": 7, "steps": 10,
                                      "mask_density": 0.0, "skipped": "the full run changed no parameter"}
     f = _by_key(results)["conjecture"]
-    assert f.verdict == "partly reproduces" and "grpo: not rerun" in f.sentence
+    assert f.verdict.startswith("does not reproduce") and "grpo: not rerun" in f.sentence
     (tmp_path / "results.json").write_text(json.dumps(results))
     render(tmp_path)
     assert (tmp_path / "figures" / "conjecture_loss.png").is_file()
@@ -105,17 +109,10 @@ def test_a_skipped_conjecture_rerun_is_reported_not_plotted(tmp_path):
 def test_dynamics_and_precision_findings():
     f = _by_key(_results(0.8, 0.1))
     dyn, prec = f["dynamics"], f["precision"]
-    assert dyn.verdict == "reproduces"  # the synthetic trace falls early and then stays flat
-    assert set(dyn.data["curves"]) == {"dpo_id lr 1e-05", "grpo lr 1e-06", "grpo_nokl lr 1e-06"}
-    assert prec.data["rows"]["grpo"][0] == {"lr": 1e-6, "bf16": pytest.approx(0.8), "fp32": 0.0}
+    # the synthetic trace falls early and then stays flat, but no constant-learning-rate control was run
+    assert dyn.verdict == "partly reproduces" and "no constant-learning-rate control" in dyn.sentence
+    assert {k.split(" ")[0] for k in dyn.data["curves"]} == {"dpo_id", "grpo", "grpo_nokl"}
+    assert prec.data["rows"]["grpo"][0] == {"lr": 1e-6, "bf16": pytest.approx(0.8), "fp32": 0.0, "net_drift": None,
+                                            "seed": None}
     assert f["tolerance"].data["rise_1e-8_to_1e-6"] == pytest.approx(0.001)
     assert "made by bf16 rounding" in prec.sentence
-
-
-def test_sparsity_at_a_matched_gain_is_interpolated_along_the_curve():
-    from rlsparse.lab.report import _sparsity_at_gain
-
-    pts = [{"learning_rate": lr, "sparsity": {"1e-05": s}, "accuracy_gain": {"add": g}}
-           for lr, s, g in ((1e-5, 0.6, 0.0), (1e-6, 0.9, -0.01), (1e-4, 0.2, 0.2))]
-    assert _sparsity_at_gain(pts, "add", 0.1) == pytest.approx(0.4)
-    assert _sparsity_at_gain(pts, "add", 0.5) is None

@@ -82,11 +82,51 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
         assert (out / c["sub_checkpoint"] / "model.safetensors").is_file()
         assert set(c["identical_share"]) == {"0", "1e-05", "1e-04"}
         assert c["loss"]["full"] and c["loss"]["sub"]
+        # the controls: a random mask of the same per-tensor density (also confined), a reseeded full run
+        assert c["changed_outside_random_mask"] == 0
+        assert set(c["identical_share_random_mask"]) == set(c["identical_share_reseeded_full"]) == {"0", "1e-05", "1e-04"}
+        assert (out / c["reseeded_checkpoint"] / "model.safetensors").is_file()
+        assert c["selection"].startswith("best case")  # no conjecture_lr in these recipes
+    sft = results["recipes"]["t_sft"]
+    assert set(sft["data_nll"]) == {"completion"} and sft["data_nll"]["completion"] > 0
+    for p in sft["points"]:
+        assert p["probe_kl"] > 0 and p["delta_norm"] > 0 and p["seed"] == 1 and p["start"] == "base"
+        assert 0 < p["net_drift"]["net_over_path"] <= 1 and 0 <= p["update_rank_random_control"] <= 1
+    assert results["recipes"]["t_grpo"]["points"][0]["clip_active_share"] is None  # max_grad_norm 0: no clipping
+    assert set(results["controls"]["spacing_share"]) == {"0", "1e-08", "1e-07", "1e-06", "1e-05", "1e-04"}
+    assert len(run["preregistration"]["sha256"]) == 64
     for f in ("report.html", "report.md", "report.json", "figures/sparsity_vs_lr.png", "figures/conjecture_loss.png"):
         assert (out / f).is_file(), f
     capsys.readouterr()
     assert _cli(["lab", "report", str(out)]) == 0
     assert "report.html" in capsys.readouterr().out
+
+
+def test_seeds_pre_sft_and_a_preregistered_conjecture_run(tiny_base, tmp_path, monkeypatch):
+    from rlsparse.lab import runner
+
+    # the tiny test base is never right, so give it samples with a correct/incorrect mix
+    monkeypatch.setattr(runner._Run, "policy_samples",
+                        lambda self, r, probs: [[p.answer, str(int(p.answer) + 1)] for p in probs])
+    recipe = _recipe(tmp_path, "t_fmt", algorithm="dpo", data="format_pairs", in_distribution=True, seeds=[1, 2],
+                     learning_rates=[1e-2], pre_sft={"learning_rate": 1e-2, "steps": 2}, conjecture=True,
+                     conjecture_lr=1e-2, trl={"beta": 0.1})
+    out = tmp_path / "run"
+    runner.run_lab([recipe], runner.LabOptions(out=out, model=str(tiny_base), report=False), log=lambda m: None)
+    results = json.loads((out / "results.json").read_text())
+    entry = results["recipes"]["t_fmt"]
+    assert [(p["seed"], p["checkpoint"], p["start"]) for p in entry["points"]] == [
+        (1, "runs/t_fmt/lr-1e-2", "runs/t_fmt/pre-sft-seed1"), (2, "runs/t_fmt/lr-1e-2-seed2", "runs/t_fmt/pre-sft-seed2")]
+    # sparsity is measured against the recipe's own start, the pre-SFT model
+    from rlsparse.lab import measure
+
+    again = measure.sparsity(out / "runs/t_fmt/pre-sft-seed1", out / "runs/t_fmt/lr-1e-2")
+    assert again["changed"] == entry["points"][0]["changed"]
+    assert set(entry["data_nll"]) == {"chosen", "rejected"}
+    c = results["conjecture"]["t_fmt"]
+    assert c["selection"].startswith("pre-registered") and c["learning_rate"] == 1e-2
+    assert c["reseeded_checkpoint"] == "runs/t_fmt/lr-1e-2-seed2"  # the seed-2 sweep point, not a new run
+    assert c["changed_outside_mask"] == 0 and c["changed_outside_random_mask"] == 0
 
 
 def test_fp32_checkpoints_and_jsonl_dataset(tiny_base, tmp_path):

@@ -17,7 +17,7 @@ add_parser = add_parsers
 def add_lab_parser(sub) -> None:
     lab = sub.add_parser("lab", help="the reproduction lab: run recipes on a tiny model and report",
                          description="Run the paper's experiments in miniature and report agreement.")
-    labsub = lab.add_subparsers(dest="lab_command", metavar="{run,report,list}")
+    labsub = lab.add_subparsers(dest="lab_command", metavar="{run,report,list,scale}")
     labsub.required = True
 
     run = labsub.add_parser("run", help="run one recipe, several (comma-separated) or all")
@@ -45,6 +45,8 @@ def add_lab_parser(sub) -> None:
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
     run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")
+    run.add_argument("--seeds", metavar="S,S,...", default=None,
+                     help="run every recipe with these seeds (e.g. 0,1,2), replacing the recipes' own")
     run.set_defaults(func=_run)
 
     report = labsub.add_parser("report", help="render report.html and report.md for a run folder")
@@ -53,6 +55,11 @@ def add_lab_parser(sub) -> None:
 
     lst = labsub.add_parser("list", help="list the built-in recipes")
     lst.set_defaults(func=_list)
+
+    scale = labsub.add_parser("scale", help="sparsity at a matched gain vs model size, from several run folders")
+    scale.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="lab run folders (e.g. one per tiny-base width)")
+    scale.add_argument("--out", metavar="DIR", required=True, help="where scale.md, scale.json and the figure go")
+    scale.set_defaults(func=_scale)
 
 
 def add_demo_parser(sub) -> None:
@@ -68,10 +75,10 @@ def _run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from rlsparse.errors import UsageError
     from rlsparse.lab.base import BaseConfig
-    from rlsparse.lab.runner import LabOptions, run_lab
-
     from rlsparse.lab.real import is_real_base
+    from rlsparse.lab.runner import LabOptions, run_lab
 
     names = args.recipes if args.recipes == "all" else [n for n in args.recipes.split(",") if n]
     real = args.base[0] if len(args.base) == 1 and is_real_base(args.base[0]) else None
@@ -79,13 +86,19 @@ def _run(args: argparse.Namespace) -> int:
         real = "smollm2-135m"
     if real is not None:
         args.base = []
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds is not None else None
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers such as 0,1,2")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
                       checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
                       compute={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[args.compute],
                       weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
-                      base=BaseConfig().with_overrides(args.base), real_base=real)
+                      base=BaseConfig().with_overrides(args.base), real_base=real, seeds=seeds)
     run_dir = run_lab(names, opts, resume=args.resume)
     print(f"run folder: {run_dir}")
     return 0
@@ -96,6 +109,13 @@ def _report(args: argparse.Namespace) -> int:
 
     html, md = render(args.run_dir)
     print(f"report: {html}\nmarkdown: {md}")
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from rlsparse.lab.verdicts.scale import render_trend
+
+    print(f"scale trend: {render_trend(args.run_dirs, args.out)}")
     return 0
 
 

@@ -31,7 +31,8 @@ class BaseConfig:
 
     families: list[str] = field(default_factory=lambda: ["add"])
     digits: int = 2
-    n_test: int = 200
+    n_test: int = 1000
+    n_val: int = 200
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -185,7 +186,7 @@ def _train_val(cfg: BaseConfig, family: str):
     from rlsparse.lab.tasks import split
 
     train, _ = split(family, seed=cfg.seed, n_test=cfg.n_test, digits=cfg.digits)
-    return train[cfg.n_test:], train[:cfg.n_test]
+    return train[cfg.n_val:], train[:cfg.n_val]
 
 
 def pretrain(cfg: BaseConfig, out: str | os.PathLike, device: str = "cpu", progress=None) -> dict:

@@ -111,3 +111,41 @@ def constructed_pairs(problems: list[Problem], *, seed: int) -> list[dict]:
 def grpo_rows(problems: list[Problem]) -> list[dict]:
     """Prompt/answer rows for on-policy RL: TRL passes ``answer`` and ``style`` to the reward function."""
     return [{"prompt": _prompt(p), "answer": p.answer, "style": p.style} for p in problems]
+
+
+def random_rejected_pairs(problems: list[Problem], samples: list[list[str]], *, seed: int) -> list[dict]:
+    """DPO pairs whose chosen side is the policy's own correct sample and whose rejected side is a
+    random wrong number of the same length: only the rejected answer's likelihood differs from
+    ``policy_pairs`` (the same problems keep a pair exactly when the policy was right at least once).
+    """
+    rng = random.Random(seed)
+    rows = []
+    for p, texts in zip(problems, samples):
+        good = [t for t in texts if answer_of(t, p.style) == p.answer]
+        if not good:
+            continue
+        lo = 10 ** (len(p.answer) - 1) if len(p.answer) > 1 else 0
+        while True:
+            wrong = str(rng.randrange(lo, 10 ** len(p.answer)))
+            if wrong != p.answer:
+                break
+        rows.append({"prompt": _prompt(p), "chosen": _reply(p, _kept(p, good[0])), "rejected": _reply(p, wrong)})
+    return rows
+
+
+def reformat(answer: str) -> str:
+    """An answer in a format the tiny base never writes: its digits reversed ("46" -> "64")."""
+    return answer[::-1]
+
+
+def format_pairs(problems: list[Problem], samples: list[list[str]]) -> list[dict]:
+    """``policy_pairs`` rewritten in the reversed-digit format: the same preferences, in text the base
+    finds unlikely (out of distribution) until an SFT on that format makes it likely (Table 5).
+    Plain prompts only (the tiny base): a chat reply is more than its digits."""
+    if any(p.style == "chat" for p in problems):
+        from rlsparse.errors import UsageError
+
+        raise UsageError("format_pairs reverse a bare answer's digits; they are defined for the tiny base's plain "
+                         "prompts, not chat replies; use another data kind on the real base")
+    return [{"prompt": r["prompt"], "chosen": reformat(r["chosen"]), "rejected": reformat(r["rejected"])}
+            for r in policy_pairs(problems, samples)]

@@ -77,3 +77,159 @@ def changed_outside(base: str | os.PathLike, trained: str | os.PathLike, mask) -
         moved.check_compatible(mask, "the trained model and the subnetwork mask")
         return sum(int((moved.get(n) & ~mask.get(n)).sum()) for n in moved.names)
 
+
+
+def delta_norm(base: str | os.PathLike, finetuned: str | os.PathLike) -> float:
+    """||Δθ||: the L2 norm of finetuned - base over every parameter, widened to fp32 (float64 sum)."""
+    from rlsparse.analysis._common import open_checkpoint, pair_tensors
+    from rlsparse.io.reader import TensorReader
+
+    import torch
+
+    total = 0.0
+    a, b = open_checkpoint(base), open_checkpoint(finetuned)
+    with TensorReader() as reader:
+        for info_a, info_b in pair_tensors(a, b).values():
+            d = reader.read_tensor(info_b).to(torch.float32) - reader.read_tensor(info_a).to(torch.float32)
+            total += float(d.double().pow(2).sum())
+    return total ** 0.5
+
+
+def random_rank_control(base: str | os.PathLike, finetuned: str | os.PathLike, seed: int = 0,
+                        tolerance: float = 1e-5, max_matrices: int | None = None) -> dict:
+    """Table 2's control: the rank of each update matrix with its entries moved to random positions.
+
+    Each 2-D update (embeddings and head excluded, as ``update_rank``) is permuted uniformly at
+    random: the same values, the same density, no structure. If that is full rank too, "sparse but
+    full rank" says nothing an unstructured sparse update would not.
+
+    Returns:
+        {"mean_rank_fraction", "per_matrix": {name: {"rank_fraction", "control_rank_fraction", "density"}}}.
+        ``max_matrices`` keeps that many matrices, evenly spaced (SVDs cost minutes on a real base).
+    """
+    import torch
+
+    from rlsparse.analysis.rank import matrix_ranks
+    from rlsparse.analysis._common import open_checkpoint, pair_tensors
+    from rlsparse.io.naming import type_of
+    from rlsparse.io.reader import TensorReader
+
+    gen = torch.Generator().manual_seed(seed)
+    per = {}
+    a, b = open_checkpoint(base), open_checkpoint(finetuned)
+    pairs = {n: ab for n, ab in pair_tensors(a, b).items()
+             if len(ab[0].shape) == 2 and type_of(n) not in ("embed", "pos_embed", "lm_head")}
+    if max_matrices is not None and len(pairs) > max_matrices:
+        # Evenly spaced over the checkpoint's order, as update_rank(max_matrices=...) picks them.
+        names = list(pairs)
+        keep = {names[round(i * (len(names) - 1) / max(1, max_matrices - 1))] for i in range(max_matrices)}
+        pairs = {n: ab for n, ab in pairs.items() if n in keep}
+    with TensorReader() as reader:
+        for name, (info_a, info_b) in pairs.items():
+            d = reader.read_tensor(info_b).to(torch.float32) - reader.read_tensor(info_a).to(torch.float32)
+            if not bool(d.any()):
+                continue
+            shuffled = d.flatten()[torch.randperm(d.numel(), generator=gen)].reshape(d.shape)
+            full = min(d.shape)
+            per[name] = {"rank_fraction": matrix_ranks(d)[0] / full,
+                         "control_rank_fraction": matrix_ranks(shuffled)[0] / full,
+                         "density": float((d.abs() > tolerance).float().mean())}
+    ctrl = [v["control_rank_fraction"] for v in per.values()]
+    return {"mean_rank_fraction": sum(ctrl) / len(ctrl) if ctrl else float("nan"), "per_matrix": per}
+
+
+def spacing_share(base: str | os.PathLike, tolerances=TOLERANCES) -> dict:
+    """Table 6's control: the share of base weights whose stored-dtype spacing already exceeds each tolerance.
+
+    Where the spacing exceeds t, any change exceeds t, so sparsity at t can rise above sparsity
+    at 0 only through the other weights: ``1 - share`` bounds the rise from number format alone.
+    """
+    from rlsparse.analysis.precision import precision
+
+    r = precision(base, base, tolerances=[float(t) for t in tolerances])
+    total = r.total
+    return {label: total.spacing_above[key] / total.numel
+            for label, key in zip(tolerances, sorted(total.spacing_above, key=float))}
+
+
+def completion_token_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 64):
+    """Per-token log-probability tensors of each completion given its prompt (EOS included), in eval mode.
+
+    Yields, per batch, ``(logits, labels, mask)``: next-token logits, the target token ids and a
+    bool mask of the completion positions. Shared by ``probe_kl`` and ``dataset_nll``.
+    """
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token or ""
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in chunk]
+        fulls = [tokenizer(p + c + eos, add_special_tokens=False)["input_ids"] for p, c in chunk]
+        width = max(len(f) for f in fulls)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(chunk), width), dtype=torch.long)
+        target = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for i, (p, f) in enumerate(zip(prompts, fulls)):
+            ids[i, :len(f)] = torch.tensor(f)
+            att[i, :len(f)] = 1
+            target[i, len(p):len(f)] = True  # completion tokens (right padding: positions are plain)
+        # no_grad only around the forward: a grad-mode context held across a yield would leak into the caller
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
+        # position t predicts token t + 1
+        yield logits[:, :-1], ids[:, 1:].to(device), target[:, 1:].to(device)
+
+
+def probe_kl(base_model, finetuned_model, tokenizer, pairs: list[tuple[str, str]]) -> float:
+    """Token-level KL(base || finetuned) averaged over the completion tokens of a fixed probe set.
+
+    Both models are in eval mode (no dropout); at every completion position the full next-token
+    distributions are compared: sum_v p_base(v) (log p_base(v) - log p_ft(v)).
+    """
+    import torch
+
+    total, count = 0.0, 0
+    for (lb, _, mask), (lf, _, _) in zip(completion_token_logprobs(base_model, tokenizer, pairs),
+                                         completion_token_logprobs(finetuned_model, tokenizer, pairs)):
+        pb, pf = torch.log_softmax(lb, -1), torch.log_softmax(lf, -1)
+        kl = (pb.exp() * (pb - pf)).sum(-1)
+        total += float(kl[mask].double().sum())
+        count += int(mask.sum())
+    return total / count if count else float("nan")
+
+
+def dataset_nll(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
+    """Mean per-token negative log-likelihood of the completions under ``model``: how far a dataset
+    is from the policy's own distribution (Table 5's "in distribution", measured)."""
+    import torch
+
+    total, count = 0.0, 0
+    for logits, labels, mask in completion_token_logprobs(model, tokenizer, pairs):
+        lp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        total -= float(lp[mask].double().sum())
+        count += int(mask.sum())
+    return total / count if count else float("nan")
+
+
+def seed_overlap(base: str | os.PathLike, a: str | os.PathLike, b: str | os.PathLike, workdir: str | os.PathLike,
+                 tolerance: str = PAPER_TOLERANCE) -> dict:
+    """Table 4: how much two finetunes' subnetworks (changed at ``tolerance``) overlap, beside random nulls.
+
+    Returns o1 = |I_a ∩ I_b| / |I_a|, o2, the Appendix E uniform baseline (``o1_random``,
+    ``o2_random``) and, where ``rlsparse.analysis.overlap`` offers it (``base=``), the
+    magnitude-stratified baseline (``o1_stratified``, ``o2_stratified``; None otherwise).
+    """
+    from rlsparse.analysis.overlap import overlap
+
+    work = Path(workdir)
+    ma = subnetwork_mask(base, a, work / "a.mask.safetensors", tolerance)
+    mb = subnetwork_mask(base, b, work / "b.mask.safetensors", tolerance)
+    try:
+        result = overlap([ma, mb], ["a", "b"], base=base)
+    except TypeError:  # an overlap without the stratified null: the uniform one only
+        result = overlap([ma, mb], ["a", "b"])
+    pair = result.to_json()["pairs"][0]
+    keys = ("o1", "o2", "jaccard", "o1_random", "o2_random", "o1_stratified", "o2_stratified")
+    return {k: pair.get(k) for k in keys}

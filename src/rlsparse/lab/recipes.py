@@ -18,10 +18,8 @@ from rlsparse.errors import UsageError
 
 RECIPE_SCHEMA_VERSION = 1
 ALGORITHMS = ("sft", "rft", "dpo", "grpo", "rloo", "kto", "orpo", "simpo", "ppo", "prime")
-DATA_KINDS = ("ground_truth", "policy_samples", "constructed_pairs", "prompts")
-# A run "learned" when held-out accuracy rose by at least this much (200 test problems: one
-# standard error of an accuracy near 50% is 3.5 points).
-LEARNED_GAIN = 0.05
+DATA_KINDS = ("ground_truth", "policy_samples", "constructed_pairs", "prompts", "random_rejected",
+              "format_pairs")
 
 
 @dataclass
@@ -46,6 +44,14 @@ class Recipe:
         trl: Extra fields for the TRL config (e.g. beta, max_grad_norm, num_generations).
         quick: Field overrides for ``--quick`` runs.
         conjecture: Whether to run the Conjecture 1 subnetwork rerun for this recipe.
+        conjecture_lr: The learning rate of the Conjecture 1 run, fixed before the sweep runs
+            (pre-registration); None falls back to the post-hoc rule of ``choose_subnetwork_run``,
+            which the report labels as a best-case selection.
+        seeds: Seeds to run every learning rate with (default: ``[seed]``); the first one is the
+            seed of the Conjecture 1 run, the second (if any) its reseeded full-run control.
+        pre_sft: Optional ``{"learning_rate", "steps"}``: first SFT the base on the chosen answers
+            of this recipe's data (the paper's way to make off-policy data in-distribution, Table 5);
+            the recipe then starts from, and is diffed against, that SFT model.
         group: The finding this recipe feeds ("sft_vs_rl", "kl_clip").
         description: One line for the report.
         on_policy, kl, online: The algorithm's flags in the paper's Table 1 (None where not stated):
@@ -67,6 +73,9 @@ class Recipe:
     trl: dict = field(default_factory=dict)
     quick: dict = field(default_factory=dict)
     conjecture: bool = False
+    conjecture_lr: float | None = None
+    seeds: list[int] = field(default_factory=list)
+    pre_sft: dict | None = None
     group: str = "sft_vs_rl"
     description: str = ""
     on_policy: bool | None = None
@@ -87,9 +96,13 @@ class Recipe:
         if self.schema_version > RECIPE_SCHEMA_VERSION:
             problems.append(f"schema_version {self.schema_version} (this rlsparse reads up to "
                             f"{RECIPE_SCHEMA_VERSION}; upgrade rlsparse)")
+        if self.pre_sft is not None and (set(self.pre_sft) != {"learning_rate", "steps"}
+                                         or float(self.pre_sft["learning_rate"]) <= 0 or int(self.pre_sft["steps"]) < 1):
+            problems.append(f"pre_sft {self.pre_sft!r} (expected {{'learning_rate': > 0, 'steps': >= 1}})")
         if problems:
             raise UsageError(f"recipe {self.name!r} has invalid " + "; ".join(problems) + "; fix the recipe file")
         self.learning_rates = [float(lr) for lr in self.learning_rates]
+        self.seeds = [int(s) for s in self.seeds] or [int(self.seed)]
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
@@ -160,8 +173,9 @@ class Suite:
         threads: CPU threads.
         eval_batch / sample_batch: Prompts per generation batch.
         rank_matrices: Update rank on this many matrices, evenly spaced (None: all 210 of the real base).
-        preregistered: Thresholds written before the sweep ran (``learned_gain``, ``matched_gain``, ...),
-            with the date they were fixed; copied into every run.json.
+        preregistration: The suite's pre-registration file (in the suite folder, the format of
+            ``lab/preregistration.json``): thresholds written before the sweep ran, copied with their
+            sha256 into every run.json.
         description: One paragraph for the report.
     """
 
@@ -180,15 +194,9 @@ class Suite:
     eval_batch: int = 64
     sample_batch: int = 8
     rank_matrices: int | None = None
-    preregistered: dict = field(default_factory=dict)
+    preregistration: str = "preregistration.json"
     description: str = ""
     schema_version: int = SUITE_SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        missing = sorted({"learned_gain", "matched_gain", "fixed_on"} - set(self.preregistered))
-        if missing:
-            raise UsageError(f"suite {self.name!r}: preregistered lacks {missing}; write them in the suite file "
-                             "before running")
 
 
 def load_suite(name: str) -> Suite:

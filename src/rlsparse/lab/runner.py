@@ -6,18 +6,20 @@ Run folder layout::
 
     RUN_DIR/run.json                       what was run: recipes, seeds, base, precision, versions
     RUN_DIR/results.json                   every measurement (the report reads only this)
-    RUN_DIR/runs/<recipe>/lr-<lr>/         HF checkpoint of one finetune (+ metrics.json)
-    RUN_DIR/conjecture/<recipe>/{full,sub} the two Conjecture 1 models (full = link to the sweep run)
+    RUN_DIR/runs/<recipe>/lr-<lr>[-seedN]/ HF checkpoint of one finetune (+ metrics.json, written last)
+    RUN_DIR/conjecture/<recipe>/           the Conjecture 1 models, masks and result.json (written last)
+    RUN_DIR/base_accuracy.json, samples/   the base's held-out accuracy and policy samples (reused on resume)
     RUN_DIR/report.html, report.md, figures/*.png
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rlsparse.errors import OutputError, UsageError
@@ -26,8 +28,9 @@ from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
 from rlsparse.lab.cost import signal_steps
-from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, load_suite, recipe_names
-from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
+from rlsparse.lab.preregistration import Preregistration, load_preregistration
+from rlsparse.lab.recipes import Recipe, load_recipe, load_suite, recipe_dir, recipe_names
+from rlsparse.lab.tasks import Problem, load_jsonl, prompt_texts, reward, split
 from rlsparse.lab.trace import sparsity_trace
 
 RUN_SCHEMA_VERSION = 1
@@ -52,21 +55,23 @@ class LabOptions:
         base: Config of the tiny base (used when ``model`` is None).
         cache_dir: Where cached bases live (default ``~/.cache/rlsparse/lab``).
         eval_family: The task whose held-out accuracy is "the task" (the base's own task).
-        n_test: Held-out problems per family.
+        n_test: Held-out problems per family (at most the tiny base's own held-out split).
         conjecture: Run the Conjecture 1 reruns for recipes that ask for them.
         report: Render the report at the end.
         max_new_tokens: Answer length budget for evaluation and policy sampling (raise it for real data;
             GRPO's own budget is the recipe's ``trl.max_completion_length``).
         threads: CPU threads for torch. One is the default: the models are tiny, and on a shared
             machine two threads waiting on each other ran 3x slower than one.
-        trace: Record sparsity along training (bf16 and fp32 views; keeps one fp32 copy of the
-            starting weights in memory). Turn off for large ``--model`` runs.
-        real_base: A packaged pretrained base (``smollm2-135m``, see ``lab.real``) instead of the tiny one.
+        trace: Record sparsity along training (bf16 and fp32 views) and the net-drift ratio (keeps
+            three fp32 copies of the weights in memory). Turn off for large ``--model`` runs.
+        seeds: Seeds for every recipe, replacing each recipe's own ``seeds`` (None keeps them).
+        real_base: A packaged pretrained base (``smollm2-135m``, see ``lab.real``) instead of the tiny one;
+            it brings its suite (``recipes/real/suite.json``): chat tasks, test sets, pre-registration.
         style: Prompt style of the tasks: "plain" (tiny base) or "chat" (an instruction-tuned base).
         test_families: Held-out task families measured for every run (default: eval family, the
             recipe's family and "sub").
-        learned_gain: Held-out gain from which a run counts as "learned" (Conjecture 1's choice of run).
-        preregistered: The suite's pre-registered thresholds, copied into run.json before any training.
+        preregistration: The thresholds fixed before the run (default: the built-in file; the real
+            suite has its own).
         eval_batch: Prompts per greedy-evaluation batch.
         sample_batch: Prompts per policy-sampling batch (RFT and DPO data).
         rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
@@ -83,17 +88,17 @@ class LabOptions:
     base: BaseConfig = field(default_factory=BaseConfig)
     cache_dir: str | None = None
     eval_family: str = "add"
-    n_test: int | dict = 200
+    n_test: int | dict = 1000
     conjecture: bool = True
     report: bool = True
     max_new_tokens: int = 6
     threads: int = 1
     trace: bool = True
+    seeds: list[int] | None = None
     real_base: str | None = None
     style: str = "plain"
     test_families: list[str] | None = None
-    learned_gain: float = LEARNED_GAIN
-    preregistered: dict | None = None
+    preregistration: Preregistration | None = None
     eval_batch: int = 256
     sample_batch: int = 256
     rank_matrices: int | None = None
@@ -108,6 +113,8 @@ class _Run:
         self._base_acc: dict = {}
         self.base_path: Path | None = None
         self._jsonl: list[Problem] | None = load_jsonl(opts.dataset) if opts.dataset else None
+        self.n_test = opts.n_test
+        self._start_acc: dict = {}
 
     def problems(self, family: str) -> tuple[list[Problem], list[Problem]]:
         if self._jsonl is not None:
@@ -115,14 +122,14 @@ class _Run:
 
             rows = list(self._jsonl)
             random.Random(self.opts.base.seed).shuffle(rows)
-            n_test = min(self.n_test("jsonl"), max(1, len(rows) // 10))
+            n_test = min(self.family_n_test("jsonl"), max(1, len(rows) // 10))
             return rows[n_test:], rows[:n_test]
         # The base's own split (its seed): held-out problems were never in its pretraining corpus.
-        return split(family, seed=self.opts.base.seed, n_test=self.n_test(family), digits=self.opts.base.digits,
-                     style=self.opts.style)
+        return split(family, seed=self.opts.base.seed, n_test=self.family_n_test(family),
+                     digits=self.opts.base.digits, style=self.opts.style)
 
-    def n_test(self, family: str) -> int:
-        n = self.opts.n_test
+    def family_n_test(self, family: str) -> int:
+        n = self.n_test
         return int(n.get(family, 200)) if isinstance(n, dict) else int(n)
 
     def test_sets(self, recipe: Recipe) -> dict[str, list[Problem]]:
@@ -145,15 +152,33 @@ class _Run:
         if missing:
             model, tok = load_model(self.base_path, self.opts.device)
             for f in missing:
-                start = time.time()
+                begun = time.time()
                 self._base_acc[f] = self.accuracy(model, tok, tests[f])
                 self.log(f"  base accuracy on {len(tests[f])} held-out {f} problems: {self._base_acc[f]:.1%} "
-                         f"({time.time() - start:.0f}s)")
+                         f"({time.time() - begun:.0f}s)")
             _write_json(cache, self._base_acc)
         return {f: self._base_acc[f] for f in tests}
 
     def accuracy(self, model, tok, problems: list[Problem]) -> float:
         return accuracy(model, tok, problems, batch_size=self.opts.eval_batch, max_new_tokens=self.opts.max_new_tokens)
+
+    def start_accuracy(self, recipe: Recipe, start: Path) -> dict[str, float]:
+        """Held-out accuracy of a recipe's own starting model (a pre-SFT model), cached by folder."""
+        if start == self.base_path:
+            return self.base_accuracy(recipe)
+        if start not in self._start_acc:
+            model, tok = load_model(start, self.opts.device)
+            self._start_acc[start] = {f: self.accuracy(model, tok, probs) for f, probs in self.test_sets(recipe).items()}
+        return self._start_acc[start]
+
+    def probe_pairs(self, tokenizer=None) -> list[tuple[str, str]]:
+        """The fixed KL probe set: the first 256 held-out problems of the evaluation task with their answers
+        (chat problems as the text the model is given, through its chat template)."""
+        family = "jsonl" if self._jsonl is not None else self.opts.eval_family
+        probs = self.problems(family)[1][:256]
+        if tokenizer is not None and any(p.style == "chat" for p in probs):
+            return list(zip(prompt_texts(probs, tokenizer), (p.answer for p in probs)))
+        return [(p.prompt, p.answer) for p in probs]
 
     def policy_samples(self, recipe: Recipe, problems: list[Problem]):
         key = (recipe.family, len(problems), recipe.samples_per_prompt, recipe.seed)
@@ -200,6 +225,10 @@ def build_rows(run: _Run, recipe: Recipe) -> list[dict]:
         rows = labdata.rft_rows(train, samples)
     elif recipe.algorithm == "kto":
         rows = labdata.kto_rows(train, samples)
+    elif recipe.data == "random_rejected":
+        rows = labdata.random_rejected_pairs(train, samples, seed=recipe.seed)
+    elif recipe.data == "format_pairs":
+        rows = labdata.format_pairs(train, samples)
     else:
         rows = labdata.policy_pairs(train, samples)
     if not rows:
@@ -269,7 +298,8 @@ def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str, autocast_b
         raise UsageError(f"recipe {recipe.name}: TRL rejected the config ({exc}); fix the recipe") from None
 
 
-def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask=None) -> dict:
+def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path, mask=None,
+              start: Path | None = None) -> dict:
     """Train one recipe at one learning rate from the base; save the checkpoint; return its log.
 
     Training goes through ``rlsparse.train.trainers.build_trainer``, the path ``rlsparse train``
@@ -288,7 +318,7 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
     _set_seed(recipe.seed)
     precision = resolve_precision(run.opts)
-    model, tok = load_model(run.base_path, run.opts.device, weights=precision["master_weights"])
+    model, tok = load_model(start or run.base_path, run.opts.device, weights=precision["master_weights"])
     name = _TRAINER.get(recipe.algorithm, recipe.algorithm)
     tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
     cost = StepCost()
@@ -302,9 +332,9 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
                                 callbacks=[cost] + ([tracer] if tracer is not None else []))
         trainer.remove_callback(PrinterCallback)
         cost.attach(trainer)
-        start = time.time()
+        begun = time.time()
         trainer.train()
-        seconds = time.time() - start
+        seconds = time.time() - begun
         history = _losses(trainer.state.log_history)
         final = trainer.model
         trainer_name = type(trainer).__name__
@@ -314,12 +344,22 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     del trainer, final, model
     # Accuracy of the checkpoint as saved: the same view the sparsity numbers use.
     saved, tok = load_model(out, run.opts.device)
-    start = time.time()
+    begun = time.time()
     acc = {f: run.accuracy(saved, tok, probs) for f, probs in run.test_sets(recipe).items()}
-    return {"seconds": round(seconds, 2), "eval_seconds": round(time.time() - start, 2), "accuracy": acc,
+    return {"seconds": round(seconds, 2), "eval_seconds": round(time.time() - begun, 2), "accuracy": acc,
             "rows": len(rows), "log_history": history, "trainer": trainer_name, "trl_config": effective,
             "step_cost": cost.summary(), "signal": signal_steps(history),
-            "trace": tracer.trace if tracer is not None else None}
+            "trace": tracer.trace if tracer is not None else None,
+            "net_drift": tracer.drift if tracer is not None else None,
+            "clip_active_share": _clip_share(history, effective.get("max_grad_norm"))}
+
+
+def _clip_share(history: list[dict], max_norm) -> float | None:
+    """Share of logged steps whose pre-clipping gradient norm exceeded ``max_grad_norm`` (clipping acted)."""
+    norms = [h["grad_norm"] for h in history if isinstance(h.get("grad_norm"), (int, float))]
+    if not max_norm or not norms:
+        return None
+    return sum(n > float(max_norm) for n in norms) / len(norms)
 
 
 _RECORDED = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -368,11 +408,6 @@ def _clock(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def cell_folder(out: Path, recipe: Recipe, lr: float) -> Path:
-    """The checkpoint folder of one cell (recipe x learning rate; the seed is the recipe's)."""
-    return out / "runs" / recipe.name / f"lr-{_lr_label(lr)}"
-
-
 def _finished(folder: Path) -> dict | None:
     """The measurements of a finished cell, or None. metrics.json is written last, atomically."""
     metrics = folder / "metrics.json"
@@ -381,94 +416,260 @@ def _finished(folder: Path) -> dict | None:
     return None
 
 
-def run_recipe(run: _Run, recipe: Recipe, progress: "Progress | None" = None) -> dict:
-    """Run one recipe over its learning-rate sweep; returns its results entry.
+def run_recipe(run: _Run, recipe: Recipe, progress: Progress | None = None) -> dict:
+    """Run one recipe over its learning-rate sweep, once per seed; returns its results entry.
 
-    A cell whose ``metrics.json`` exists is finished and is read back, never rerun.
+    Every point records, besides sparsity and accuracy, the measurements the verdicts match on:
+    KL(start || finetuned) on the fixed probe set, ||Δθ|| in fp32, the rank of the update next to
+    the rank of the same entries at random positions, the share of steps where clipping acted and
+    the net-drift ratio of the fp32 master weights, and the cost of a step by phase.
+
+    A cell (learning rate x seed) whose ``metrics.json`` exists is finished: it is read back, never
+    rerun (measurements a newer rlsparse adds are filled in from its checkpoint).
     """
-    base_acc = run.base_accuracy(recipe)
-    points, rows = [], None
-    for lr in recipe.learning_rates:
-        folder = cell_folder(run.opts.out, recipe, lr)
-        label = f"{recipe.name} lr={lr:g}"
-        done = _finished(folder)
-        if done is not None:
-            points.append(done)
+    points, entry = [], _cached_entry(run, recipe)
+    for seed in recipe.seeds:
+        seeded = replace(recipe, seed=seed)
+        rows = start = start_acc = None
+        for lr in recipe.learning_rates:
+            folder = run.opts.out / "runs" / recipe.name / _point_label(lr, seed, recipe.seeds[0])
+            label = f"{recipe.name} lr={lr:g} seed {seed}"
+            done = _finished(folder)
+            if done is not None:
+                if not _MEASURED.issubset(done):
+                    begin = run.opts.out / done["start"] if done.get("start", "base") != "base" else run.base_path
+                    done = _measure_point(run, begin, folder, done, run.start_accuracy(seeded, begin))
+                    done.update(learning_rate=lr, seed=seed, start=_relative(run, begin))
+                    _write_json(folder / "metrics.json", done)
+                points.append(done)
+                if progress:
+                    progress.skip(label)
+                continue
+            if rows is None:
+                rows = build_rows(run, seeded)
+                start = _pre_sft(run, seeded, rows) if recipe.pre_sft else run.base_path
+                start_acc = run.start_accuracy(seeded, start)
+            if not entry:
+                entry = _entry(run, recipe, rows, start, start_acc)
+            begun = time.time()
+            run.log(f"  {recipe.name}: lr={lr:g}, seed {seed}, {recipe.steps} steps on {len(rows)} rows")
+            trained = train_one(run, seeded, lr, rows, folder, start=start)
+            point = _measure_point(run, start, folder, trained, start_acc)
+            point.update(learning_rate=lr, seed=seed, start=_relative(run, start),
+                         cell_seconds=round(time.time() - begun, 1))
+            _write_json(folder / "metrics.json", point)
+            cost = (trained.get("step_cost") or {}).get("per_step_seconds", {})
+            run.log(f"    sparsity@1e-5 {point['sparsity']['1e-05']:.1%}, KL {point['probe_kl']:.2e}, accuracy "
+                    + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items())
+                    + (f"; {cost['total']:.1f}s/step" if cost else "")
+                    + (f"; steps with signal {trained['signal']['with_signal']}/{trained['signal']['steps']}"
+                       if trained.get("signal") else ""))
+            points.append(point)
             if progress:
-                progress.skip(label)
-            continue
-        if rows is None:
-            rows = build_rows(run, recipe)
-        start = time.time()
-        run.log(f"  {recipe.name}: lr={lr:g}, {recipe.steps} steps on {len(rows)} rows")
-        trained = train_one(run, recipe, lr, rows, folder)
-        sp = measure.sparsity(run.base_path, folder)
-        rank = measure.update_rank(run.base_path, folder, max_matrices=run.opts.rank_matrices)
-        point = {"learning_rate": lr, "checkpoint": str(folder.relative_to(run.opts.out)), **trained,
-                 "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
-                 "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
-                 "update_rank": rank["mean_rank_fraction"], "seed": recipe.seed,
-                 "accuracy_gain": {f: trained["accuracy"][f] - base_acc.get(f, float("nan"))
-                                   for f in trained["accuracy"]}}
-        point["cell_seconds"] = round(time.time() - start, 1)
-        _write_json(folder / "metrics.json", point)
-        cost = (trained.get("step_cost") or {}).get("per_step_seconds", {})
-        run.log(f"    sparsity@1e-5 {sp['sparsity']['1e-05']:.1%}, accuracy "
-                + ", ".join(f"{f} {a:.1%}" for f, a in trained["accuracy"].items())
-                + (f"; {cost['total']:.1f}s/step" if cost else "")
-                + (f"; steps with signal {trained['signal']['with_signal']}/{trained['signal']['steps']}"
-                   if trained.get("signal") else ""))
-        points.append(point)
-        if progress:
-            progress.finish(label, point["cell_seconds"])
-    return {"recipe": recipe.to_dict(), "rows": len(rows) if rows is not None else points[0].get("rows"),
-            "base_accuracy": base_acc, "points": points}
+                progress.finish(label, point["cell_seconds"])
+    if not entry:
+        first = replace(recipe, seed=recipe.seeds[0])
+        rows = build_rows(run, first)
+        start = _pre_sft(run, first, rows) if recipe.pre_sft else run.base_path
+        entry = _entry(run, recipe, rows, start, run.start_accuracy(first, start))
+    return {**entry, "points": points, "seed_overlap": _seed_overlaps(run, recipe, points)}
+
+
+# Measurements every point has; a cell finished by an older rlsparse without them gets them from its checkpoint.
+_MEASURED = frozenset({"probe_kl", "delta_norm", "update_rank_random_control", "sparsity", "accuracy"})
+
+
+def _entry(run: _Run, recipe: Recipe, rows: list[dict], start: Path, start_acc: dict) -> dict:
+    entry = {"recipe": recipe.to_dict(), "rows": len(rows), "base_accuracy": start_acc,
+             "data_nll": _data_nll(run, start, rows)}
+    _write_json(run.opts.out / "runs" / recipe.name / "entry.json", entry)
+    return entry
+
+
+def _cached_entry(run: _Run, recipe: Recipe) -> dict:
+    """A recipe's data summary from an earlier session of the run (same recipe), or {}."""
+    path = run.opts.out / "runs" / recipe.name / "entry.json"
+    if not path.is_file():
+        return {}
+    entry = json.loads(path.read_text())
+    return entry if entry.get("recipe") == json.loads(json.dumps(recipe.to_dict())) else {}
+
+
+def _seed_overlaps(run: _Run, recipe: Recipe, points: list[dict]) -> list[dict]:
+    """Table 4: subnetwork overlap of the first two seeds at every learning rate (same start, same data recipe)."""
+    if len(recipe.seeds) < 2:
+        return []
+    out = []
+    for lr in recipe.learning_rates:
+        a, b = (next((p for p in points if p["seed"] == s and p["learning_rate"] == lr), None) for s in recipe.seeds[:2])
+        if a is None or b is None or a["start"] != "base":
+            continue  # different starts (pre-SFT per seed): not the same base to overlap against
+        with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as tmp:
+            ov = measure.seed_overlap(run.base_path, run.opts.out / a["checkpoint"], run.opts.out / b["checkpoint"], tmp)
+        out.append({"learning_rate": lr, "seeds": recipe.seeds[:2], **ov})
+    return out
+
+
+def _point_label(lr: float, seed: int, first_seed: int) -> str:
+    return f"lr-{_lr_label(lr)}" + ("" if seed == first_seed else f"-seed{seed}")
+
+
+def _relative(run: _Run, path: Path) -> str:
+    try:
+        return str(Path(path).relative_to(run.opts.out))
+    except ValueError:
+        return "base"
+
+
+def _measure_point(run: _Run, start: Path, folder: Path, trained: dict, start_acc: dict) -> dict:
+    sp = measure.sparsity(start, folder)
+    rank = measure.update_rank(start, folder, max_matrices=run.opts.rank_matrices)
+    control = measure.random_rank_control(start, folder, max_matrices=run.opts.rank_matrices)
+    before, tok = load_model(start, run.opts.device)
+    after, _ = load_model(folder, run.opts.device)
+    kl = measure.probe_kl(before, after, tok, run.probe_pairs(tok))
+    del before, after
+    return {"checkpoint": str(folder.relative_to(run.opts.out)), **trained,
+            "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
+            "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
+            "update_rank": rank["mean_rank_fraction"], "update_rank_random_control": control["mean_rank_fraction"],
+            "probe_kl": kl, "delta_norm": measure.delta_norm(start, folder),
+            "accuracy_gain": {f: trained["accuracy"][f] - start_acc.get(f, float("nan"))
+                              for f in trained["accuracy"]}}
+
+
+def _data_nll(run: _Run, start: Path, rows: list[dict], limit: int = 512) -> dict:
+    """Per-token NLL of each target column of the training data under the recipe's starting policy."""
+    model, tok = load_model(start, run.opts.device)
+    out = {}
+    for column in ("completion", "chosen", "rejected", "answer"):
+        pairs = [_text_pair(tok, r["prompt"], r[column]) for r in rows[:limit] if r.get(column) is not None]
+        if pairs:
+            out[column] = measure.dataset_nll(model, tok, pairs)
+    return out
+
+
+def _text_pair(tokenizer, prompt, target) -> tuple[str, str]:
+    """A row's prompt and target as the text the model sees (conversational rows through the chat template)."""
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if isinstance(target, list):
+        target = target[-1]["content"]
+    return prompt, str(target)
+
+
+def _pre_sft(run: _Run, recipe: Recipe, rows: list[dict]) -> Path:
+    """SFT the base on the chosen answers of a recipe's pairs (Table 5's manipulation); the recipe's start."""
+    folder = run.opts.out / "runs" / recipe.name / f"pre-sft-seed{recipe.seed}"
+    sft = replace(recipe, name=f"{recipe.name}-pre-sft", algorithm="sft", data="ground_truth", trl={},
+                  steps=int(recipe.pre_sft["steps"]), learning_rates=[float(recipe.pre_sft["learning_rate"])],
+                  pre_sft=None, conjecture=False)
+    sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    run.log(f"  {recipe.name}: SFT first on {len(sft_rows)} chosen answers, lr {sft.learning_rates[0]:g}, "
+            f"{sft.steps} steps")
+    trained = train_one(run, sft, sft.learning_rates[0], sft_rows, folder)
+    _write_json(folder / "metrics.json", {k: v for k, v in trained.items() if k != "trace"})
+    return folder
 
 
 def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = measure.PAPER_TOLERANCE) -> dict:
-    """Conjecture 1: retrain from the same start, same data/seed/steps, updating only the full run's subnetwork.
+    """Conjecture 1 with its controls: retrain from the same start, same data/seed/steps, updating only
+    the full run's subnetwork; then a random mask of the same per-tensor density, and a reseeded full run.
 
-    The full run used is the sparsest sweep point that learned (held-out gain of at least the run's
-    ``learned_gain``, pre-registered in the suite for the real base: the conjecture only means
-    something where the full run improved the task and its subnetwork is a real subset); if none
-    learned, the point with the largest gain. The result lands in ``conjecture/<recipe>/result.json``;
-    a finished one is read back, never rerun.
+    The full run is the recipe's pre-registered ``conjecture_lr`` at its first seed. Without one, the
+    sparsest point that learned (a best-case selection, labelled so in the result and the report).
+    The result lands in ``conjecture/<recipe>/result.json``; a finished one is read back, never rerun.
     """
-    folder = run.opts.out / "conjecture" / recipe.name
-    if (folder / "result.json").is_file():
-        return json.loads((folder / "result.json").read_text())
-    best = choose_subnetwork_run(entry["points"], run.eval_key(recipe), run.opts.learned_gain)
-    lr = best["learning_rate"]
-    full = run.opts.out / best["checkpoint"]
-    sub = folder / "sub"
-    mask_path = folder / "subnetwork.mask.safetensors"
-    mask = measure.subnetwork_mask(run.base_path, full, mask_path, tolerance)
-    density = mask.density
-    run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance})")
-    if density == 0:
-        # Nothing to retrain: the full run moved no weight beyond the tolerance.
-        result = {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
-                  "mask_tolerance": tolerance, "mask_density": 0.0, "full_checkpoint": best["checkpoint"],
-                  "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
-    else:
-        rows = build_rows(run, recipe)
-        trained = train_one(run, recipe, lr, rows, sub, mask=mask)
-        same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
-        outside = measure.changed_outside(run.base_path, sub, mask)
-        result = {"recipe": recipe.name, "learning_rate": lr, "seed": recipe.seed, "steps": recipe.steps,
-                  "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"],
-                  "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
-                  "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"]},
-                  "identical_share": same["sparsity"],
-                  "loss": {"full": best["log_history"], "sub": trained["log_history"]},
-                  "step_cost": trained.get("step_cost"), "changed_outside_mask": outside}
-    _write_json(folder / "result.json", result)
+    done = run.opts.out / "conjecture" / recipe.name / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    result = _conjecture(run, recipe, entry, tolerance)
+    _write_json(done, result)
     return result
 
 
-def choose_subnetwork_run(points: list[dict], family: str, learned_gain: float = LEARNED_GAIN) -> dict:
-    """The sparsest point whose accuracy gain is at least ``learned_gain``, else the largest-gain point."""
-    learned = [p for p in points if p["accuracy_gain"].get(family, float("-inf")) >= learned_gain]
+def _conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str) -> dict:
+    firsts = [p for p in entry["points"] if p.get("seed", recipe.seeds[0]) == recipe.seeds[0]]
+    if recipe.conjecture_lr is not None:
+        chosen = [p for p in firsts if math.isclose(p["learning_rate"], recipe.conjecture_lr, rel_tol=1e-9)]
+        if not chosen:
+            raise UsageError(f"recipe {recipe.name}: conjecture_lr {recipe.conjecture_lr:g} is not one of its "
+                             f"learning_rates {recipe.learning_rates}; add it to the sweep")
+        best, selection = chosen[0], "pre-registered (conjecture_lr in the recipe)"
+    else:
+        best = choose_subnetwork_run(firsts, run.eval_key(recipe), run.preregistration["learned_gain"])
+        selection = "best case (chosen after the sweep: the sparsest point that learned)"
+    lr, seed = best["learning_rate"], recipe.seeds[0]
+    seeded = replace(recipe, seed=seed)
+    start = run.opts.out / best["start"] if best.get("start", "base") != "base" else run.base_path
+    full = run.opts.out / best["checkpoint"]
+    root = run.opts.out / "conjecture" / recipe.name
+    mask_path = root / "subnetwork.mask.safetensors"
+    mask = measure.subnetwork_mask(start, full, mask_path, tolerance)
+    density = mask.density
+    common = {"recipe": recipe.name, "learning_rate": lr, "seed": seed, "steps": recipe.steps, "selection": selection,
+              "mask_tolerance": tolerance, "mask_density": density, "full_checkpoint": best["checkpoint"]}
+    run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance}), {selection}")
+    if density == 0:
+        # Nothing to retrain: the full run moved no weight beyond the tolerance.
+        return {**common, "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
+    rows = build_rows(run, seeded)
+    sub = root / "sub"
+    trained = train_one(run, seeded, lr, rows, sub, mask=mask, start=start)
+    same = measure.sparsity(full, sub, tolerances=("0", "1e-05", "1e-04"))
+    outside = measure.changed_outside(start, sub, mask)
+    # Control 1: the same number of trainable elements per tensor, at random positions.
+    rmask = random_mask_like(mask, seed=seed)
+    rmask.save(root / "random.mask.safetensors")
+    rand_dir = root / "random"
+    run.log(f"  conjecture 1 control on {recipe.name}: a random mask of the same per-tensor density")
+    rand = train_one(run, seeded, lr, rows, rand_dir, mask=rmask, start=start)
+    # Control 2: the full run again with another seed: how identical two full runs are by themselves.
+    other = next((p for p in entry["points"] if p.get("seed") not in (None, seed)
+                  and math.isclose(p["learning_rate"], lr, rel_tol=1e-9)), None)
+    if other is not None:
+        reseeded_dir, reseeded_acc = run.opts.out / other["checkpoint"], other["accuracy"]
+    else:
+        reseeded_dir = root / "reseeded"
+        run.log(f"  conjecture 1 control on {recipe.name}: the full run reseeded (seed {seed + 1})")
+        again = replace(recipe, seed=seed + 1)
+        reseeded_acc = train_one(run, again, lr, build_rows(run, again), reseeded_dir, start=start)["accuracy"]
+    reseeded_same = measure.sparsity(full, reseeded_dir, tolerances=("0", "1e-05", "1e-04"))
+    return {**common, "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
+            "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"], "random_mask": rand["accuracy"],
+                         "reseeded_full": reseeded_acc},
+            "identical_share": same["sparsity"],
+            "identical_share_random_mask": measure.sparsity(full, rand_dir, tolerances=("0", "1e-05", "1e-04"))["sparsity"],
+            "identical_share_reseeded_full": reseeded_same["sparsity"],
+            "reseeded_checkpoint": _relative(run, reseeded_dir),
+            "loss": {"full": best["log_history"], "sub": trained["log_history"], "random_mask": rand["log_history"]},
+            "changed_outside_mask": outside,
+            "changed_outside_random_mask": measure.changed_outside(start, rand_dir, rmask)}
+
+
+def random_mask_like(mask, seed: int = 0):
+    """A mask with exactly as many elements per tensor as ``mask``, placed uniformly at random."""
+    import torch
+
+    from rlsparse.masks import Mask
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in mask.names:
+        shape = tuple(mask.shape(name))
+        n = math.prod(shape)
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[torch.randperm(n, generator=gen)[:mask.count(name)]] = True
+        tensors[name] = flat.reshape(shape)
+    return Mask.from_tensors(tensors, tolerance=mask.meta.tolerance)
+
+
+def choose_subnetwork_run(points: list[dict], family: str, learned_gain: float | None = None) -> dict:
+    """The sparsest point whose accuracy gain is at least the pre-registered "learned" gain, else the largest-gain point."""
+    from rlsparse.lab.stats import at_least
+
+    threshold = load_preregistration()["learned_gain"] if learned_gain is None else learned_gain
+    learned = [p for p in points if at_least(p["accuracy_gain"].get(family, float("-inf")), threshold)]
     if learned:
         return max(learned, key=lambda p: p["sparsity"][measure.PAPER_TOLERANCE])
     return max(points, key=lambda p: p["accuracy_gain"].get(family, float("-inf")))
@@ -495,9 +696,9 @@ def _versions() -> dict:
 def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = False) -> Path:
     """Run recipes (by name, path, "all", or the "real" suite) into one run folder and render the report.
 
-    Every cell (recipe x learning rate, and each Conjecture 1 rerun) lands on disk atomically as it
-    finishes; ``resume=True`` continues a run folder, reading finished cells back instead of
-    rerunning them (recipes may be added on resume).
+    Every cell (recipe x learning rate x seed, and each Conjecture 1 rerun) lands on disk atomically
+    as it finishes; ``resume=True`` continues a run folder, reading finished cells back instead of
+    rerunning them (recipes may be added on resume, not changed).
 
     Args:
         names: Recipe names or JSON paths, "all" for every built-in tiny-base recipe, or "real" for
@@ -524,16 +725,19 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     if opts.compute not in ("auto", "bfloat16", "float32") or opts.weights not in ("bfloat16", "float32"):
         raise UsageError(f"compute {opts.compute!r} / weights {opts.weights!r}: expected compute auto, bfloat16 "
                          "or float32 and weights float32 or bfloat16")
+    suite = None
     if names in ("real", ["real"]) or opts.real_base:
         # The real base comes with its suite: chat tasks, test sets and pre-registered thresholds.
-        suite_names = apply_suite(opts, load_suite("real"))
+        suite = "real"
+        suite_names = apply_suite(opts, load_suite(suite))
         names = suite_names if names in ("real", ["real"], "all", ["all"]) else names
     elif names == "all" or names == ["all"]:
         names = recipe_names()
-    suite = "real" if opts.real_base else None
     recipes = [load_recipe(n, suite=suite) for n in ([names] if isinstance(names, str) else names)]
     if opts.quick:
         recipes = [r.quickened() for r in recipes]
+    if opts.seeds:
+        recipes = [replace(r, seeds=list(opts.seeds), seed=opts.seeds[0]) for r in recipes]
     out = Path(opts.out)
     held = (out / "run.json").is_file()
     if held and not resume:
@@ -548,6 +752,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     if opts.device == "cpu":
         torch.set_num_threads(max(1, opts.threads))
     run = _Run(opts, log)
+    run.preregistration = opts.preregistration or load_preregistration()
     started = time.time()
     if opts.real_base:
         from rlsparse.lab.real import ensure_real_base, real_metadata
@@ -569,38 +774,48 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         acc = ", ".join(f"{k} {v:.1%}" for k, v in (meta.get("test_accuracy") or {}).items())
         log(f"base: {run.base_path} ({meta.get('num_parameters')} parameters, {meta.get('steps_trained')} steps, "
             f"held-out accuracy {acc})")
+        # Held-out problems must come from the base's own held-out split, never its pretraining corpus.
+        own = int((meta.get("config") or {}).get("n_test", opts.n_test))
+        if isinstance(opts.n_test, int) and own < opts.n_test:
+            log(f"  held-out sets: {own} problems per family (the base's own held-out split), not {opts.n_test}")
+            run.n_test = own
     previous = json.loads((out / "run.json").read_text()) if held else None
     run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
                 "created": previous["created"] if previous else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "base": str(run.base_path), "real_base": opts.real_base,
                 "base_metadata": base_metadata(run.base_path), "device": opts.device, "quick": opts.quick,
                 "threads": opts.threads if opts.device == "cpu" else None,
-                "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": opts.n_test,
+                "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": run.n_test,
                 "style": opts.style, "test_families": opts.test_families, "max_new_tokens": opts.max_new_tokens,
                 "rank_matrices": opts.rank_matrices,
-                "learned_gain": opts.learned_gain, "preregistered": opts.preregistered,
+                "preregistration": run.preregistration.to_json(),
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
                 "recipes": [r.to_dict() for r in recipes],
                 "seeds": {r.name: r.seed for r in recipes}, "versions": _versions(),
                 "sessions": (previous or {}).get("sessions", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
     _check_same_run(previous, run_meta)
+    if previous:
+        # Recipes of earlier sessions that this one does not name stay in the record (their cells stay on disk).
+        now = {r["name"] for r in run_meta["recipes"]}
+        run_meta["recipes"] = [r for r in previous.get("recipes", []) if r["name"] not in now] + run_meta["recipes"]
     _write_json(out / "run.json", run_meta)
-    results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {}}
+    results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {},
+               "controls": {"spacing_share": measure.spacing_share(run.base_path)}}
     conj = [r for r in recipes if r.conjecture] if opts.conjecture else []
-    progress = Progress(sum(len(r.learning_rates) for r in recipes) + len(conj), log)
+    progress = Progress(sum(len(r.learning_rates) * len(r.seeds) for r in recipes) + len(conj), log)
     for recipe in recipes:
         log(f"recipe {recipe.name} ({recipe.algorithm}, {recipe.data}, family {recipe.family})")
         results["recipes"][recipe.name] = run_recipe(run, recipe, progress)
         _write_json(out / "results.json", results)
     for recipe in conj:
-        start = time.time()
+        begun = time.time()
         finished = (out / "conjecture" / recipe.name / "result.json").is_file()
         results["conjecture"][recipe.name] = run_conjecture(run, recipe, results["recipes"][recipe.name])
         if finished:
             progress.skip(f"conjecture 1 on {recipe.name}")
         else:
-            progress.finish(f"conjecture 1 on {recipe.name}", time.time() - start)
+            progress.finish(f"conjecture 1 on {recipe.name}", time.time() - begun)
         _write_json(out / "results.json", results)
     results["seconds"] = round(time.time() - started, 1)
     _write_json(out / "results.json", results)
@@ -615,7 +830,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
 # What must not change between the sessions of one resumed run: a finished cell measured against
 # another base or another test set would be silently mixed with the new ones.
 _SAME_ACROSS_SESSIONS = ("base", "real_base", "dataset", "eval_family", "n_test", "style", "test_families",
-                         "max_new_tokens", "precision")
+                         "max_new_tokens", "precision", "preregistration")
 
 
 def _check_same_run(previous: dict | None, current: dict) -> None:
@@ -627,22 +842,23 @@ def _check_same_run(previous: dict | None, current: dict) -> None:
         raise UsageError(f"cannot resume: the run was started with other settings ({diffs}); "
                          "resume with the same options or start a new --out")
     old = {r["name"]: r for r in previous.get("recipes", [])}
-    moved = [r["name"] for r in current["recipes"] if r["name"] in old and old[r["name"]] != r]
+    # Fields a newer rlsparse added to recipes are not a change; every field both sessions know must match.
+    moved = [r["name"] for r in current["recipes"] if r["name"] in old
+             and any(old[r["name"]][k] != v for k, v in r.items() if k in old[r["name"]])]
     if moved:
         raise UsageError(f"cannot resume: recipes {moved} changed since the run started (their finished cells "
                          "would mix two settings); restore them or start a new --out")
 
 
 def apply_suite(opts: LabOptions, suite) -> list[str]:
-    """Set a suite's base, tasks and pre-registered thresholds on ``opts``; return its recipe names."""
+    """Set a suite's base, tasks and pre-registration on ``opts``; return its recipe names (quick or full)."""
     opts.real_base = suite.base
     opts.style = suite.style
     opts.eval_family = suite.eval_family
     opts.test_families = list(suite.test_families)
     opts.max_new_tokens = suite.max_new_tokens
     opts.n_test = dict(suite.quick_n_test if opts.quick else suite.n_test)
-    opts.learned_gain = suite.preregistered["learned_gain"]
-    opts.preregistered = dict(suite.preregistered)
+    opts.preregistration = load_preregistration(recipe_dir() / suite.name / suite.preregistration)
     opts.eval_batch, opts.sample_batch = suite.eval_batch, suite.sample_batch
     opts.rank_matrices = suite.rank_matrices
     if opts.compute == "auto":

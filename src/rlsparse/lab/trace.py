@@ -5,6 +5,10 @@ Two views of the same run (lab-notes: separate the number format from the optimi
 - ``bf16``: the share of elements whose bf16-rounded value is within the tolerance of the start,
   i.e. the sparsity a bf16 checkpoint saved at that step would show (the paper's view);
 - ``fp32``: the share of fp32 master weights the optimiser has not moved at all.
+
+It also accumulates, per weight, the path length sum_t |Δ_t| of the fp32 master weights over every
+optimiser step, so that the net-drift ratio |sum_t Δ_t| / sum_t |Δ_t| (1 = every step pushed the
+weight the same way; near 0 = the steps cancelled) can be compared between RL and SFT.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
     """A ``TrainerCallback`` recording both sparsity views every ``total_steps / points`` steps.
 
     The callback's ``trace`` attribute is a list of {"step", "bf16", "fp32"} dicts; step 0 is
-    the start. It keeps one fp32 copy of the starting weights.
+    the start. After training, ``drift`` is {"net_over_path": sum_i |net_i| / sum_i path_i,
+    "mean_ratio": mean over moved weights of |net_i| / path_i, "moved": weights with path > 0}.
+    It keeps three fp32 copies of the weights (start, previous step, path length).
 
     Example:
         >>> cb = sparsity_trace(model, total_steps=300)
@@ -34,6 +40,31 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
     start_bf16 = {n: t.to(torch.bfloat16).to(torch.float32) for n, t in start.items()}
     every = max(1, total_steps // max(1, points))
     tol = float(tolerance)
+
+    prev = {n: t.clone() for n, t in start.items()}
+    path = {n: torch.zeros_like(t) for n, t in start.items()}
+
+    def accumulate() -> None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                now = p.detach()
+                path[n] += (now.float() - prev[n].float()).abs()
+                prev[n].copy_(now)
+
+    def drift() -> dict:
+        net_sum = path_sum = ratio_sum = 0.0
+        moved = 0
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                net = (p.detach().float() - start[n].float()).abs().double()
+                walk = path[n].double()
+                net_sum += float(net.sum())
+                path_sum += float(walk.sum())
+                live = walk > 0
+                moved += int(live.sum())
+                ratio_sum += float((net[live] / walk[live]).sum())
+        return {"net_over_path": net_sum / path_sum if path_sum else float("nan"),
+                "mean_ratio": ratio_sum / moved if moved else float("nan"), "moved": moved}
 
     def measure(step: int) -> dict:
         numel = moved = changed = 0
@@ -49,13 +80,16 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
     class _Trace(_callback_base()):
         def __init__(self):
             self.trace = [measure(0)]
+            self.drift = None
 
         def on_step_end(self, args, state, control, **kwargs):
+            accumulate()
             if state.global_step % every == 0 and state.global_step != self.trace[-1]["step"]:
                 self.trace.append(measure(state.global_step))
 
         def on_train_end(self, args, state, control, **kwargs):
             if state.global_step != self.trace[-1]["step"]:
                 self.trace.append(measure(state.global_step))
+            self.drift = drift()
 
     return _Trace()

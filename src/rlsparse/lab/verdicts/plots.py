@@ -1,0 +1,77 @@
+"""Figures for the findings the verdict modules add (Table 5, Figure 4, the scale trend); the
+others are drawn by ``report._plot``. Every PNG is written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlsparse.io.atomic import atomic_path
+from rlsparse.lab.verdicts.common import Finding
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def _sparsity_vs_gain(f: Finding, figdir: Path) -> None:
+    """Figure 1's verdict as a picture: sparsity against held-out gain, the matched gain marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in f.data["curves"].items():
+        style = "-o" if name in f.data["rl"] else "--x" if name in f.data["sft"] else ":."
+        ax.plot([100 * p["gain"] for p in pts], [100 * p["sparsity"] for p in pts], style, label=name)
+    ax.axvline(100 * f.data["matched_gain"], color="k", ls=":", lw=1, label="matched gain")
+    ax.set_xlabel("held-out accuracy gain on the recipe's own task (points), seed mean")
+    ax.set_ylabel("sparsity at 1e-5 (%), seed mean")
+    ax.legend(fontsize=7)
+    _save(fig, figdir / "sparsity_vs_gain.png")
+
+
+def plot(f: Finding, figdir: Path) -> bool:
+    """Draw ``f``'s figure if this module owns it; True when handled (drawn, or drawn by another finding)."""
+    if f.key == "figure4":
+        return True  # shares conjecture_loss.png, drawn with the Conjecture 1 finding
+    if f.key == "sparsity_sft_vs_rl" and f.data.get("curves"):
+        _sparsity_vs_gain(f, figdir)
+        return False  # the learning-rate figure is report._plot's
+    if f.key not in ("table5", "scale") or f.figure is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if f.key == "table5":
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for name, pts in f.data["curves"].items():
+            axes[0].plot([p["lr"] for p in pts], [100 * p["sparsity"] for p in pts], marker="o", label=name)
+        axes[0].set_xscale("log")
+        axes[0].set_xlabel("learning rate")
+        axes[0].set_ylabel("sparsity at 1e-5 (%), seed mean")
+        axes[0].legend(fontsize=7)
+        for name, nll in f.data["nll"].items():
+            pts = f.data["curves"][name]
+            axes[1].scatter([nll] * len(pts), [100 * p["sparsity"] for p in pts], label=name, s=18)
+        axes[1].set_xlabel("target NLL under the starting policy (nats/token)")
+        axes[1].set_ylabel("sparsity at 1e-5 (%), one dot per lr")
+        axes[1].legend(fontsize=7)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind, style in (("rl", "-o"), ("sft", "--s")):
+            rows = [r for r in f.data["rows"] if r.get(kind) is not None]
+            ax.plot([r["parameters"] for r in rows], [100 * r[kind] for r in rows], style, label=kind.upper())
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(f"sparsity at a matched gain of +{100 * f.data['matched_gain']:.0f} pts (%)")
+        ax.legend(fontsize=8)
+    _save(fig, figdir / f.figure)
+    return True
