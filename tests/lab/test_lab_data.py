@@ -40,4 +40,4 @@ def test_constructed_pairs_are_deterministic_and_wrong():
 
 def test_sft_and_grpo_rows_carry_ground_truth():
     assert sft_rows(PROBLEMS[:1]) == [{"prompt": PROBLEMS[0].prompt, "completion": PROBLEMS[0].answer}]
-    assert grpo_rows(PROBLEMS[:1]) == [{"prompt": PROBLEMS[0].prompt, "answer": PROBLEMS[0].answer}]
+    assert grpo_rows(PROBLEMS[:1]) == [{"prompt": PROBLEMS[0].prompt, "answer": PROBLEMS[0].answer, "style": "plain"}]
