@@ -205,8 +205,6 @@ def test_two_steps_of_grpo_and_dpo_on_the_real_base(tmp_path):
     finally:
         runner.load_suite = runner_load
     results = json.loads((out / "results.json").read_text())
-    # dpo_ood: constructed pairs, so two steps need no luck in sampling (dpo_id needs correct and wrong
-    # samples of the same prompt; at temperature 1 few of 8 prompts have both).
     for name in ("grpo_nokl", "dpo_ood"):
         (point,) = results["recipes"][name]["points"]
         assert point["step_cost"]["steps"] == 2 and set(point["accuracy"]) == {"add", "mul"}
