@@ -114,11 +114,10 @@ def _run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from rlsparse.lab.base import BaseConfig
-    from rlsparse.lab.runner import LabOptions, run_lab
-
     from rlsparse.errors import UsageError
+    from rlsparse.lab.base import BaseConfig
     from rlsparse.lab.real import is_real_base
+    from rlsparse.lab.runner import LabOptions, run_lab
 
     _check_out(args.out, args.resume)
 

@@ -140,6 +140,12 @@ def reformat(answer: str) -> str:
 
 def format_pairs(problems: list[Problem], samples: list[list[str]]) -> list[dict]:
     """``policy_pairs`` rewritten in the reversed-digit format: the same preferences, in text the base
-    finds unlikely (out of distribution) until an SFT on that format makes it likely (Table 5)."""
+    finds unlikely (out of distribution) until an SFT on that format makes it likely (Table 5).
+    Plain prompts only (the tiny base): a chat reply is more than its digits."""
+    if any(p.style == "chat" for p in problems):
+        from rlsparse.errors import UsageError
+
+        raise UsageError("format_pairs reverse a bare answer's digits; they are defined for the tiny base's plain "
+                         "prompts, not chat replies; use another data kind on the real base")
     return [{"prompt": r["prompt"], "chosen": reformat(r["chosen"]), "rejected": reformat(r["rejected"])}
             for r in policy_pairs(problems, samples)]

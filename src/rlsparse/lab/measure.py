@@ -96,7 +96,7 @@ def delta_norm(base: str | os.PathLike, finetuned: str | os.PathLike) -> float:
 
 
 def random_rank_control(base: str | os.PathLike, finetuned: str | os.PathLike, seed: int = 0,
-                        tolerance: float = 1e-5) -> dict:
+                        tolerance: float = 1e-5, max_matrices: int | None = None) -> dict:
     """Table 2's control: the rank of each update matrix with its entries moved to random positions.
 
     Each 2-D update (embeddings and head excluded, as ``update_rank``) is permuted uniformly at
@@ -105,6 +105,7 @@ def random_rank_control(base: str | os.PathLike, finetuned: str | os.PathLike, s
 
     Returns:
         {"mean_rank_fraction", "per_matrix": {name: {"rank_fraction", "control_rank_fraction", "density"}}}.
+        ``max_matrices`` keeps that many matrices, evenly spaced (SVDs cost minutes on a real base).
     """
     import torch
 
@@ -116,10 +117,15 @@ def random_rank_control(base: str | os.PathLike, finetuned: str | os.PathLike, s
     gen = torch.Generator().manual_seed(seed)
     per = {}
     a, b = open_checkpoint(base), open_checkpoint(finetuned)
+    pairs = {n: ab for n, ab in pair_tensors(a, b).items()
+             if len(ab[0].shape) == 2 and type_of(n) not in ("embed", "pos_embed", "lm_head")}
+    if max_matrices is not None and len(pairs) > max_matrices:
+        # Evenly spaced over the checkpoint's order, as update_rank(max_matrices=...) picks them.
+        names = list(pairs)
+        keep = {names[round(i * (len(names) - 1) / max(1, max_matrices - 1))] for i in range(max_matrices)}
+        pairs = {n: ab for n, ab in pairs.items() if n in keep}
     with TensorReader() as reader:
-        for name, (info_a, info_b) in pair_tensors(a, b).items():
-            if len(info_a.shape) != 2 or type_of(name) in ("embed", "pos_embed", "lm_head"):
-                continue
+        for name, (info_a, info_b) in pairs.items():
             d = reader.read_tensor(info_b).to(torch.float32) - reader.read_tensor(info_a).to(torch.float32)
             if not bool(d.any()):
                 continue

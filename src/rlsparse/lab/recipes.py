@@ -20,9 +20,6 @@ RECIPE_SCHEMA_VERSION = 1
 ALGORITHMS = ("sft", "rft", "dpo", "grpo", "rloo", "kto", "orpo", "simpo", "ppo", "prime")
 DATA_KINDS = ("ground_truth", "policy_samples", "constructed_pairs", "prompts", "random_rejected",
               "format_pairs")
-# A run "learned" when held-out accuracy rose by at least this much (200 test problems: one
-# standard error of an accuracy near 50% is 3.5 points).
-LEARNED_GAIN = 0.05
 
 
 @dataclass
@@ -176,8 +173,9 @@ class Suite:
         threads: CPU threads.
         eval_batch / sample_batch: Prompts per generation batch.
         rank_matrices: Update rank on this many matrices, evenly spaced (None: all 210 of the real base).
-        preregistered: Thresholds written before the sweep ran (``learned_gain``, ``matched_gain``, ...),
-            with the date they were fixed; copied into every run.json.
+        preregistration: The suite's pre-registration file (in the suite folder, the format of
+            ``lab/preregistration.json``): thresholds written before the sweep ran, copied with their
+            sha256 into every run.json.
         description: One paragraph for the report.
     """
 
@@ -196,15 +194,9 @@ class Suite:
     eval_batch: int = 64
     sample_batch: int = 8
     rank_matrices: int | None = None
-    preregistered: dict = field(default_factory=dict)
+    preregistration: str = "preregistration.json"
     description: str = ""
     schema_version: int = SUITE_SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        missing = sorted({"learned_gain", "matched_gain", "fixed_on"} - set(self.preregistered))
-        if missing:
-            raise UsageError(f"suite {self.name!r}: preregistered lacks {missing}; write them in the suite file "
-                             "before running")
 
 
 def load_suite(name: str) -> Suite:

@@ -298,6 +298,11 @@ def _precision_text(run: dict) -> str:
     return f"{how}, checkpoints in {pr.get('checkpoint', '?')}"
 
 
+# Every report points at the measured real-base results (the paper's claims are about pretrained LLMs).
+REAL_BASE_NOTE = ("Measured on a real pretrained LLM (SmolLM2-135M-Instruct, `rlsparse lab run real`): "
+                  "docs/lab-real.md in the rlsparse repository, with the command, date and machine of each number.")
+
+
 def _markdown(results: dict, items: list[Finding]) -> str:
     run = results["run"]
     base = run.get("base_metadata") or {}
@@ -307,7 +312,7 @@ def _markdown(results: dict, items: list[Finding]) -> str:
              f"Precision: {_precision_text(run)}; "
              f"sparsity compares the checkpoints as stored, at tolerance {TOL} unless stated. "
              f"Device: {run['device']}. Quick: {run['quick']}. Nothing here is tuned to match the paper.", "",
-             verdict_text.preregistration_statement(results), ""]
+             verdict_text.preregistration_statement(results), "", REAL_BASE_NOTE, ""]
     for f in items:
         lines += [f"## {f.title}", "", f"**Verdict: {f.verdict}.** {f.sentence}", "", f"Paper: {f.paper}", "",
                   *verdict_text.finding_markdown(f),
@@ -336,7 +341,8 @@ def _html(md_items: list[Finding], results: dict) -> str:
              "</head><body><h1>rlsparse lab report</h1>",
              f"<p>Base <code>{e(run['base'])}</code>; {e(_precision_text(run))}; tolerance {TOL} unless stated; device {e(run['device'])}; "
              f"quick {run['quick']}. Nothing here is tuned to match the paper.</p>",
-             f"<p>{e(verdict_text.preregistration_statement(results))}</p>"]
+             f"<p>{e(verdict_text.preregistration_statement(results))}</p>",
+             f"<p>{e(REAL_BASE_NOTE)}</p>"]
     for f in md_items:
         img = f"<img src='figures/{e(f.figure)}' alt='{e(f.key)}'>" if f.figure else ""
         parts.append(f"<div class='f'><div>{img}</div><div><h2>{e(f.title)}</h2><p class='v'>{e(f.verdict)}</p>"

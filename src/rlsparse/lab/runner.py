@@ -7,8 +7,9 @@ Run folder layout::
     RUN_DIR/run.json                       what was run: recipes, seeds, base, precision, versions
     RUN_DIR/base                           link to the model every run started from (the cached tiny base)
     RUN_DIR/results.json                   every measurement (the report reads only this)
-    RUN_DIR/runs/<recipe>/lr-<lr>/         HF checkpoint of one finetune (+ metrics.json)
-    RUN_DIR/conjecture/<recipe>/{full,sub} the two Conjecture 1 models (full = link to the sweep run)
+    RUN_DIR/runs/<recipe>/lr-<lr>[-seedN]/ HF checkpoint of one finetune (+ metrics.json, written last)
+    RUN_DIR/conjecture/<recipe>/           the Conjecture 1 models, masks and result.json (written last)
+    RUN_DIR/base_accuracy.json, samples/   the base's held-out accuracy and policy samples (reused on resume)
     RUN_DIR/report.html, report.md, figures/*.png
 """
 
@@ -28,10 +29,9 @@ from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
 from rlsparse.lab.cost import signal_steps
-from rlsparse.lab.recipes import LEARNED_GAIN, Recipe, load_recipe, load_suite, recipe_names
-from rlsparse.lab.preregistration import load_preregistration
-from rlsparse.lab.recipes import Recipe, load_recipe, recipe_names
-from rlsparse.lab.tasks import Problem, load_jsonl, reward, split
+from rlsparse.lab.preregistration import Preregistration, load_preregistration
+from rlsparse.lab.recipes import Recipe, load_recipe, load_suite, recipe_dir, recipe_names
+from rlsparse.lab.tasks import Problem, load_jsonl, prompt_texts, reward, split
 from rlsparse.lab.trace import sparsity_trace
 from rlsparse.report.progress import training_progress
 
@@ -66,19 +66,19 @@ class LabOptions:
             machine two threads waiting on each other ran 3x slower than one.
         trace: Record sparsity along training (bf16 and fp32 views) and the net-drift ratio (keeps
             three fp32 copies of the weights in memory). Turn off for large ``--model`` runs.
+        seeds: Seeds for every recipe, replacing each recipe's own ``seeds`` (None keeps them).
         progress: Progress within each training run (``report.progress`` modes): ``auto`` shows the
             trainer's bar on a terminal and a steps/s + ETA line every ~10 s otherwise.
-        real_base: A packaged pretrained base (``smollm2-135m``, see ``lab.real``) instead of the tiny one.
+        real_base: A packaged pretrained base (``smollm2-135m``, see ``lab.real``) instead of the tiny one;
+            it brings its suite (``recipes/real/suite.json``): chat tasks, test sets, pre-registration.
         style: Prompt style of the tasks: "plain" (tiny base) or "chat" (an instruction-tuned base).
         test_families: Held-out task families measured for every run (default: eval family, the
             recipe's family and "sub").
-        learned_gain: Held-out gain from which a run counts as "learned" (Conjecture 1's choice of run;
-            None: the pre-registered one in ``lab/preregistration.json``).
-        preregistered: The suite's pre-registered thresholds, copied into run.json before any training.
+        preregistration: The thresholds fixed before the run (default: the built-in file; the real
+            suite has its own).
         eval_batch: Prompts per greedy-evaluation batch.
         sample_batch: Prompts per policy-sampling batch (RFT and DPO data).
         rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
-        seeds: Seeds for every recipe, replacing each recipe's own ``seeds`` (None keeps them).
     """
 
     out: Path
@@ -99,15 +99,14 @@ class LabOptions:
     threads: int = 1
     trace: bool = True
     progress: str = "auto"
+    seeds: list[int] | None = None
     real_base: str | None = None
     style: str = "plain"
     test_families: list[str] | None = None
-    learned_gain: float | None = None
-    preregistered: dict | None = None
+    preregistration: Preregistration | None = None
     eval_batch: int = 256
     sample_batch: int = 256
     rank_matrices: int | None = None
-    seeds: list[int] | None = None
 
 
 class _Run:
@@ -127,14 +126,14 @@ class _Run:
 
             rows = list(self._jsonl)
             random.Random(self.opts.base.seed).shuffle(rows)
-            n_test = min(self.n_test("jsonl"), max(1, len(rows) // 10))
+            n_test = min(self.family_n_test("jsonl"), max(1, len(rows) // 10))
             return rows[n_test:], rows[:n_test]
         # The base's own split (its seed): held-out problems were never in its pretraining corpus.
-        return split(family, seed=self.opts.base.seed, n_test=self.n_test(family), digits=self.opts.base.digits,
-                     style=self.opts.style)
+        return split(family, seed=self.opts.base.seed, n_test=self.family_n_test(family),
+                     digits=self.opts.base.digits, style=self.opts.style)
 
-    def n_test(self, family: str) -> int:
-        n = self.opts.n_test
+    def family_n_test(self, family: str) -> int:
+        n = self.n_test
         return int(n.get(family, 200)) if isinstance(n, dict) else int(n)
 
     def test_sets(self, recipe: Recipe) -> dict[str, list[Problem]]:
@@ -157,10 +156,10 @@ class _Run:
         if missing:
             model, tok = load_model(self.base_path, self.opts.device)
             for f in missing:
-                start = time.time()
+                begun = time.time()
                 self._base_acc[f] = self.accuracy(model, tok, tests[f])
                 self.log(f"  base accuracy on {len(tests[f])} held-out {f} problems: {self._base_acc[f]:.1%} "
-                         f"({time.time() - start:.0f}s)")
+                         f"({time.time() - begun:.0f}s)")
             _write_json(cache, self._base_acc)
         return {f: self._base_acc[f] for f in tests}
 
@@ -173,14 +172,17 @@ class _Run:
             return self.base_accuracy(recipe)
         if start not in self._start_acc:
             model, tok = load_model(start, self.opts.device)
-            self._start_acc[start] = {f: self.accuracy(model, tok, probs)
-                                      for f, probs in self.test_sets(recipe).items()}
+            self._start_acc[start] = {f: self.accuracy(model, tok, probs) for f, probs in self.test_sets(recipe).items()}
         return self._start_acc[start]
 
-    def probe_pairs(self) -> list[tuple[str, str]]:
-        """The fixed KL probe set: the first 256 held-out problems of the evaluation task with their answers."""
+    def probe_pairs(self, tokenizer=None) -> list[tuple[str, str]]:
+        """The fixed KL probe set: the first 256 held-out problems of the evaluation task with their answers
+        (chat problems as the text the model is given, through its chat template)."""
         family = "jsonl" if self._jsonl is not None else self.opts.eval_family
-        return [(p.prompt, p.answer) for p in self.problems(family)[1][:256]]
+        probs = self.problems(family)[1][:256]
+        if tokenizer is not None and any(p.style == "chat" for p in probs):
+            return list(zip(prompt_texts(probs, tokenizer), (p.answer for p in probs)))
+        return [(p.prompt, p.answer) for p in probs]
 
     def policy_samples(self, recipe: Recipe, problems: list[Problem]):
         key = (recipe.family, len(problems), recipe.samples_per_prompt, recipe.seed)
@@ -336,9 +338,9 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
                                 callbacks=[cost] + [c for c in (tracer, shown) if c is not None])
         trainer.remove_callback(PrinterCallback)
         cost.attach(trainer)
-        start = time.time()
+        begun = time.time()
         trainer.train()
-        seconds = time.time() - start
+        seconds = time.time() - begun
         history = _losses(trainer.state.log_history)
         final = trainer.model
         trainer_name = type(trainer).__name__
@@ -348,9 +350,9 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     del trainer, final, model
     # Accuracy of the checkpoint as saved: the same view the sparsity numbers use.
     saved, tok = load_model(out, run.opts.device)
-    start = time.time()
+    begun = time.time()
     acc = {f: run.accuracy(saved, tok, probs) for f, probs in run.test_sets(recipe).items()}
-    return {"seconds": round(seconds, 2), "eval_seconds": round(time.time() - start, 2), "accuracy": acc,
+    return {"seconds": round(seconds, 2), "eval_seconds": round(time.time() - begun, 2), "accuracy": acc,
             "rows": len(rows), "log_history": history, "trainer": trainer_name, "trl_config": effective,
             "step_cost": cost.summary(), "signal": signal_steps(history),
             "trace": tracer.trace if tracer is not None else None,
@@ -412,12 +414,6 @@ def _clock(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def cell_folder(out: Path, recipe: Recipe, lr: float, seed: int | None = None) -> Path:
-    """The checkpoint folder of one cell (recipe x learning rate x seed; the first seed has no suffix)."""
-    seeds = recipe.seeds or [recipe.seed]
-    return out / "runs" / recipe.name / _point_label(lr, seeds[0] if seed is None else seed, seeds[0])
-
-
 def _finished(folder: Path) -> dict | None:
     """The measurements of a finished cell, or None. metrics.json is written last, atomically."""
     metrics = folder / "metrics.json"
@@ -426,26 +422,31 @@ def _finished(folder: Path) -> dict | None:
     return None
 
 
-def run_recipe(run: _Run, recipe: Recipe, progress: "Progress | None" = None) -> dict:
+def run_recipe(run: _Run, recipe: Recipe, progress: Progress | None = None) -> dict:
     """Run one recipe over its learning-rate sweep, once per seed; returns its results entry.
 
     Every point records, besides sparsity and accuracy, the measurements the verdicts match on:
     KL(start || finetuned) on the fixed probe set, ||Δθ|| in fp32, the rank of the update next to
     the rank of the same entries at random positions, the share of steps where clipping acted and
-    the net-drift ratio of the fp32 master weights. A cell whose ``metrics.json`` exists is
-    finished and is read back, never rerun.
+    the net-drift ratio of the fp32 master weights, and the cost of a step by phase.
+
+    A cell (learning rate x seed) whose ``metrics.json`` exists is finished: it is read back, never
+    rerun (measurements a newer rlsparse adds are filled in from its checkpoint).
     """
-    points = []
-    entry_path = run.opts.out / "runs" / recipe.name / "entry.json"
-    entry = json.loads(entry_path.read_text()) if entry_path.is_file() else {}
+    points, entry = [], _cached_entry(run, recipe)
     for seed in recipe.seeds:
         seeded = replace(recipe, seed=seed)
-        rows = start = start_acc = None  # built when a cell of this seed still has to run
+        rows = start = start_acc = None
         for lr in recipe.learning_rates:
-            folder = cell_folder(run.opts.out, recipe, lr, seed)
-            label = f"{recipe.name} lr={lr:g}" + (f" seed {seed}" if len(recipe.seeds) > 1 else "")
+            folder = run.opts.out / "runs" / recipe.name / _point_label(lr, seed, recipe.seeds[0])
+            label = f"{recipe.name} lr={lr:g} seed {seed}"
             done = _finished(folder)
             if done is not None:
+                if not _MEASURED.issubset(done):
+                    begin = run.opts.out / done["start"] if done.get("start", "base") != "base" else run.base_path
+                    done = _measure_point(run, begin, folder, done, run.start_accuracy(seeded, begin))
+                    done.update(learning_rate=lr, seed=seed, start=_relative(run, begin))
+                    _write_json(folder / "metrics.json", done)
                 points.append(done)
                 if progress:
                     progress.skip(label)
@@ -454,16 +455,14 @@ def run_recipe(run: _Run, recipe: Recipe, progress: "Progress | None" = None) ->
                 rows = build_rows(run, seeded)
                 start = _pre_sft(run, seeded, rows) if recipe.pre_sft else run.base_path
                 start_acc = run.start_accuracy(seeded, start)
-                if not entry:
-                    entry = {"recipe": recipe.to_dict(), "rows": len(rows), "base_accuracy": start_acc,
-                             "data_nll": _data_nll(run, start, rows)}
-                    _write_json(entry_path, entry)
-            began = time.time()
+            if not entry:
+                entry = _entry(run, recipe, rows, start, start_acc)
+            begun = time.time()
             run.log(f"  {recipe.name}: lr={lr:g}, seed {seed}, {recipe.steps} steps on {len(rows)} rows")
             trained = train_one(run, seeded, lr, rows, folder, start=start)
             point = _measure_point(run, start, folder, trained, start_acc)
             point.update(learning_rate=lr, seed=seed, start=_relative(run, start),
-                         cell_seconds=round(time.time() - began, 1))
+                         cell_seconds=round(time.time() - begun, 1))
             _write_json(folder / "metrics.json", point)
             cost = (trained.get("step_cost") or {}).get("per_step_seconds", {})
             run.log(f"    sparsity@1e-5 {point['sparsity']['1e-05']:.1%}, KL {point['probe_kl']:.2e}, accuracy "
@@ -474,10 +473,32 @@ def run_recipe(run: _Run, recipe: Recipe, progress: "Progress | None" = None) ->
             points.append(point)
             if progress:
                 progress.finish(label, point["cell_seconds"])
-    if not entry:  # every cell finished in an earlier session that kept no entry.json
-        entry = {"rows": points[0].get("rows"), "base_accuracy": run.base_accuracy(recipe)}
-    entry["recipe"] = recipe.to_dict()
+    if not entry:
+        first = replace(recipe, seed=recipe.seeds[0])
+        rows = build_rows(run, first)
+        start = _pre_sft(run, first, rows) if recipe.pre_sft else run.base_path
+        entry = _entry(run, recipe, rows, start, run.start_accuracy(first, start))
     return {**entry, "points": points, "seed_overlap": _seed_overlaps(run, recipe, points)}
+
+
+# Measurements every point has; a cell finished by an older rlsparse without them gets them from its checkpoint.
+_MEASURED = frozenset({"probe_kl", "delta_norm", "update_rank_random_control", "sparsity", "accuracy"})
+
+
+def _entry(run: _Run, recipe: Recipe, rows: list[dict], start: Path, start_acc: dict) -> dict:
+    entry = {"recipe": recipe.to_dict(), "rows": len(rows), "base_accuracy": start_acc,
+             "data_nll": _data_nll(run, start, rows)}
+    _write_json(run.opts.out / "runs" / recipe.name / "entry.json", entry)
+    return entry
+
+
+def _cached_entry(run: _Run, recipe: Recipe) -> dict:
+    """A recipe's data summary from an earlier session of the run (same recipe), or {}."""
+    path = run.opts.out / "runs" / recipe.name / "entry.json"
+    if not path.is_file():
+        return {}
+    entry = json.loads(path.read_text())
+    return entry if entry.get("recipe") == json.loads(json.dumps(recipe.to_dict())) else {}
 
 
 def _seed_overlaps(run: _Run, recipe: Recipe, points: list[dict]) -> list[dict]:
@@ -509,10 +530,10 @@ def _relative(run: _Run, path: Path) -> str:
 def _measure_point(run: _Run, start: Path, folder: Path, trained: dict, start_acc: dict) -> dict:
     sp = measure.sparsity(start, folder)
     rank = measure.update_rank(start, folder, max_matrices=run.opts.rank_matrices)
-    control = measure.random_rank_control(start, folder)
+    control = measure.random_rank_control(start, folder, max_matrices=run.opts.rank_matrices)
     before, tok = load_model(start, run.opts.device)
     after, _ = load_model(folder, run.opts.device)
-    kl = measure.probe_kl(before, after, tok, run.probe_pairs())
+    kl = measure.probe_kl(before, after, tok, run.probe_pairs(tok))
     del before, after
     return {"checkpoint": str(folder.relative_to(run.opts.out)), **trained,
             "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
@@ -528,10 +549,19 @@ def _data_nll(run: _Run, start: Path, rows: list[dict], limit: int = 512) -> dic
     model, tok = load_model(start, run.opts.device)
     out = {}
     for column in ("completion", "chosen", "rejected", "answer"):
-        pairs = [(r["prompt"], r[column]) for r in rows[:limit] if isinstance(r.get(column), str)]
+        pairs = [_text_pair(tok, r["prompt"], r[column]) for r in rows[:limit] if r.get(column) is not None]
         if pairs:
             out[column] = measure.dataset_nll(model, tok, pairs)
     return out
+
+
+def _text_pair(tokenizer, prompt, target) -> tuple[str, str]:
+    """A row's prompt and target as the text the model sees (conversational rows through the chat template)."""
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if isinstance(target, list):
+        target = target[-1]["content"]
+    return prompt, str(target)
 
 
 def _pre_sft(run: _Run, recipe: Recipe, rows: list[dict]) -> Path:
@@ -556,11 +586,17 @@ def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = meas
 
     The full run is the recipe's pre-registered ``conjecture_lr`` at its first seed. Without one, the
     sparsest point that learned (a best-case selection, labelled so in the result and the report).
-    A finished one (``conjecture/<recipe>/result.json``) is read back, never rerun.
+    The result lands in ``conjecture/<recipe>/result.json``; a finished one is read back, never rerun.
     """
-    root = run.opts.out / "conjecture" / recipe.name
-    if (root / "result.json").is_file():
-        return json.loads((root / "result.json").read_text())
+    done = run.opts.out / "conjecture" / recipe.name / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    result = _conjecture(run, recipe, entry, tolerance)
+    _write_json(done, result)
+    return result
+
+
+def _conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str) -> dict:
     firsts = [p for p in entry["points"] if p.get("seed", recipe.seeds[0]) == recipe.seeds[0]]
     if recipe.conjecture_lr is not None:
         chosen = [p for p in firsts if math.isclose(p["learning_rate"], recipe.conjecture_lr, rel_tol=1e-9)]
@@ -569,7 +605,7 @@ def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = meas
                              f"learning_rates {recipe.learning_rates}; add it to the sweep")
         best, selection = chosen[0], "pre-registered (conjecture_lr in the recipe)"
     else:
-        best = choose_subnetwork_run(firsts, run.eval_key(recipe), run.opts.learned_gain)
+        best = choose_subnetwork_run(firsts, run.eval_key(recipe), run.preregistration["learned_gain"])
         selection = "best case (chosen after the sweep: the sparsest point that learned)"
     lr, seed = best["learning_rate"], recipe.seeds[0]
     seeded = replace(recipe, seed=seed)
@@ -583,9 +619,7 @@ def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = meas
     run.log(f"  conjecture 1 on {recipe.name}: lr={lr:g}, subnetwork density {density:.1%} (tol {tolerance}), {selection}")
     if density == 0:
         # Nothing to retrain: the full run moved no weight beyond the tolerance.
-        result = {**common, "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
-        _write_json(root / "result.json", result)
-        return result
+        return {**common, "skipped": "the full run changed no parameter beyond the tolerance, so there is no subnetwork"}
     rows = build_rows(run, seeded)
     sub = root / "sub"
     trained = train_one(run, seeded, lr, rows, sub, mask=mask, start=start)
@@ -672,9 +706,9 @@ def _versions() -> dict:
 def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = False) -> Path:
     """Run recipes (by name, path, "all", or the "real" suite) into one run folder and render the report.
 
-    Every cell (recipe x learning rate, and each Conjecture 1 rerun) lands on disk atomically as it
-    finishes; ``resume=True`` continues a run folder, reading finished cells back instead of
-    rerunning them (recipes may be added on resume).
+    Every cell (recipe x learning rate x seed, and each Conjecture 1 rerun) lands on disk atomically
+    as it finishes; ``resume=True`` continues a run folder, reading finished cells back instead of
+    rerunning them (recipes may be added on resume, not changed).
 
     Args:
         names: Recipe names or JSON paths, "all" for every built-in tiny-base recipe, or "real" for
@@ -702,13 +736,14 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     if opts.compute not in ("auto", "bfloat16", "float32") or opts.weights not in ("bfloat16", "float32"):
         raise UsageError(f"compute {opts.compute!r} / weights {opts.weights!r}: expected compute auto, bfloat16 "
                          "or float32 and weights float32 or bfloat16")
+    suite = None
     if names in ("real", ["real"]) or opts.real_base:
         # The real base comes with its suite: chat tasks, test sets and pre-registered thresholds.
-        suite_names = apply_suite(opts, load_suite("real"))
+        suite = "real"
+        suite_names = apply_suite(opts, load_suite(suite))
         names = suite_names if names in ("real", ["real"], "all", ["all"]) else names
     elif names == "all" or names == ["all"]:
         names = recipe_names()
-    suite = "real" if opts.real_base else None
     recipes = [load_recipe(n, suite=suite) for n in ([names] if isinstance(names, str) else names)]
     if opts.quick:
         recipes = [r.quickened() for r in recipes]
@@ -728,6 +763,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     if opts.device == "cpu":
         torch.set_num_threads(max(1, opts.threads))
     run = _Run(opts, log)
+    run.preregistration = opts.preregistration or load_preregistration()
     started = time.time()
     if opts.real_base:
         from rlsparse.lab.real import ensure_real_base, real_metadata
@@ -750,10 +786,10 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         log(f"base: {run.base_path} ({meta.get('num_parameters')} parameters, {meta.get('steps_trained')} steps, "
             f"held-out accuracy {acc})")
         # Held-out problems must come from the base's own held-out split, never its pretraining corpus.
-        own = int((meta.get("config") or {}).get("n_test", opts.n_test)) if isinstance(opts.n_test, int) else None
-        if own is not None and own < opts.n_test:
+        own = int((meta.get("config") or {}).get("n_test", opts.n_test))
+        if isinstance(opts.n_test, int) and own < opts.n_test:
             log(f"  held-out sets: {own} problems per family (the base's own held-out split), not {opts.n_test}")
-            opts.n_test = own
+            run.n_test = own
     previous = json.loads((out / "run.json").read_text()) if held else None
     _link_base(out, run.base_path)
     run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
@@ -761,17 +797,20 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
                 "base": str(run.base_path), "real_base": opts.real_base,
                 "base_metadata": base_metadata(run.base_path), "device": opts.device, "quick": opts.quick,
                 "threads": opts.threads if opts.device == "cpu" else None,
-                "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": opts.n_test,
+                "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": run.n_test,
                 "style": opts.style, "test_families": opts.test_families, "max_new_tokens": opts.max_new_tokens,
                 "rank_matrices": opts.rank_matrices,
-                "learned_gain": opts.learned_gain, "preregistered": opts.preregistered,
-                "preregistration": load_preregistration().to_json(),
+                "preregistration": run.preregistration.to_json(),
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
                 "recipes": [r.to_dict() for r in recipes],
                 "seeds": {r.name: r.seed for r in recipes}, "versions": _versions(),
                 "sessions": (previous or {}).get("sessions", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
     _check_same_run(previous, run_meta)
+    if previous:
+        # Recipes of earlier sessions that this one does not name stay in the record (their cells stay on disk).
+        now = {r["name"] for r in run_meta["recipes"]}
+        run_meta["recipes"] = [r for r in previous.get("recipes", []) if r["name"] not in now] + run_meta["recipes"]
     _write_json(out / "run.json", run_meta)
     results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {},
                "controls": {"spacing_share": measure.spacing_share(run.base_path)}}
@@ -782,13 +821,13 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         results["recipes"][recipe.name] = run_recipe(run, recipe, progress)
         _write_json(out / "results.json", results)
     for recipe in conj:
-        start = time.time()
+        begun = time.time()
         finished = (out / "conjecture" / recipe.name / "result.json").is_file()
         results["conjecture"][recipe.name] = run_conjecture(run, recipe, results["recipes"][recipe.name])
         if finished:
             progress.skip(f"conjecture 1 on {recipe.name}")
         else:
-            progress.finish(f"conjecture 1 on {recipe.name}", time.time() - start)
+            progress.finish(f"conjecture 1 on {recipe.name}", time.time() - begun)
         _write_json(out / "results.json", results)
     results["seconds"] = round(time.time() - started, 1)
     _write_json(out / "results.json", results)
@@ -819,7 +858,7 @@ def _require_lab_extras() -> None:
 # What must not change between the sessions of one resumed run: a finished cell measured against
 # another base or another test set would be silently mixed with the new ones.
 _SAME_ACROSS_SESSIONS = ("base", "real_base", "dataset", "eval_family", "n_test", "style", "test_families",
-                         "max_new_tokens", "precision")
+                         "max_new_tokens", "precision", "preregistration")
 
 
 def _check_same_run(previous: dict | None, current: dict) -> None:
@@ -831,22 +870,23 @@ def _check_same_run(previous: dict | None, current: dict) -> None:
         raise UsageError(f"cannot resume: the run was started with other settings ({diffs}); "
                          "resume with the same options or start a new --out")
     old = {r["name"]: r for r in previous.get("recipes", [])}
-    moved = [r["name"] for r in current["recipes"] if r["name"] in old and old[r["name"]] != r]
+    # Fields a newer rlsparse added to recipes are not a change; every field both sessions know must match.
+    moved = [r["name"] for r in current["recipes"] if r["name"] in old
+             and any(old[r["name"]][k] != v for k, v in r.items() if k in old[r["name"]])]
     if moved:
         raise UsageError(f"cannot resume: recipes {moved} changed since the run started (their finished cells "
                          "would mix two settings); restore them or start a new --out")
 
 
 def apply_suite(opts: LabOptions, suite) -> list[str]:
-    """Set a suite's base, tasks and pre-registered thresholds on ``opts``; return its recipe names."""
+    """Set a suite's base, tasks and pre-registration on ``opts``; return its recipe names (quick or full)."""
     opts.real_base = suite.base
     opts.style = suite.style
     opts.eval_family = suite.eval_family
     opts.test_families = list(suite.test_families)
     opts.max_new_tokens = suite.max_new_tokens
     opts.n_test = dict(suite.quick_n_test if opts.quick else suite.n_test)
-    opts.learned_gain = suite.preregistered["learned_gain"]
-    opts.preregistered = dict(suite.preregistered)
+    opts.preregistration = load_preregistration(recipe_dir() / suite.name / suite.preregistration)
     opts.eval_batch, opts.sample_batch = suite.eval_batch, suite.sample_batch
     opts.rank_matrices = suite.rank_matrices
     if opts.compute == "auto":
