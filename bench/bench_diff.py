@@ -10,7 +10,12 @@ Runs, each in a fresh subprocess so peak resident memory (ru_maxrss) is its own:
      the same files, then ours, alternating three times (medians: the disk's speed varies);
   3. a pair 3x larger: ours only, peak memory.
 
-Usage: python bench/bench_diff.py [--data DIR] [--params 850e6] [--skip-baseline] [--skip-large]
+With ``--before SRC`` (an older checkout's ``src``, e.g. ``git archive <commit> src | tar -x``)
+the older engine runs beside ours in every round, and ours also runs with O_DIRECT cold reads
+switched on ("ours, O_DIRECT cold reads"), so what each step bought is measured side by side.
+
+Usage: python bench/bench_diff.py [--data DIR] [--params 850e6] [--rounds 3] [--before SRC]
+                                  [--skip-baseline] [--skip-large]
 """
 
 from __future__ import annotations
@@ -62,9 +67,19 @@ def _run_measured(cmd: list[str]) -> tuple[float, int, str]:
     return wall, kb * 1024, proc.stdout
 
 
-def ours(base: Path, ft: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "rlsparse", "diff", str(base), str(ft), "--quiet", "--json", str(out / "diff.json"),
-           "--save-mask", str(out / "mask.safetensors")]
+# ours with O_DIRECT cold reads switched on or off: the same CLI, the stream engine's switch set
+_WITH_DIRECT = ("import sys; import rlsparse.diff.stream as s; s.DIRECT_READS = {}; "
+                "from rlsparse.cli.main import main; sys.exit(main(sys.argv[1:]))")
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def ours(base: Path, ft: Path, out: Path, src: Path = SRC, direct: bool | None = None) -> dict:
+    """One `rlsparse diff` run of the tree at ``src`` (ours, or an older checkout for before/after);
+    ``direct`` sets O_DIRECT cold reads on/off (None: the engine's default)."""
+    head = ([sys.executable, "-m", "rlsparse"] if direct is None
+            else [sys.executable, "-c", _WITH_DIRECT.format(direct)])
+    cmd = ["env", f"PYTHONPATH={src}", *head, "diff", str(base), str(ft), "--quiet", "--json",
+           str(out / "diff.json"), "--save-mask", str(out / "mask.safetensors")]
     wall, rss, _ = _run_measured(cmd)
     doc = json.loads((out / "diff.json").read_text())
     return {"wall_s": wall, "engine_s": doc["elapsed_s"], "bytes": doc["bytes_read"], "peak_rss": rss,
@@ -91,7 +106,9 @@ def dd(paths: list[Path]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="/work/benchdata", help="where synthetic checkpoints are written (reused)")
-    ap.add_argument("--params", type=float, default=850e6)
+    ap.add_argument("--params", type=float, default=850e6, help="parameters per side (e.g. 100e6 for a quick run)")
+    ap.add_argument("--rounds", type=int, default=3, help="cold rounds (dd and each engine, alternating)")
+    ap.add_argument("--before", type=Path, help="src folder of an older checkout to run beside ours")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-large", action="store_true")
     args = ap.parse_args()
@@ -101,11 +118,19 @@ def main() -> None:
     gb = 1e9
 
     base, ft, n = write_pair(data / f"p{int(args.params / 1e6)}", args.params)
-    print(f"pair: {n / 1e6:.0f}M parameters per side, bf16, 20% of elements changed; {os.cpu_count()} cores")
+    print(f"pair: {n / 1e6:.0f}M parameters per side, bf16, 20% of elements changed; {os.cpu_count()} cores; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    variants = {"ours": lambda: ours(base, ft, out)}
+    if args.before:
+        variants["before"] = lambda: ours(base, ft, out, src=args.before.resolve())
+        variants["ours, O_DIRECT cold reads"] = lambda: ours(base, ft, out, direct=True)
     rows = []
-    warm([base, ft])
-    o = ours(base, ft, out)
-    rows.append(("ours, warm cache", o))
+    warm_runs = {}
+    for name, fn in variants.items():
+        warm([base, ft])
+        warm_runs[name] = fn()
+        rows.append((f"{name}, warm cache", warm_runs[name]))
+    o = warm_runs["ours"]
     if not args.skip_baseline:
         warm([base, ft])
         b = baseline(base, ft)
@@ -114,39 +139,44 @@ def main() -> None:
         agree = "agree" if b["changed_1e-05"] == o["changed_1e-05"] else "differ: the baseline subtracts in bf16"
         print(f"changed at 1e-5: baseline {b['changed_1e-05']:,}, ours {o['changed_1e-05']:,} ({agree})")
     # the disk behind this machine serves a cold read at very different speeds from one minute to
-    # the next: alternate dd and ours, three times each, and compare medians
-    dd_runs, cold_runs = [], []
-    for _ in range(3):
+    # the next: alternate dd and every engine, ``rounds`` times each, and compare medians
+    dd_runs: list[float] = []
+    cold_runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
         evict([base, ft])
         dd_runs.append(dd([base, ft]))
-        evict([base, ft])
-        cold_runs.append(ours(base, ft, out))
-    dd_gbps = sorted(dd_runs)[1]
-    cold = sorted(cold_runs, key=lambda r: r["gbps"])[1]
-    print("cold runs, GB/s: dd " + ", ".join(f"{x:.2f}" for x in dd_runs) + "; ours "
-          + ", ".join(f"{r['gbps']:.2f}" for r in cold_runs))
-    rows.append(("ours, cold cache (median of 3)", cold))
-    large = None
+        for name, fn in variants.items():
+            evict([base, ft])
+            cold_runs[name].append(fn())
+    dd_gbps = sorted(dd_runs)[len(dd_runs) // 2]
+    print("cold runs, GB/s: dd " + ", ".join(f"{x:.2f}" for x in dd_runs) + "; " + "; ".join(
+        f"{name} " + ", ".join(f"{r['gbps']:.2f}" for r in runs) for name, runs in cold_runs.items()))
+    cold = {name: sorted(runs, key=lambda r: r["gbps"])[len(runs) // 2] for name, runs in cold_runs.items()}
+    for name, r in cold.items():
+        rows.append((f"{name}, cold cache (median of {args.rounds})", r))
     if not args.skip_large:
         lb, lf, ln = write_pair(data / f"p{int(3 * args.params / 1e6)}", 3 * args.params)
         evict([lb, lf])
-        large = ours(lb, lf, out)
-        rows.append((f"ours, {ln / 1e9:.2f}B pair (3x), cold", large))
+        rows.append((f"ours, {ln / 1e9:.2f}B pair (3x), cold", ours(lb, lf, out)))
 
-    print(f"\n{'run':44s} {'wall s':>8s} {'engine s':>9s} {'GB/s':>6s} {'peak RSS':>10s}")
+    print(f"\n{'run':52s} {'wall s':>8s} {'engine s':>9s} {'GB/s':>6s} {'peak RSS':>10s}")
     for name, r in rows:
         gbps = f"{r['gbps']:.2f}" if "gbps" in r else "-"
         eng = f"{r['engine_s']:.2f}" if "engine_s" in r else "-"
-        print(f"{name:44s} {r['wall_s']:8.2f} {eng:>9s} {gbps:>6s} {r['peak_rss'] / gb:9.2f}G")
+        print(f"{name:52s} {r['wall_s']:8.2f} {eng:>9s} {gbps:>6s} {r['peak_rss'] / gb:9.2f}G")
     print()
     if not args.skip_baseline:
         print(f"speed-up vs baseline (wall, ours incl. start-up): {b['wall_s'] / o['wall_s']:.1f}x  (target >= 20x)")
     print(f"throughput warm (engine): {o['gbps']:.2f} GB/s; incl. process start-up: {o['gbps_wall']:.2f} GB/s "
-          "(target >= 2 GB/s)")
-    print(f"cold (medians): dd reads {dd_gbps:.2f} GB/s, ours {cold['gbps']:.2f} GB/s: "
-          f"dd/ours = {dd_gbps / cold['gbps']:.2f} (target <= 1.5)")
+          "(target >= 2.4 GB/s)")
+    for name, r in cold.items():
+        print(f"cold (medians): dd reads {dd_gbps:.2f} GB/s, {name} {r['gbps']:.2f} GB/s: "
+              f"dd/{name} = {dd_gbps / r['gbps']:.2f} (target <= 1.15)")
+    if "before" in warm_runs:
+        print(f"after/before: warm {o['gbps'] / warm_runs['before']['gbps']:.2f}x, "
+              f"cold {cold['ours']['gbps'] / cold['before']['gbps']:.2f}x")
     peak = max(r["peak_rss"] for name, r in rows if name.startswith("ours"))
-    print(f"peak RSS, ours: {peak / gb:.2f} GB over all sizes (target < 1 GB)")
+    print(f"peak RSS, ours: {peak / gb:.2f} GB over all sizes (target <= 1 GB)")
 
 
 if __name__ == "__main__":

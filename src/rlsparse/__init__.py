@@ -8,9 +8,8 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from rlsparse import diff  # noqa: E402  (callable package: rlsparse.diff(base, finetuned))
-from rlsparse.masks import Mask, load_mask  # noqa: E402
+from rlsparse import diff  # callable package: rlsparse.diff(base, finetuned)
+from rlsparse._version import __version__
+from rlsparse.masks import Mask, load_mask
 
 __all__ = ["Mask", "__version__", "diff", "load_mask"]

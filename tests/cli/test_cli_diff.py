@@ -34,12 +34,22 @@ def test_outputs_json_plot_mask(tiny_pair, tmp_path, capsys):
     assert Mask.load(tmp_path / "m.safetensors").ones == doc["total"]["changed"]["1e-05"]
 
 
-def test_user_tolerance_spelling_is_kept(tiny_pair, tmp_path, capsys):
+def test_one_canonical_tolerance_key_in_cli_and_api(tiny_pair, tmp_path, capsys):
+    import rlsparse
+
     base, ft = tiny_pair
     code, _, err = _run(capsys, "diff", str(base), str(ft), "--tolerances", "0,1e-5,0.001", "--quiet",
                         "--json", str(tmp_path / "r.json"))
     assert code == 0, err
-    assert list(json.loads((tmp_path / "r.json").read_text())["total"]["changed"]) == ["0", "1e-5", "0.001"]
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert list(doc["total"]["changed"]) == ["0", "1e-05", "0.001"]
+    r = rlsparse.diff(base, ft, tolerances=[0, 1e-5, 1e-3])
+    assert r.labels == ["0", "1e-05", "0.001"]
+    assert r.total.sparsity(1e-5) == r.total.sparsity("1e-5") == r.total.sparsity("1e-05") == \
+        doc["total"]["sparsity"]["1e-05"]
+    assert r.tensors["lm_head.weight"].changed[1e-3] == r.tensors["lm_head.weight"].changed["0.001"]
+    with pytest.raises(KeyError, match="not a measured tolerance"):
+        r.total.sparsity(1e-6)
 
 
 def _bad_inputs(tmp_path):

@@ -101,7 +101,7 @@ def test_missing_resize_and_dtype_mismatch(tmp_path):
     with pytest.raises(MismatchError) as e:
         rlsparse.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     msg = str(e.value)
-    assert "model.norm.weight" in msg and "--allow-missing" in msg and "--allow-resize" in msg and "\n" not in msg
+    assert "model.norm.weight" in msg and "allow_missing=True" in msg and "allow_resize=True" in msg and "\n" not in msg
     r = rlsparse.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", allow_missing=True,
                       allow_resize=True, mask_path=tmp_path / "m.safetensors")
     assert r.only_in_base == ["model.norm.weight"]

@@ -1,4 +1,5 @@
-"""Helpers shared by the analyses: pairing checkpoints, chunking, grouping, choosing matrices."""
+"""Helpers shared by the analyses: stream items for several runs (the stream engine does the
+reading), popcount, tolerances, grouping by layer and type, choosing matrices (rank, spectral)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from rlsparse.errors import UsageError
+from rlsparse.diff.tolerance import PAPER_TOLERANCE, parse_tolerance  # noqa: F401 (the analyses' default)
+from rlsparse.errors import MismatchError, UsageError, tensor_set_differences
 from rlsparse.io.checkpoint import Checkpoint, TensorInfo
 from rlsparse.io.naming import layer_of, type_of, type_sort_key
 
 SCHEMA_VERSION = 1
-PAPER_TOLERANCE = 1e-5
-CHUNK_ELEMENTS = 256 * 1024  # whole bytes of a packed mask, working set in L2 (as the diff engine)
+CHUNK_ELEMENTS = 256 * 1024  # mask overlap: elements per chunk of packed bytes (a multiple of 8: whole bytes)
 _EMBEDDING_TYPES = ("embed", "pos_embed", "lm_head")
 
 try:
@@ -37,8 +38,9 @@ def open_checkpoint(source: str | os.PathLike | Checkpoint) -> Checkpoint:
 
 
 def pair_tensors(base: Checkpoint, other: Checkpoint) -> dict[str, tuple[TensorInfo, TensorInfo]]:
-    """Tensors of two checkpoints matched by clean name; MismatchError (all problems at once)
-    when names or shapes differ. Ordered as stored (file, offset) so reads stay sequential."""
+    """Tensors of two checkpoints matched by clean name, for the whole-matrix views (rank,
+    spectral); MismatchError (all problems at once) when names or shapes differ. Ordered as
+    stored (file, offset) so reads stay sequential. The streamed analyses use ``stream_items``."""
     from rlsparse.diff.plan import plan
 
     p = plan(base, other)
@@ -47,22 +49,62 @@ def pair_tensors(base: Checkpoint, other: Checkpoint) -> dict[str, tuple[TensorI
         # comparing raw FP8 codes without their block scales would silently change the meaning
         raise UsageError(
             f"{base.source} vs {other.source}: {len(scaled)} FP8 tensor(s) with block scales (e.g. {scaled[0]}); "
-            "the analysis commands do not dequantise them yet: use `rlsparse diff`, or dequantise to bf16 first")
+            "rank and spectral do not dequantise them yet (diff, series, overlap and precision do); "
+            "dequantise to bf16 first")
     return {pair.name: (pair.base, pair.finetuned) for pair in p.pairs}
 
 
-def changed(a_raw: np.ndarray, b_raw: np.ndarray, code_a: str, code_b: str, tolerance: float) -> np.ndarray:
-    """Element changed at ``tolerance`` (the diff engine's definition), as a bool array."""
-    from rlsparse.diff.kernel import changed_bits
+def stream_items(runs: Sequence[tuple[Checkpoint, Checkpoint]], *, shared_base: bool):
+    """Stream items (``diff.stream.Item``) for the tensors of several (base, finetuned) runs.
 
-    return changed_bits(a_raw, b_raw, code_a, tolerance, code_b=code_b)
+    With ``shared_base`` (a series: one base, many checkpoints) the sources are
+    ``(base, ft_1, ..., ft_n)``; otherwise ``(base_1, ft_1, base_2, ft_2, ...)`` (the engine reads a
+    base shared by several runs once). Every run is planned by ``diff.plan`` (FP8 block scales
+    included); all mismatches are collected and raised once as MismatchError. Items are in the
+    storage order of the first run.
+    """
+    from rlsparse.diff.plan import plan
+    from rlsparse.diff.stream import Item
+
+    plans, problems = [], []
+    for base, ft in runs:
+        try:
+            plans.append(plan(base, ft))
+        except MismatchError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise MismatchError(f"{len(problems)} checkpoint(s) do not match the base: " + " | ".join(problems))
+    by_name = [{p.name: p for p in pl.pairs} for pl in plans]
+    names = [p.name for p in plans[0].pairs]
+    for i, pairs in enumerate(by_name[1:], start=1):
+        parts = tensor_set_differences({n: by_name[0][n].base.shape for n in names},
+                                       {n: p.base.shape for n, p in pairs.items()},
+                                       runs[0][0].source, runs[i][0].source)
+        if parts:
+            raise MismatchError("the runs do not start from the same base model: " + "; ".join(parts)
+                                + "; compare runs finetuned from the same base model")
+    items = []
+    for name in names:
+        ps = [pairs[name] for pairs in by_name]
+        if shared_base:
+            infos = (ps[0].base, *(p.finetuned for p in ps))
+            scales = (ps[0].base_scale, *(p.finetuned_scale for p in ps))
+        else:
+            infos = tuple(x for p in ps for x in (p.base, p.finetuned))
+            scales = tuple(x for p in ps for x in (p.base_scale, p.finetuned_scale))
+        items.append(Item(name, infos, scales if any(sc is not None for sc in scales) else ()))
+    return items
 
 
-def chunks(numel: int, size: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
-    """(start, count) ranges covering ``numel`` elements; ``size`` is rounded to a multiple of 8."""
-    size = max(8, size // 8 * 8)
-    for start in range(0, numel, size):
-        yield start, min(size, numel - start)
+def stream_runner(ray: str | None):
+    """``diff.stream.run``, or the Ray runner when ``ray`` is an address (or "local")."""
+    from rlsparse.diff import stream
+
+    if ray is None:
+        return stream.run
+    from rlsparse.diff.distributed import ray_runner
+
+    return ray_runner(ray)
 
 
 def layer_key(name: str) -> str:
@@ -98,14 +140,9 @@ def sorted_types(keys) -> list[str]:
     return sorted(keys, key=type_sort_key)
 
 
-def check_tolerance(t: float, what: str = "--tolerance") -> float:
-    try:
-        v = float(t)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} {t!r} is not a number; use e.g. 1e-5") from None
-    if not (v >= 0) or v == float("inf"):
-        raise UsageError(f"{what} {t!r} must be a finite number >= 0 (0 means value inequality)")
-    return v
+def check_tolerance(t: float | str, param: str = "tolerance") -> float:
+    """``t`` as a float, or UsageError naming ``param``."""
+    return parse_tolerance(t, param)
 
 
 def select_matrices(pairs: dict[str, tuple[TensorInfo, TensorInfo]], *, include_embeddings: bool = False,
@@ -125,7 +162,7 @@ def select_matrices(pairs: dict[str, tuple[TensorInfo, TensorInfo]], *, include_
         emb = [n for n in names if type_of(n) in _EMBEDDING_TYPES]
         if emb:
             names = [n for n in names if n not in emb]
-            notes.append(f"skipped {len(emb)} embedding/lm_head matrices; pass --include-embeddings to add them")
+            notes.append(f"skipped {len(emb)} embedding/lm_head matrices (include_embeddings=True adds them)")
     if layers is not None:
         wanted = set(layers)
         names = [n for n in names if layer_of(n) in wanted]
@@ -133,13 +170,13 @@ def select_matrices(pairs: dict[str, tuple[TensorInfo, TensorInfo]], *, include_
     names.sort(key=lambda n: (layer_of(n) is None, layer_of(n) or 0, type_sort_key(type_of(n)), n))
     if max_matrices is not None:
         if max_matrices < 1:
-            raise UsageError(f"--max-matrices {max_matrices}: must be at least 1")
+            raise UsageError(f"max_matrices={max_matrices}: must be at least 1")
         if len(names) > max_matrices:
             idx = np.unique(np.round(np.linspace(0, len(names) - 1, max_matrices)).astype(int))
-            notes.append(f"sampled {len(idx)} of {len(names)} matrices, evenly spaced (--max-matrices)")
+            notes.append(f"sampled {len(idx)} of {len(names)} matrices, evenly spaced (max_matrices={max_matrices})")
             names = [names[i] for i in idx]
     if not names:
-        raise UsageError("no 2-D matrices left to analyse; check --layers / --include-embeddings")
+        raise UsageError("no 2-D matrices left to analyse; check layers= / include_embeddings=")
     return names, notes
 
 
@@ -181,11 +218,11 @@ def resolve_device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        raise UsageError(f"device={device!r}: no CUDA device is available here; use device='cpu'")
     try:
         torch.empty(0, device=device)
     except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"--device {device}: not usable ({str(exc).splitlines()[0]}); use cpu or cuda") from None
+        raise UsageError(f"device={device!r}: not usable ({str(exc).splitlines()[0]}); use cpu or cuda") from None
     return device
 
 

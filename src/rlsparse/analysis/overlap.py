@@ -6,8 +6,9 @@ Jaccard ``|I1 ∩ I2| / |I1 ∪ I2|``. The random-guessing baseline (Appendix E)
 of the same size uniformly at random: its expected one-sided overlap with the other mask is the
 other mask's density, so ``o1_random = |I2| / n = 1 - s2`` and ``o2_random = 1 - s1``.
 
-Counting streams packed mask bytes (or, from checkpoints, changed bits) tensor by tensor and
-chunk by chunk: ``popcount(a & b)`` on bytes, never unpacking a whole model.
+Counting streams packed mask bytes tensor by tensor and chunk by chunk: ``popcount(a & b)`` on
+bytes, never unpacking a whole model. From checkpoints, ``OverlapKernel`` runs on the stream
+engine and counts the same way on the packed changed bits of each chunk.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Sequence
 
 import numpy as np
 
-from rlsparse.analysis._common import (CHUNK_ELEMENTS, PAPER_TOLERANCE, SCHEMA_VERSION, changed, check_tolerance,
-                                       chunks, layer_key, open_checkpoint, pair_tensors, popcount, ratio,
-                                       sorted_layers, sorted_types)
-from rlsparse.errors import MismatchError, UsageError, tensor_set_differences
+from rlsparse._version import __version__
+from rlsparse.analysis._common import (CHUNK_ELEMENTS, PAPER_TOLERANCE, SCHEMA_VERSION, check_tolerance, layer_key,
+                                       open_checkpoint, popcount, ratio, sorted_layers, sorted_types, stream_items,
+                                       stream_runner)
+from rlsparse.diff.kernel import changed_packed
+from rlsparse.errors import UsageError
 from rlsparse.io.checkpoint import Checkpoint, TensorInfo
 from rlsparse.io.naming import type_of
 from rlsparse.io.reader import TensorReader
@@ -154,8 +157,6 @@ class OverlapResult:
             return np.where(diag[:, None] > 0, total / np.where(diag > 0, diag, 1)[:, None], np.nan)
 
     def to_json(self) -> dict:
-        from rlsparse import __version__
-
         numel = sum(self.numel.values())
         total = sum(self.counts.values()) if self.counts else np.zeros((len(self.labels),) * 2, np.int64)
         m = self.matrix()
@@ -275,62 +276,75 @@ def _packed_index(path) -> dict[str, TensorInfo]:
     return {n: TensorInfo(n, e.dtype, e.shape, path, e.offset, e.nbytes) for n, e in entries.items()}
 
 
-def overlap_from_checkpoints(base_a: str | os.PathLike | Checkpoint, finetuned_a: str | os.PathLike | Checkpoint,
-                             base_b: str | os.PathLike | Checkpoint, finetuned_b: str | os.PathLike | Checkpoint, *,
-                             tolerance: float = PAPER_TOLERANCE, labels: Sequence[str] | None = None,
-                             progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS) -> OverlapResult:
-    """Overlap of the subnetworks of two finetuning runs, straight from their checkpoints.
+def overlap_from_checkpoints(*checkpoints: str | os.PathLike | Checkpoint, tolerance: float | str = PAPER_TOLERANCE,
+                             labels: Sequence[str] | None = None, progress: bool = False,
+                             chunk_elements: int | None = None, ray: str | None = None) -> OverlapResult:
+    """Overlap of the subnetworks of two or more finetuning runs, straight from their checkpoints.
 
-    Streams the four checkpoints chunk by chunk, finds the changed elements of each run at
-    ``tolerance`` (the diff engine's definition) and counts intersections; no mask is written.
+    One pass on the stream engine over all checkpoints: each run's changed elements at
+    ``tolerance`` (the diff's definition, FP8 block scales included) are found as packed bits and
+    every pairwise intersection is counted with popcounts; no mask is written. A base shared by
+    several runs is read once.
 
     Args:
-        base_a, finetuned_a: Run A's checkpoints before and after finetuning.
-        base_b, finetuned_b: Run B's (its base must be the same model as A's: same tensors and shapes).
+        *checkpoints: ``BASE_1, FT_1, BASE_2, FT_2, ...``: each run's checkpoints before and after
+            finetuning (all bases the same model: same tensors and shapes).
         tolerance: ``|new - old| > tolerance`` counts as changed (paper: 1e-5).
-        labels: Names of the two runs (default: the finetuned paths).
+        labels: Names of the runs (default: the finetuned paths).
+        progress: Show a progress bar on stderr.
+        chunk_elements: Elements per chunk and checkpoint (default: bounded memory whatever the count).
+        ray: Run on a Ray cluster at this address ("local" starts one here); None runs locally.
 
     Example:
         >>> r = overlap_from_checkpoints("sft", "dpo_seed42", "sft", "dpo_seed123")
         >>> r.pairs[0].total.jaccard
     """
+    from rlsparse.diff.kernel import float32_threshold
     from rlsparse.report.progress import progress_bar
 
-    tolerance = check_tolerance(tolerance)
-    cks = [open_checkpoint(c) for c in (base_a, finetuned_a, base_b, finetuned_b)]
-    run_a = pair_tensors(cks[0], cks[1])
-    run_b = pair_tensors(cks[2], cks[3])
-    _check_same_model(run_a, run_b, cks[0].source, cks[2].source)
-    labels = list(labels) if labels is not None else [cks[1].source, cks[3].source]
-    numel: dict[str, int] = {}
-    counts: dict[str, np.ndarray] = {}
-    readers = [TensorReader() for _ in range(4)]
-    try:
-        with progress_bar(sum(a.numel for a, _ in run_a.values()), "overlap", unit="elements",
-                          enabled=progress) as advance:
-            for name, (ia0, ia1) in run_a.items():
-                ib0, ib1 = run_b[name]
-                c = np.zeros((2, 2), dtype=np.int64)
-                for start, count in chunks(ia0.numel, chunk_elements):
-                    raws = [r.read(info, start, count) for r, info in zip(readers, (ia0, ia1, ib0, ib1))]
-                    ca = changed(raws[0], raws[1], ia0.dtype, ia1.dtype, tolerance)
-                    cb = changed(raws[2], raws[3], ib0.dtype, ib1.dtype, tolerance)
-                    c[0, 0] += int(np.count_nonzero(ca))
-                    c[1, 1] += int(np.count_nonzero(cb))
-                    c[0, 1] += int(np.count_nonzero(ca & cb))
-                    advance(count)
-                c[1, 0] = c[0, 1]
-                numel[name] = ia0.numel
-                counts[name] = c
-    finally:
-        for r in readers:
-            r.close()
+    if len(checkpoints) < 4 or len(checkpoints) % 2:
+        raise UsageError(f"checkpoints: got {len(checkpoints)} paths; give pairs BASE FINETUNED for two or more "
+                         "runs (4, 6, 8... paths)")
+    tolerance = check_tolerance(tolerance, "tolerance")
+    cks = [open_checkpoint(c) for c in checkpoints]
+    runs = [(cks[i], cks[i + 1]) for i in range(0, len(cks), 2)]
+    k = len(runs)
+    labels = list(labels) if labels is not None else [ft.source for _, ft in runs]
+    if len(labels) != k:
+        raise UsageError(f"labels: {len(labels)} names for {k} runs; give one label per run")
+    items = stream_items(runs, shared_base=False)
+    kernel = OverlapKernel(float32_threshold(tolerance), k)
+    execute = stream_runner(ray)
+    with progress_bar(sum(it.nbytes for it in items), "overlap", enabled=progress) as advance:
+        out = execute(items, kernel, chunk_elements=chunk_elements, advance=advance)
+    numel = {it.name: it.numel for it in items}
+    counts = {}
+    for i, it in enumerate(items):
+        c = out.partials.get(i)
+        c = np.zeros((k, k), np.int64) if c is None else c
+        counts[it.name] = c + np.triu(c, 1).T
     return OverlapResult(labels, numel, counts, source="checkpoints", tolerance=tolerance)
 
 
-def _check_same_model(run_a: dict, run_b: dict, src_a: str, src_b: str) -> None:
-    parts = tensor_set_differences({n: v[0].shape for n, v in run_a.items()},
-                                   {n: v[0].shape for n, v in run_b.items()}, src_a, src_b)
-    if parts:
-        raise MismatchError("the two runs do not start from the same base model: " + "; ".join(parts)
-                            + "; compare runs finetuned from the same base model")
+@dataclass(frozen=True)
+class OverlapKernel:
+    """Stream kernel over sources (base_1, ft_1, ..., base_k, ft_k): per chunk the k x k upper
+    triangle of ``|I_i ∩ I_j|`` (diagonal ``|I_i|``) from packed changed bits; merge adds."""
+
+    threshold: np.float32
+    k: int
+
+    def compute(self, chunk):
+        it, raw, sc = chunk.item, chunk.raw, chunk.scales
+        bits = [changed_packed(raw[2 * r], raw[2 * r + 1], it.infos[2 * r].dtype, it.infos[2 * r + 1].dtype,
+                               self.threshold, sc[2 * r], sc[2 * r + 1], it.cols) for r in range(self.k)]
+        c = np.zeros((self.k, self.k), dtype=np.int64)
+        for i in range(self.k):
+            c[i, i] = popcount(bits[i])
+            for j in range(i + 1, self.k):
+                c[i, j] = popcount(np.bitwise_and(bits[i], bits[j]))
+        return c, None
+
+    def merge(self, acc, partial):
+        acc += partial
+        return acc

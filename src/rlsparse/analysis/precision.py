@@ -17,18 +17,20 @@ and in total, on stored bits (both sides must share a float dtype):
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-from rlsparse.analysis._common import (CHUNK_ELEMENTS, SCHEMA_VERSION, check_tolerance, chunks, layer_key,
-                                       open_checkpoint, pair_tensors, sorted_layers, sorted_types)
+from rlsparse._version import __version__
+from rlsparse.analysis._common import (SCHEMA_VERSION, check_tolerance, layer_key, open_checkpoint, sorted_layers,
+                                       sorted_types, stream_items)
+from rlsparse.diff.kernel import block_scales
 from rlsparse.errors import MismatchError
 from rlsparse.io import dtypes
 from rlsparse.io.naming import type_of
-from rlsparse.io.reader import TensorReader
 
 DEFAULT_TOLERANCES = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
 _SATURATE = np.uint64(1 << 62)
@@ -44,6 +46,7 @@ class PrecisionStats:
     ulp2: int = 0
     ulp3_plus: int = 0
     nonfinite_changed: int = 0
+    rescaled_changed: int = 0  # FP8: value changed in a block whose scale changed (no common grid)
     spacing_above: dict[str, int] = field(default_factory=dict)  # tolerance label -> elements
 
     def add(self, other: "PrecisionStats") -> None:
@@ -53,6 +56,7 @@ class PrecisionStats:
         self.ulp2 += other.ulp2
         self.ulp3_plus += other.ulp3_plus
         self.nonfinite_changed += other.nonfinite_changed
+        self.rescaled_changed += other.rescaled_changed
         for k, v in other.spacing_above.items():
             self.spacing_above[k] = self.spacing_above.get(k, 0) + v
 
@@ -60,7 +64,7 @@ class PrecisionStats:
         n = self.numel or 1
         c = self.changed or 1
         return {"numel": self.numel, "changed": self.changed, "ulp_1": self.ulp1, "ulp_2": self.ulp2,
-                "ulp_3_plus": self.ulp3_plus, "nonfinite_changed": self.nonfinite_changed,
+                "ulp_3_plus": self.ulp3_plus, "nonfinite_changed": self.nonfinite_changed, "rescaled_changed": self.rescaled_changed,
                 "ulp_1_share_of_changed": self.ulp1 / c if self.changed else None,
                 "ulp_2_share_of_changed": self.ulp2 / c if self.changed else None,
                 "ulp_3_plus_share_of_changed": self.ulp3_plus / c if self.changed else None,
@@ -104,8 +108,6 @@ class PrecisionResult:
         return self._group(layer_key, sorted_layers)
 
     def to_json(self) -> dict:
-        from rlsparse import __version__
-
         return {
             "schema_version": SCHEMA_VERSION,
             "kind": "precision",
@@ -115,6 +117,8 @@ class PrecisionResult:
                                 "dtype (-0.0 and +0.0 share one position)",
                 "changed": "both values finite and ULP distance > 0",
                 "nonfinite_changed": "bits differ and a side is NaN/Inf (NaN on both sides is unchanged)",
+                "rescaled_changed": "FP8 block-scaled: dequantised value changed in a block whose scale changed "
+                                    "(codes under different scales share no grid; not in the ULP counts)",
                 "spacing": "min(next_up(x) - x, x - next_down(x)) at the base value x in its stored dtype",
                 "spacing_above": "elements whose spacing exceeds the tolerance: any change there exceeds it",
             },
@@ -171,10 +175,27 @@ def spacing(raw: np.ndarray, code: str) -> np.ndarray:
     return np.fmin(up, down)
 
 
+@functools.lru_cache(maxsize=None)
+def _spacing_table(code: str) -> np.ndarray:
+    """``spacing`` of every bit pattern of a 1- or 2-byte dtype (a pure function of the pattern)."""
+    return spacing(np.arange(1 << (8 * dtypes.itemsize(code))).astype(dtypes.uint_view(code)), code)
+
+
+@functools.lru_cache(maxsize=None)
+def _spacing_above(code: str, t: float) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return _spacing_table(code) > t  # NaN spacing (non-finite patterns) never counts
+
+
 def precision(base: str | os.PathLike, finetuned: str | os.PathLike, *,
-              tolerances: Sequence[float] = DEFAULT_TOLERANCES, progress: bool = False,
-              chunk_elements: int = CHUNK_ELEMENTS) -> PrecisionResult:
+              tolerances: Sequence[float | str] = DEFAULT_TOLERANCES, progress: bool = False,
+              chunk_elements: int | None = None) -> PrecisionResult:
     """ULP distances of the changed elements and where each tolerance cannot matter, streamed.
+
+    Runs as ``PrecisionKernel`` on the stream engine. FP8 block-scaled tensors: ULPs are
+    counted on the stored codes where both sides share the block's scale, the spacing is the
+    code's spacing times the base's block scale, and changes in blocks whose scale changed are
+    counted apart (``rescaled_changed``).
 
     Args:
         base: Checkpoint before finetuning.
@@ -190,62 +211,94 @@ def precision(base: str | os.PathLike, finetuned: str | os.PathLike, *,
         >>> r = precision("sft", "dpo", tolerances=[1e-5])
         >>> print(f"{r.total.ulp1 / r.total.changed:.0%} of changes are one ULP")
     """
+    from rlsparse.diff import stream
     from rlsparse.diff.result import tolerance_label
     from rlsparse.report.progress import progress_bar
 
-    values = [check_tolerance(t, "tolerance") for t in tolerances]
+    values = [check_tolerance(t, "tolerances") for t in tolerances]
     labels = [tolerance_label(t) for t in tolerances]
     a, b = open_checkpoint(base), open_checkpoint(finetuned)
-    pairs = pair_tensors(a, b)
-    bad = [f"{n} ({ia.dtype} vs {ib.dtype})" for n, (ia, ib) in pairs.items() if ia.dtype != ib.dtype]
+    items = stream_items([(a, b)], shared_base=False)
+    bad = [f"{it.name} ({it.infos[0].dtype} vs {it.infos[1].dtype})" for it in items
+           if it.infos[0].dtype != it.infos[1].dtype]
     if bad:
         raise MismatchError(f"{a.source} vs {b.source}: stored dtypes differ for {len(bad)} tensor(s) "
                             f"(e.g. {', '.join(bad[:3])}); ULP distances need one dtype: compare checkpoints "
                             "saved in the same dtype")
     notes = []
-    skipped = [n for n, (ia, _) in pairs.items() if ia.dtype not in dtypes.FLOAT_CODES]
+    skipped = [it.name for it in items if it.infos[0].dtype not in dtypes.FLOAT_CODES]
     if skipped:
         notes.append(f"skipped {len(skipped)} non-float tensor(s) (e.g. {skipped[0]})")
-    thresholds = np.array(values, dtype=np.float64)
-    out: dict[str, PrecisionStats] = {}
-    kinds: dict[str, str] = {}
-    readers = (TensorReader(), TensorReader())
-    todo = [n for n in pairs if n not in skipped]
-    try:
-        with progress_bar(sum(pairs[n][0].numel for n in todo), "precision", unit="elements",
-                          enabled=progress) as advance:
-            for name in todo:
-                ia, ib = pairs[name]
-                s = PrecisionStats(spacing_above={lab: 0 for lab in labels})
-                for start, count in chunks(ia.numel, chunk_elements):
-                    ra = readers[0].read(ia, start, count)
-                    rb = readers[1].read(ib, start, count)
-                    _count_chunk(ra, rb, ia.dtype, thresholds, labels, s)
-                    advance(count)
-                out[name] = s
-                kinds[name] = ia.dtype
-    finally:
-        for r in readers:
-            r.close()
-    return PrecisionResult(a.source, b.source, labels, values, out, kinds, notes)
+    todo = [it for it in items if it.infos[0].dtype in dtypes.FLOAT_CODES]
+    nscaled = sum(1 for it in todo if it.scaled)
+    if nscaled:
+        notes.append(f"{nscaled} FP8 tensor(s) with block scales: ULPs on the stored codes where the block's scale "
+                     "is unchanged; spacing scaled by the base's block scale")
+    kernel = PrecisionKernel(tuple(values))
+    with progress_bar(sum(it.nbytes for it in todo), "precision", enabled=progress) as advance:
+        out = stream.run(todo, kernel, chunk_elements=chunk_elements, advance=advance)
+    tensors: dict[str, PrecisionStats] = {}
+    for i, it in enumerate(todo):
+        v = out.partials.get(i)
+        v = np.zeros(7 + len(values), np.int64) if v is None else v
+        tensors[it.name] = PrecisionStats(*(int(x) for x in v[:7]),
+                                          spacing_above={lab: int(x) for lab, x in zip(labels, v[7:])})
+    return PrecisionResult(a.source, b.source, labels, values, tensors, {it.name: it.infos[0].dtype for it in todo},
+                           notes)
 
 
-def _count_chunk(ra: np.ndarray, rb: np.ndarray, code: str, thresholds: np.ndarray, labels: list[str],
-                 s: PrecisionStats) -> None:
-    s.numel += ra.size
-    sp = spacing(ra, code)
-    for lab, t in zip(labels, thresholds):
-        s.spacing_above[lab] += int(np.count_nonzero(sp > t))  # NaN spacing (non-finite base) never counts
-    idx = np.flatnonzero(ra != rb)
-    if not idx.size:
-        return
-    a, b = ra[idx], rb[idx]
-    fa, fb = dtypes.widen(a, code), dtypes.widen(b, code)
-    finite = np.isfinite(fa) & np.isfinite(fb)
-    both_nan = np.isnan(fa) & np.isnan(fb)
-    s.nonfinite_changed += int(np.count_nonzero(~finite & ~both_nan))
-    d = ulp_distance(a[finite], b[finite], code)
-    s.changed += int(np.count_nonzero(d))
-    s.ulp1 += int(np.count_nonzero(d == 1))
-    s.ulp2 += int(np.count_nonzero(d == 2))
-    s.ulp3_plus += int(np.count_nonzero(d >= 3))
+@dataclass(frozen=True)
+class PrecisionKernel:
+    """Stream kernel over (base, finetuned): per chunk the int64 vector ``[numel, changed, ulp1,
+    ulp2, ulp3_plus, nonfinite_changed, rescaled_changed, spacing_above per tolerance...]``."""
+
+    tolerances: tuple[float, ...]
+
+    def compute(self, chunk):
+        ra, rb = chunk.raw
+        sa, sb = chunk.scales
+        code, cols = chunk.item.infos[0].dtype, chunk.item.cols
+        out = np.zeros(7 + len(self.tolerances), dtype=np.int64)
+        out[0] = ra.size
+        if sa is None and dtypes.itemsize(code) <= 2:
+            # spacing depends on the bit pattern only: count patterns once, then sum per tolerance
+            patterns = np.bincount(ra, minlength=1 << (8 * dtypes.itemsize(code)))
+            for j, t in enumerate(self.tolerances):
+                out[7 + j] = patterns[_spacing_above(code, t)].sum()
+        else:
+            sp = _spacing_table(code)[ra] if dtypes.itemsize(code) <= 2 else spacing(ra, code)
+            if sa is not None:
+                sp = sp * block_scales(sa, ra.size, cols)
+            for j, t in enumerate(self.tolerances):
+                out[7 + j] = np.count_nonzero(sp > t)  # NaN spacing (non-finite base) never counts
+        if (sa is None) != (sb is None):
+            same_scale = np.zeros(ra.size, dtype=bool)
+        elif sa is None:
+            same_scale = None
+        else:
+            same_scale = block_scales(sa, ra.size, cols).view(np.uint32) == block_scales(sb, rb.size, cols).view(np.uint32)
+        if same_scale is not None and not same_scale.all():
+            # codes under different scales are not on one grid: count value changes apart
+            idx = np.flatnonzero(~same_scale)
+            fa = dtypes.widen(ra[idx], code) * (block_scales(sa, ra.size, cols, idx) if sa is not None else 1)
+            fb = dtypes.widen(rb[idx], code) * (block_scales(sb, rb.size, cols, idx) if sb is not None else 1)
+            out[6] = np.count_nonzero((fa != fb) & ~(np.isnan(fa) & np.isnan(fb)))
+            idx = np.flatnonzero((ra != rb) & same_scale)
+        else:
+            idx = np.flatnonzero(ra != rb)
+        if idx.size:
+            a, b = ra[idx], rb[idx]
+            fa, fb = dtypes.widen(a, code), dtypes.widen(b, code)
+            finite = np.isfinite(fa) & np.isfinite(fb)
+            both_nan = np.isnan(fa) & np.isnan(fb)
+            out[5] = np.count_nonzero(~finite & ~both_nan)
+            d = ulp_distance(a[finite], b[finite], code)
+            out[1] = np.count_nonzero(d)
+            out[2] = np.count_nonzero(d == 1)
+            out[3] = np.count_nonzero(d == 2)
+            out[4] = np.count_nonzero(d >= 3)
+        return out, None
+
+    def merge(self, acc, partial):
+        acc += partial
+        return acc

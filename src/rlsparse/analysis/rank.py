@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from rlsparse._version import __version__
 from rlsparse.analysis._common import SCHEMA_VERSION, MatrixGroups, resolve_device, walk_matrices
 from rlsparse.errors import UsageError
 from rlsparse.io.naming import type_of
@@ -90,8 +91,6 @@ class RankResult(MatrixGroups):
                                             for m in ms)}
 
     def to_json(self) -> dict:
-        from rlsparse import __version__
-
         return {
             "schema_version": SCHEMA_VERSION,
             "kind": "rank",
@@ -171,7 +170,7 @@ def rank(base: str | os.PathLike, finetuned: str | os.PathLike, *, device: str |
     import torch
 
     if rtol is not None and not (0 <= rtol < 1):
-        raise UsageError(f"--rtol {rtol}: must be in [0, 1)")
+        raise UsageError(f"rtol={rtol}: must be in [0, 1)")
     dev = resolve_device(device)
     out: list[MatrixRank] = []
     t0 = time.perf_counter()

@@ -9,8 +9,8 @@ With base θ_init and checkpoints θ_1..θ_n (in training order), at a tolerance
   checkpoint), *cancelled* (changed at some checkpoint but equal to the base at θ_n), and the
   *final subnetwork* (changed at θ_n). The three fractions sum to 1.
 
-Memory is bounded by a few chunks whatever n: per chunk, the base and final chunks and two
-rolling checkpoint chunks are held.
+Runs as one kernel (``SeriesKernel``) on the stream engine: every checkpoint is read once, in
+step, chunk by chunk; memory is bounded by the buffer pool whatever n.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from typing import Sequence
 
 import numpy as np
 
-from rlsparse.analysis._common import (CHUNK_ELEMENTS, PAPER_TOLERANCE, SCHEMA_VERSION, changed, check_tolerance,
-                                       chunks, open_checkpoint, pair_tensors)
-from rlsparse.errors import CheckpointError, MismatchError, UsageError
-from rlsparse.io import dtypes
-from rlsparse.io.reader import TensorReader
+from rlsparse._version import __version__
+from rlsparse.analysis._common import (PAPER_TOLERANCE, SCHEMA_VERSION, check_tolerance, layer_key, open_checkpoint,
+                                       popcount, sorted_layers, sorted_types, stream_items, stream_runner)
+from rlsparse.diff.kernel import changed_packed
+from rlsparse.errors import CheckpointError, UsageError
+from rlsparse.io.naming import type_of
 
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
@@ -52,6 +53,10 @@ class SeriesResult:
     never: int
     cancelled_count: int
     notes: list[str] = field(default_factory=list)
+    tensor_counts: dict[str, np.ndarray] = field(default_factory=dict)  # per tensor: SeriesKernel's vector
+    tensor_numel: dict[str, int] = field(default_factory=dict)
+    bytes_read: int = 0
+    elapsed_s: float = 0.0
 
     @property
     def sparsity(self) -> list[float]:
@@ -84,9 +89,31 @@ class SeriesResult:
         ever = self.numel - self.never
         return self.cancelled_count / ever if ever else None
 
-    def to_json(self) -> dict:
-        from rlsparse import __version__
+    def _summary(self, names: list[str]) -> dict:
+        n = len(self.checkpoints)
+        numel = sum(self.tensor_numel[k] for k in names)
+        c = _split(sum(self.tensor_counts[k] for k in names), n)
+        frac = (lambda x: x / numel if numel else None)  # noqa: E731
+        return {"numel": numel, "changed": c["changed"], "sparsity": [1 - frac(x) if numel else None for x in c["changed"]],
+                "consecutive_changed": c["consecutive"], "outside_final": c["outside"],
+                "never_updated": frac(c["never"]), "cancelled": frac(c["cancelled"]),
+                "final_subnetwork": frac(c["changed"][-1])}
 
+    def _group(self, key, order) -> dict[str, dict]:
+        groups: dict[str, list[str]] = {}
+        for name in self.tensor_counts:
+            groups.setdefault(key(name), []).append(name)
+        return {k: self._summary(groups[k]) for k in order(groups)}
+
+    def by_layer(self) -> dict[str, dict]:
+        """Per transformer block ("none": tensors outside the blocks): counts and fractions of that group."""
+        return self._group(layer_key, sorted_layers)
+
+    def by_type(self) -> dict[str, dict]:
+        """Per matrix type (q, k, v, o, gate, up, down, ...): counts and fractions of that group."""
+        return self._group(type_of, sorted_types)
+
+    def to_json(self) -> dict:
         n = len(self.checkpoints)
         return {
             "schema_version": SCHEMA_VERSION,
@@ -116,6 +143,10 @@ class SeriesResult:
             "consecutive": [{"from": self.checkpoints[k - 1], "to": self.checkpoints[k],
                              "changed": self.consecutive_changed[k - 1],
                              "sparsity": self.consecutive_sparsity[k - 1]} for k in range(1, n)],
+            "by_layer": self.by_layer(),
+            "by_type": self.by_type(),
+            "bytes_read": self.bytes_read,
+            "elapsed_s": self.elapsed_s,
         }
 
 
@@ -162,10 +193,13 @@ def _step_of(path: str) -> int | None:
 
 
 def series(base: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], *,
-           tolerance: float = PAPER_TOLERANCE, progress: bool = False,
-           chunk_elements: int = CHUNK_ELEMENTS) -> SeriesResult:
+           tolerance: float | str = PAPER_TOLERANCE, progress: bool = False,
+           chunk_elements: int | None = None, ray: str | None = None) -> SeriesResult:
     """Sparsity of every checkpoint of a run against its base, between consecutive checkpoints,
-    and the never-updated / cancelled / final-subnetwork split.
+    and the never-updated / cancelled / final-subnetwork split, in total, per layer and per type.
+
+    One pass over all checkpoints on the stream engine (each file is read once); FP8
+    block-scaled checkpoints are dequantised as in ``rlsparse.diff``.
 
     Args:
         base: The model the run started from.
@@ -173,78 +207,86 @@ def series(base: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], *,
             folders are expanded in step order).
         tolerance: ``|new - old| > tolerance`` counts as changed (paper: 1e-5).
         progress: Show a progress bar on stderr.
-        chunk_elements: Elements per chunk; memory is a few chunks whatever the number of checkpoints.
+        chunk_elements: Elements per chunk and checkpoint (default: bounded memory whatever n).
+        ray: Run on a Ray cluster at this address ("local" starts one here); None runs locally.
 
     Returns:
         SeriesResult.
 
     Example:
         >>> r = series("Eurus-2-7B-SFT", ["run/checkpoint-40", "run/checkpoint-80", "run/checkpoint-120"])
-        >>> r.to_json()["final_subnetwork"]
+        >>> r.to_json()["final_subnetwork"], r.by_type()["q"]["final_subnetwork"]
     """
+    from rlsparse.diff.kernel import float32_threshold
     from rlsparse.report.progress import progress_bar
 
-    tolerance = check_tolerance(tolerance)
+    tolerance = check_tolerance(tolerance, "tolerance")
     paths = expand_checkpoints(checkpoints)
     if len(paths) < 2:
         raise UsageError(f"a series needs at least two checkpoints after the base, got {len(paths)}; "
                          "for one checkpoint use `rlsparse diff BASE CHECKPOINT`")
     base_ck = open_checkpoint(base)
     cks = [open_checkpoint(p) for p in paths]
-    plans = []
-    problems = []
-    for ck in cks:
-        try:
-            plans.append(pair_tensors(base_ck, ck))
-        except MismatchError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise MismatchError(f"{len(problems)} checkpoint(s) do not match the base: " + " | ".join(problems))
+    items = stream_items([(base_ck, ck) for ck in cks], shared_base=True)
     n = len(cks)
-    names = list(plans[0])
-    numel = sum(plans[0][name][0].numel for name in names)
-    chg = np.zeros(n, dtype=np.int64)
-    consec = np.zeros(max(n - 1, 0), dtype=np.int64)
-    outside = np.zeros(n, dtype=np.int64)
-    never = cancelled = 0
-    base_reader = TensorReader()
-    readers = [TensorReader() for _ in cks]
-    max_bytes = 8 * max(chunk_elements, 8)
-    bufs = [np.empty(max_bytes, np.uint8) for _ in range(4)]  # base, final, two rolling checkpoints
-    total_bytes = sum(sum(p[name][1].nbytes for name in names) for p in plans) + sum(
-        plans[0][name][0].nbytes for name in names)
-    try:
-        with progress_bar(total_bytes, "series", enabled=progress) as advance:
-            for name in names:
-                ib = plans[0][name][0]
-                infos = [p[name][1] for p in plans]
-                for start, count in chunks(ib.numel, chunk_elements):
-                    b = base_reader.read(ib, start, count, bufs[0])
-                    fin = readers[-1].read(infos[-1], start, count, bufs[1])
-                    final = changed(b, fin, ib.dtype, infos[-1].dtype, tolerance)
-                    ever = final.copy()
-                    prev = None
-                    for k in range(n):
-                        if k == n - 1:
-                            cur, ck = fin, final
-                        else:
-                            cur = readers[k].read(infos[k], start, count, bufs[2 + k % 2])
-                            ck = changed(b, cur, ib.dtype, infos[k].dtype, tolerance)
-                            ever |= ck
-                        chg[k] += int(np.count_nonzero(ck))
-                        outside[k] += int(np.count_nonzero(ck & ~final))
-                        if prev is not None:
-                            consec[k - 1] += int(np.count_nonzero(
-                                changed(prev, cur, infos[k - 1].dtype, infos[k].dtype, tolerance)))
-                        prev = cur
-                    never += count - int(np.count_nonzero(ever))
-                    cancelled += int(np.count_nonzero(ever & ~final))
-                    advance(count * (dtypes.itemsize(ib.dtype) + sum(dtypes.itemsize(i.dtype) for i in infos)))
-    finally:
-        base_reader.close()
-        for r in readers:
-            r.close()
+    kernel = SeriesKernel(float32_threshold(tolerance), n)
+    execute = stream_runner(ray)
+    with progress_bar(sum(it.nbytes for it in items), "series", enabled=progress) as advance:
+        out = execute(items, kernel, chunk_elements=chunk_elements, advance=advance)
+    per_tensor = {it.name: _counts(out.partials.get(i), 3 * n + 1) for i, it in enumerate(items)}
+    numel = {it.name: it.numel for it in items}
+    total = sum(per_tensor.values()) if per_tensor else np.zeros(3 * n + 1, np.int64)
+    c = _split(total, n)
     return SeriesResult(base=base_ck.source, checkpoints=[ck.source for ck in cks],
-                        steps=[_step_of(ck.source) for ck in cks], tolerance=tolerance, numel=numel,
-                        changed=chg.tolist(), consecutive_changed=consec.tolist(), outside_final=outside.tolist(),
-                        never=never, cancelled_count=cancelled)
+                        steps=[_step_of(ck.source) for ck in cks], tolerance=tolerance, numel=sum(numel.values()),
+                        changed=c["changed"], consecutive_changed=c["consecutive"], outside_final=c["outside"],
+                        never=c["never"], cancelled_count=c["cancelled"], tensor_counts=per_tensor,
+                        tensor_numel=numel, bytes_read=out.bytes_read, elapsed_s=out.seconds)
+
+
+@dataclass(frozen=True)
+class SeriesKernel:
+    """Stream kernel over sources (base, θ_1, ..., θ_n): per chunk, one int64 vector of counts
+    ``[changed_1..n, outside_final_1..n, consecutive_2..n, never, cancelled]``; merge adds.
+
+    Set operations run on packed bits (one byte per 8 elements) with popcounts.
+    """
+
+    threshold: np.float32
+    n: int
+
+    def compute(self, chunk):
+        it, raw, sc, n = chunk.item, chunk.raw, chunk.scales, self.n
+        codes = [info.dtype for info in it.infos]
+
+        def changed(i: int, j: int) -> np.ndarray:
+            return changed_packed(raw[i], raw[j], codes[i], codes[j], self.threshold, sc[i], sc[j], it.cols)
+
+        out = np.zeros(3 * n + 1, dtype=np.int64)
+        final = changed(0, n)
+        not_final = ~final
+        ever = final.copy()
+        for k in range(1, n + 1):
+            ck = final if k == n else changed(0, k)
+            out[k - 1] = popcount(ck)
+            out[n + k - 1] = popcount(ck & not_final)
+            ever |= ck
+            if k > 1:
+                out[2 * n + k - 2] = popcount(changed(k - 1, k))
+        out[3 * n - 1] = chunk.span.count - popcount(ever)
+        out[3 * n] = popcount(ever & not_final)
+        return out, None
+
+    def merge(self, acc, partial):
+        acc += partial
+        return acc
+
+
+def _counts(partial, size: int) -> np.ndarray:
+    return np.zeros(size, np.int64) if partial is None else partial
+
+
+def _split(v: np.ndarray, n: int) -> dict:
+    v = [int(x) for x in v]
+    return {"changed": v[:n], "outside": v[n:2 * n], "consecutive": v[2 * n:3 * n - 1], "never": v[3 * n - 1],
+            "cancelled": v[3 * n]}

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from rlsparse._version import __version__
 from rlsparse.analysis._common import SCHEMA_VERSION, MatrixGroups, resolve_device, walk_matrices
 from rlsparse.errors import UsageError
 from rlsparse.io.naming import type_of
@@ -83,8 +84,6 @@ class SpectralResult(MatrixGroups):
         return out
 
     def to_json(self) -> dict:
-        from rlsparse import __version__
-
         return {
             "schema_version": SCHEMA_VERSION,
             "kind": "spectral",
@@ -168,7 +167,7 @@ def spectral(base: str | os.PathLike, finetuned: str | os.PathLike, *, top_k: in
     import torch
 
     if top_k < 1:
-        raise UsageError(f"--top-k {top_k}: must be at least 1")
+        raise UsageError(f"top_k={top_k}: must be at least 1")
     dev = resolve_device(device)
     out: list[MatrixSpectrum] = []
     t0 = time.perf_counter()

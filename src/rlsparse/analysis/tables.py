@@ -72,6 +72,14 @@ def series_tables(result, console: Console) -> None:
     s.add_row("final subnetwork", f"{_pct(result.final_subnetwork)} %")
     s.add_row("ever updated but outside the final", f"{_pct(result.ever_updated_outside_final)} % of ever updated")
     console.print(s)
+    if result.tensor_counts:
+        g = Table(title="By matrix type over the run")
+        for col in ("type", "params", "final sparsity %", "never updated %", "cancelled %", "final subnetwork %"):
+            g.add_column(col, justify="left" if col == "type" else "right")
+        for typ, d in result.by_type().items():
+            g.add_row(typ, f"{d['numel']:,}", _pct(d["sparsity"][-1]), _pct(d["never_updated"]), _pct(d["cancelled"]),
+                      _pct(d["final_subnetwork"]))
+        console.print(g)
 
 
 def _summary_table(title: str, first: str, groups: dict, cols: list[tuple[str, str, str]]) -> Table:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rlsparse.cli.options import add_ray
+
 
 def add_parsers(sub) -> None:
     """Register every analysis command (called by ``rlsparse.cli.main``)."""
@@ -71,11 +73,13 @@ def add_overlap_parser(sub) -> None:
         description="Pairwise overlap of subnetwork masks (paper section 5, Table 4, Appendix E), in total, "
                     "per layer and per matrix type. Give two or more mask files, or --from-checkpoints.")
     p.add_argument("masks", nargs="*", metavar="MASK", help="mask files written by `rlsparse diff --save-mask`")
-    p.add_argument("--from-checkpoints", nargs=4, metavar=("BASE_A", "FT_A", "BASE_B", "FT_B"),
-                   help="compare two runs straight from their checkpoints (no masks written)")
+    p.add_argument("--from-checkpoints", nargs="+", metavar="BASE FT",
+                   help="compare two or more runs straight from their checkpoints, given as pairs "
+                        "BASE_A FT_A BASE_B FT_B ... (no masks written)")
     p.add_argument("--tolerance", default=None, help="with --from-checkpoints: |new-old| > t is changed "
                                                      "(default: 1e-5, the paper's)")
     p.add_argument("--labels", metavar="LIST", help="comma-separated names for the inputs")
+    add_ray(p)
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer tables")
     _outputs(p, "PNG: per-type o1/o2 vs random (2 inputs) or the overlap matrix (3+)")
     p.set_defaults(func=run_overlap)
@@ -92,6 +96,11 @@ def run_overlap(args) -> int:
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if args.from_checkpoints and args.masks:
         raise UsageError("give either mask files or --from-checkpoints, not both")
+    if args.from_checkpoints and (len(args.from_checkpoints) < 4 or len(args.from_checkpoints) % 2):
+        raise UsageError(f"--from-checkpoints: got {len(args.from_checkpoints)} paths; give pairs BASE FT for two "
+                         "or more runs (4, 6, 8... paths)")
+    if args.ray is not None and not args.from_checkpoints:
+        raise UsageError("--ray applies to --from-checkpoints; overlaps of mask files are computed here")
     if args.tolerance is not None and not args.from_checkpoints:
         raise UsageError("--tolerance applies to --from-checkpoints; a mask's tolerance was fixed when it was saved")
     if not args.from_checkpoints and len(args.masks) < 2:
@@ -101,7 +110,7 @@ def run_overlap(args) -> int:
     if args.from_checkpoints:
         tolerance = "1e-5" if args.tolerance is None else args.tolerance
         result = overlap_from_checkpoints(*args.from_checkpoints, tolerance=tolerance, labels=labels,
-                                          progress=progress)
+                                          progress=progress, ray=args.ray)
     else:
         result = overlap(args.masks, labels=labels, progress=progress)
     _finish(args, result, overlap_plot)
@@ -122,6 +131,7 @@ def add_series_parser(sub) -> None:
     p.add_argument("base", help="the checkpoint the run started from")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints in training order, or a run folder")
     p.add_argument("--tolerance", default="1e-5", help="|new-old| > t is changed (default: %(default)s)")
+    add_ray(p)
     _outputs(p, "PNG: the four panels (sparsity, consecutive, outside final, three-way split)")
     p.set_defaults(func=run_series)
 
@@ -134,7 +144,7 @@ def run_series(args) -> int:
     from rlsparse.analysis.tables import series_tables
 
     progress = _start(args)
-    result = series(args.base, args.checkpoints, tolerance=args.tolerance, progress=progress)
+    result = series(args.base, args.checkpoints, tolerance=args.tolerance, progress=progress, ray=args.ray)
     _finish(args, result, series_plot)
     if not args.quiet:
         console = Console()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rlsparse.cli.options import add_ray
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -27,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer table")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no tables")
     p.add_argument("--chunk-elements", type=int, default=None, help=argparse.SUPPRESS)
+    add_ray(p)
     p.set_defaults(func=run)
 
 
@@ -49,7 +52,7 @@ def run(args) -> int:
         args.base, args.finetuned, tolerances=tolerances, mask_path=args.save_mask,
         mask_tolerance=args.mask_tolerance, allow_missing=args.allow_missing, allow_resize=args.allow_resize,
         compare_dtype=args.compare_dtype, progress=not args.quiet and sys.stderr.isatty(),
-        chunk_elements=args.chunk_elements)
+        chunk_elements=args.chunk_elements, ray=args.ray)
     if args.plot:
         from rlsparse.diff.result import tolerance_label
         from rlsparse.report.plots import sparsity_heatmap

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlsparse import __version__
+from rlsparse._version import __version__
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RlsparseError as exc:
-        print(f"rlsparse {args.command}: error: {exc}", file=sys.stderr)
+        from rlsparse.cli.flags import as_flags
+
+        print(f"rlsparse {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"rlsparse {args.command}: interrupted; no output was written", file=sys.stderr)

@@ -7,7 +7,8 @@ function and its submodules (``rlsparse.diff.kernel``...) share one name.
 import sys
 import types
 
-from rlsparse.diff.api import DEFAULT_TOLERANCES, PAPER_TOLERANCE, diff
+from rlsparse.diff.api import diff
+from rlsparse.diff.tolerance import DEFAULT_TOLERANCES, PAPER_TOLERANCE
 from rlsparse.diff.result import Aggregate, DiffResult, TensorStats, tolerance_label
 
 __all__ = ["DEFAULT_TOLERANCES", "PAPER_TOLERANCE", "Aggregate", "DiffResult", "TensorStats", "diff",

@@ -102,29 +102,36 @@ def _values(raw: np.ndarray, code: str, scale: np.ndarray | None, cols: int, com
             idx: np.ndarray | None = None) -> np.ndarray:
     vals = dtypes.widen(raw if idx is None else raw[idx], code)
     if scale is not None:
-        if idx is None:
-            rows = vals.size // cols
-            s = np.repeat(np.repeat(scale, FP8_BLOCK, axis=0)[:rows], FP8_BLOCK, axis=1)[:, :cols]
-            vals = (vals.reshape(rows, cols) * s).reshape(-1)
-        else:
-            vals = vals * scale[(idx // cols) // FP8_BLOCK, (idx % cols) // FP8_BLOCK]
+        vals = vals * block_scales(scale, vals.size, cols, idx)
     if compare_code is not None:
         vals = dtypes.round_to(vals.astype(np.float32, copy=False), compare_code)
     return vals
 
 
+def block_scales(scale: np.ndarray, n: int, cols: int, idx: np.ndarray | None = None) -> np.ndarray:
+    """The block scale of each element of a chunk (or of the elements at ``idx``), as float32.
+
+    ``scale`` holds the scale rows covering the chunk, whose first row starts a 128-row block.
+    """
+    if idx is None:
+        rows = n // cols
+        return np.repeat(np.repeat(scale, FP8_BLOCK, axis=0)[:rows], FP8_BLOCK, axis=1)[:, :cols].reshape(-1)
+    return scale[(idx // cols) // FP8_BLOCK, (idx % cols) // FP8_BLOCK]
+
+
 def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.ndarray,
                   mask_threshold: np.float32 | None = None, scale_a: np.ndarray | None = None,
-                  scale_b: np.ndarray | None = None) -> ChunkResult:
+                  scale_b: np.ndarray | None = None, stats: bool = True) -> ChunkResult:
     """Compare one chunk: counts at every threshold, |delta| histogram, packed mask when asked.
 
     ``a`` and ``b`` are raw bits (unsigned ints of each dtype's width) of the same elements.
-    ``thresholds`` are float32 thresholds from ``float32_threshold``. Pure function of its
+    ``thresholds`` are float32 thresholds from ``float32_threshold``. ``stats=False`` skips the
+    histogram and the NaN/Inf counts (kernels that only need the mask). Pure function of its
     inputs (no shared state), so chunks can be compared on several threads.
     """
     n = a.size
-    nan_a, inf_a = dtypes.nonfinite_counts(a, spec.code_a)
-    nan_b, inf_b = dtypes.nonfinite_counts(b, spec.code_b)
+    nan_a, inf_a = dtypes.nonfinite_counts(a, spec.code_a) if stats else (0, 0)
+    nan_b, inf_b = dtypes.nonfinite_counts(b, spec.code_b) if stats else (0, 0)
     changed = np.zeros(thresholds.size, dtype=np.int64)
 
     def result(nbits, hist, packed):
@@ -178,7 +185,7 @@ def compare_chunk(a: np.ndarray, b: np.ndarray, spec: ChunkSpec, thresholds: np.
         changed[j] = total - int(np.count_nonzero(le))
         if mask_threshold is not None and thr == mask_threshold:
             unchanged_at_mask = le
-    hist = np.bincount((d.view(np.uint32) & 0x7FFFFFFF) >> 20, minlength=HIST_BINS) if total else None
+    hist = np.bincount((d.view(np.uint32) & 0x7FFFFFFF) >> 20, minlength=HIST_BINS) if total and stats else None
     packed = None
     if mask_threshold is not None:
         if neq_bits is not None:
@@ -201,6 +208,21 @@ def _pack_empty(n: int) -> np.ndarray:
     return np.zeros((n + 7) // 8, dtype=np.uint8)
 
 
+def changed_packed(a: np.ndarray, b: np.ndarray, code_a: str, code_b: str, threshold: np.float32,
+                   scale_a: np.ndarray | None = None, scale_b: np.ndarray | None = None, cols: int = 1) -> np.ndarray:
+    """'Changed at the tolerance behind ``threshold``' for two raw chunks, packed little-endian
+    (one bit per element, padding bits 0): the stream kernels' building block.
+
+    ``threshold`` comes from ``float32_threshold``; ``scale_a``/``scale_b`` are FP8 block scales
+    covering the chunk's rows (``cols``: the matrix's last-dimension size).
+    """
+    spec = ChunkSpec(code_a, code_b, None, cols)
+    return compare_chunk(a, b, spec, _NO_THRESHOLDS, threshold, scale_a, scale_b, stats=False).packed
+
+
+_NO_THRESHOLDS = np.zeros(0, dtype=np.float32)
+
+
 def changed_bits(a: np.ndarray, b: np.ndarray, code: str, tolerance: float = 0.0,
                  code_b: str | None = None) -> np.ndarray:
     """Element-wise 'changed at tolerance' for two raw chunks (bool array), for other analyses.
@@ -208,6 +230,5 @@ def changed_bits(a: np.ndarray, b: np.ndarray, code: str, tolerance: float = 0.0
     Example:
         >>> changed_bits(base_bits, ft_bits, "BF16", 1e-5).mean()
     """
-    spec = ChunkSpec(code, code_b or code)
-    r = compare_chunk(a, b, spec, np.zeros(0, dtype=np.float32), mask_threshold=float32_threshold(tolerance))
-    return np.unpackbits(r.packed, count=a.size, bitorder="little").view(bool)
+    packed = changed_packed(a, b, code, code_b or code, float32_threshold(tolerance))
+    return np.unpackbits(packed, count=a.size, bitorder="little").view(bool)

@@ -108,9 +108,9 @@ def plan(base: Checkpoint, finetuned: Checkpoint, *, allow_missing: bool = False
             parts.append(f"{len(only_a)} only in base ({_sample(only_a)})")
         if only_b:
             parts.append(f"{len(only_b)} only in finetuned ({_sample(only_b)})")
-        problems.append("tensor sets differ: " + "; ".join(parts) + "; pass --allow-missing to compare the common ones")
+        problems.append("tensor sets differ: " + "; ".join(parts) + "; pass allow_missing=True to compare the common ones")
     elif only_a or only_b:
-        notes.append(f"--allow-missing: skipped {len(only_a)} tensor(s) only in base and {len(only_b)} only in finetuned")
+        notes.append(f"allow_missing: skipped {len(only_a)} tensor(s) only in base and {len(only_b)} only in finetuned")
 
     pairs: list[Pair] = []
     shape_bad: list[str] = []
@@ -140,13 +140,13 @@ def plan(base: Checkpoint, finetuned: Checkpoint, *, allow_missing: bool = False
         sb = b.get(name + _SCALE_SUFFIX) if name + _SCALE_SUFFIX in scales_b else None
         pairs.append(Pair(name, ia, ib, sa, sb, rows, note))
     if shape_bad:
-        hint = "; pass --allow-resize to compare the common rows" if not allow_resize else ""
+        hint = "; pass allow_resize=True to compare the common rows" if not allow_resize else ""
         problems.append(f"{len(shape_bad)} shape mismatch(es): {_sample(shape_bad, 3)}{hint}")
     if problems:
         raise MismatchError(f"{base.source} vs {finetuned.source}: " + " | ".join(problems))
     if dtype_diff:
-        how = (f"cast both to {compare_dtype} first (--compare-dtype)" if compare_dtype
-               else "compared stored values widened to float32; pass --compare-dtype to cast both first")
+        how = (f"cast both to {compare_dtype} first (compare_dtype)" if compare_dtype
+               else "compared stored values widened to float32; pass compare_dtype= to cast both first")
         notes.append(f"dtypes differ for {len(dtype_diff)} tensor(s) ({_sample(dtype_diff, 3)}): {how}")
     nscaled = sum(1 for p in pairs if p.base_scale is not None or p.finetuned_scale is not None)
     if nscaled:

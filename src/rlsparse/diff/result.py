@@ -6,16 +6,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rlsparse._version import __version__
+from rlsparse.diff.tolerance import ToleranceCounts, tolerance_key
 from rlsparse.io.naming import layer_of, type_of, type_sort_key
 
 SCHEMA_VERSION = 1
 
 
 def tolerance_label(t: float | str) -> str:
-    """The key a tolerance is reported under: as the user wrote it, or ``repr`` of the float."""
-    if isinstance(t, str):
-        return t.strip()
-    return "0" if float(t) == 0 else repr(float(t))
+    """The key a tolerance is reported under: canonical, whatever its spelling ("1e-5" -> "1e-05")."""
+    return tolerance_key(t)
 
 
 @dataclass
@@ -23,8 +23,11 @@ class Aggregate:
     """Element-weighted counts over a set of tensors."""
 
     numel: int = 0
-    changed: dict[str, int] = field(default_factory=dict)
+    changed: dict[str, int] = field(default_factory=ToleranceCounts)
     bit_changed: int | None = 0
+
+    def __post_init__(self) -> None:
+        self.changed = ToleranceCounts(self.changed)
 
     def add(self, other: "Aggregate | TensorStats") -> None:
         self.numel += other.numel
@@ -35,13 +38,13 @@ class Aggregate:
         else:
             self.bit_changed += other.bit_changed
 
-    def density(self, label: str) -> float:
-        """Fraction of elements changed at the tolerance ``label``."""
-        return self.changed[label] / self.numel if self.numel else 0.0
+    def density(self, tolerance: float | str) -> float:
+        """Fraction of elements changed at ``tolerance`` (any spelling: 1e-5, "1e-5", "1e-05")."""
+        return self.changed[tolerance] / self.numel if self.numel else 0.0
 
-    def sparsity(self, label: str) -> float:
-        """Fraction of elements unchanged at the tolerance ``label`` (the paper's update sparsity)."""
-        return 1.0 - self.density(label)
+    def sparsity(self, tolerance: float | str) -> float:
+        """Fraction of elements unchanged at ``tolerance`` (the paper's update sparsity)."""
+        return 1.0 - self.density(tolerance)
 
     def to_json(self) -> dict:
         return {
@@ -70,6 +73,9 @@ class TensorStats:
     inf_finetuned: int = 0
     note: str = ""
 
+    def __post_init__(self) -> None:
+        self.changed = ToleranceCounts(self.changed)
+
     @property
     def layer(self) -> int | None:
         return layer_of(self.name)
@@ -78,11 +84,11 @@ class TensorStats:
     def type(self) -> str:
         return type_of(self.name)
 
-    def density(self, label: str) -> float:
-        return self.changed[label] / self.numel if self.numel else 0.0
+    def density(self, tolerance: float | str) -> float:
+        return self.changed[tolerance] / self.numel if self.numel else 0.0
 
-    def sparsity(self, label: str) -> float:
-        return 1.0 - self.density(label)
+    def sparsity(self, tolerance: float | str) -> float:
+        return 1.0 - self.density(tolerance)
 
     def to_json(self) -> dict:
         doc = {
@@ -108,7 +114,7 @@ class DiffResult:
 
     Example:
         >>> r = rlsparse.diff("base", "rl")
-        >>> r.total.sparsity("1e-05"), r.by_type()["q"].sparsity("1e-05")
+        >>> r.total.sparsity(1e-5), r.by_type()["q"].sparsity("1e-5")
     """
 
     base: str
@@ -181,8 +187,6 @@ class DiffResult:
         return above, above + int(h[k])
 
     def to_json(self) -> dict:
-        from rlsparse import __version__
-
         total = self.total.to_json()
         total["nan"] = {"base": sum(t.nan_base for t in self.tensors.values()),
                         "finetuned": sum(t.nan_finetuned for t in self.tensors.values())}

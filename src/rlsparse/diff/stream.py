@@ -7,9 +7,11 @@ Engine (this module):
       in each, plus FP8 block scales), made by a plan (``diff.plan``);
     * chunking (``split``): whole rows, a multiple of 8 elements (a chunk packs into whole mask
       bytes), 128-row blocks for FP8 block-scaled tensors, about ``chunk_elements`` per source;
-    * one read-ahead thread that loads the next chunks of all N sources into a fixed buffer pool
-      (each file is read in order through one descriptor, which the kernel's readahead needs);
-      a source that is the same stored tensor as an earlier one (a shared base) is read once;
+    * read-ahead that loads the next chunks of all N sources into a fixed, page-aligned buffer
+      pool: one thread for page-cache reads (each file read in order through one descriptor,
+      which the kernel's readahead needs), two when cold ranges are read with O_DIRECT (no
+      readahead to keep; two requests in flight); a source that is the same stored tensor as an
+      earlier one (a shared base) is read once;
     * ``workers`` threads that call ``kernel.compute`` (numpy releases the GIL);
     * the ordered merge: partial results are folded per item in chunk order with
       ``kernel.merge``; ordered outputs ("pieces", e.g. packed mask bytes) go to ``sink`` in
@@ -51,7 +53,7 @@ import numpy as np
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import TensorInfo
 from rlsparse.io.memory import reuse_freed_buffers
-from rlsparse.io.reader import TensorReader, aligned_empty
+from rlsparse.io.reader import TensorReader, aligned_empty, direct_size
 
 FP8_BLOCK = dtypes.FP8_BLOCK
 # 1M elements (2 MB per bf16 source): chunk temporaries stay small and cache-friendly; CPU time per GB
@@ -60,6 +62,11 @@ DEFAULT_CHUNK_ELEMENTS = 1024 * 1024
 # With many sources (a long series) the chunk shrinks so that one chunk of all of them stays
 # about this size: the buffer pool (io_depth + 1 chunks) then stays bounded whatever N.
 _CHUNK_BYTES_ALL_SOURCES = 8 << 20
+# Read cold ranges with O_DIRECT into the pool's page-aligned buffers. Off by default: on the
+# shared 2-core machine it was measured (bench/bench_diff.py --before, 2026-11-28) no faster than
+# the page cache (cold medians 0.10 vs 0.13 GB/s on the 850M pair, 0.13 vs 0.13 on a 182M pair,
+# every run CPU-bound at load 15-28); measure on a quiet machine before switching it on.
+DIRECT_READS = False
 
 
 @dataclass(frozen=True)
@@ -180,9 +187,16 @@ def span_bytes(items: Sequence[Item], s: Span) -> int:
     return s.count * sum(dtypes.itemsize(it.infos[i].dtype) for i in _distinct(it.infos))
 
 
+def _slot_bytes(items: Sequence[Item], s: Span) -> int:
+    """Buffer bytes for one span of every distinct source: each region page-aligned, with room
+    for a direct read's aligned head and tail."""
+    it = items[s.item]
+    return sum(direct_size(s.count * dtypes.itemsize(it.infos[i].dtype)) for i in _distinct(it.infos))
+
+
 def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None = None,
         chunk_elements: int | None = None, workers: int = 2, sink: Callable[[Span, Any], None] | None = None,
-        advance: Callable[[int], None] = lambda n: None) -> StreamOutput:
+        advance: Callable[[int], None] = lambda n: None, direct: bool | None = None) -> StreamOutput:
     """Stream ``spans`` (default: all of ``items``) through ``kernel``; see the module docstring.
 
     Args:
@@ -193,6 +207,8 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
         workers: Compute threads.
         sink: Called with (span, piece) in span order for every non-None piece.
         advance: Called with the bytes of each merged span (progress).
+        direct: Read ranges that are not in the page cache with O_DIRECT (see ``io.reader``);
+            None: ``DIRECT_READS``.
 
     Returns:
         StreamOutput: merged partial per item index, bytes read, seconds.
@@ -206,22 +222,34 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
     if not spans:
         return out
     nsrc = max(len(it.infos) for it in items)
-    slot_bytes = max(span_bytes(items, s) for s in spans)
-    # One reader thread keeps up to ``io_depth`` chunks loaded ahead (on a cold cache the disk
-    # never waits for the kernel) and ``workers`` threads compute. One reader, not several: each
-    # file is then read strictly in order through one descriptor, which the kernel's readahead
-    # needs (readers taking turns look like strided access and lose it). Buffers come from a
-    # fixed pool, so memory stays bounded.
+    slot_bytes = max(_slot_bytes(items, s) for s in spans)
+    # Reader threads keep up to ``io_depth`` chunks loaded ahead (on a cold cache the disk never
+    # waits for the kernel) and ``workers`` threads compute. Buffers come from a fixed pool, so
+    # memory stays bounded.
     workers = max(1, workers)
     io_depth = 4 * workers
     slots: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(min(io_depth, len(spans)) + 1):
         slots.put(aligned_empty(slot_bytes))
-    readers = [TensorReader() for _ in range(nsrc)]
+    direct = DIRECT_READS if direct is None else direct
+    # Direct reads get no kernel readahead: two reader threads keep two requests in flight.
+    # Buffered reads keep one thread (in-order access per descriptor keeps the readahead).
+    io_threads = 2 if direct else 1
+    local = threading.local()
+    all_readers: list[TensorReader] = []
+    lock = threading.Lock()
+
+    def thread_readers() -> list[TensorReader]:
+        if not hasattr(local, "readers"):
+            local.readers = [TensorReader(direct=direct) for _ in range(nsrc)]
+            with lock:
+                all_readers.extend(local.readers)
+        return local.readers
 
     def load(k: int):
         s = spans[k]
         it = items[s.item]
+        readers = thread_readers()
         buf = slots.get()
         raws: list[np.ndarray] = []
         scales: list[np.ndarray | None] = []
@@ -231,7 +259,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
             if same is not None:
                 raws.append(raws[same])
             else:
-                size = s.count * dtypes.itemsize(info.dtype)
+                size = direct_size(s.count * dtypes.itemsize(info.dtype))
                 raws.append(readers[i].read(info, s.start, s.count, buf[pos:pos + size]))
                 pos += size
             scales.append(_scale_rows(readers[i], it, i, s))
@@ -246,7 +274,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
 
     depth = 2 * workers
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsparse-read") as io_pool, \
+        with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rlsparse-read") as io_pool, \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlsparse-compute") as pool:
             loads = {k: io_pool.submit(load, k) for k in range(min(io_depth, len(spans)))}
             futures = deque(pool.submit(compute, k, loads.pop(k)) for k in range(min(depth, len(spans))))
@@ -264,7 +292,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
                 out.bytes_read += step
                 advance(step)
     finally:
-        for r in readers:
+        for r in all_readers:
             r.close()
     out.seconds = time.perf_counter() - t0
     return out

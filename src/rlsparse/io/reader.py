@@ -3,6 +3,12 @@
 Reads go into caller-owned buffers with ``os.preadv`` (no memory map stays in our resident set,
 the GIL is released during the copy). ``.bin`` files are memory-mapped by torch and copied out
 chunk by chunk.
+
+Direct reads (``TensorReader(direct=True)``): a range that is not in the page cache is read
+with ``O_DIRECT`` straight into the caller's page-aligned buffer (the disk's DMA fills it: no
+page-cache copy costing the CPU the compute threads need); a range that is cached is still
+read from the cache (``RWF_NOWAIT`` tells which without waiting). Where the filesystem or the
+platform refuses ``O_DIRECT``, reads fall back to the page cache.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ import numpy as np
 from rlsparse.errors import CheckpointError
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import TensorInfo, load_bin
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT offset, length and address alignment (the page size covers every disk here)
+_DIRECT_OK = hasattr(os, "O_DIRECT") and hasattr(os, "RWF_NOWAIT")
 
 
 class TensorReader:
@@ -32,11 +42,14 @@ class TensorReader:
     # readahead window (128-256 KiB) leaves the disk idle while chunks are being compared.
     PREFETCH_BYTES = 64 << 20
 
-    def __init__(self) -> None:
+    def __init__(self, direct: bool = False) -> None:
         self._path: Path | None = None
         self._fd: int | None = None
+        self._dfd: int | None = None  # the same file opened with O_DIRECT (direct mode)
         self._bin: dict | None = None
         self._prefetched = 0
+        self.direct = direct and _DIRECT_OK
+        self.direct_bytes = 0  # bytes read with O_DIRECT (for benchmarks and tests)
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -47,7 +60,9 @@ class TensorReader:
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = None
+        if self._dfd is not None:
+            os.close(self._dfd)
+        self._fd = self._dfd = None
         self._bin = None
         self._path = None
         self._prefetched = 0
@@ -65,12 +80,19 @@ class TensorReader:
                 raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if self.direct:
+                try:
+                    self._dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                except OSError:  # the filesystem refuses O_DIRECT (tmpfs, some FUSE): page cache
+                    self._dfd = None
         self._path = path
 
     def read(self, info: TensorInfo, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
         """Elements ``[start, start + count)`` of the flattened tensor, as unsigned-int bits.
 
-        ``out`` (uint8, at least ``count * itemsize`` bytes) is filled and a view of it returned.
+        ``out`` (uint8, at least ``count * itemsize`` bytes) is filled and a view of it returned;
+        in direct mode give ``direct_size(count * itemsize)`` bytes, page-aligned
+        (``aligned_empty``), and use the returned view: it may start a little into ``out``.
         """
         size = dtypes.itemsize(info.dtype)
         nbytes = count * size
@@ -87,6 +109,10 @@ class TensorReader:
         else:
             self._switch(info.file, binary=False)
             pos = info.offset + start * size
+            if self._dfd is not None and nbytes and self._cold(pos, buf):
+                view = self._read_direct(info, pos, nbytes, out)
+                if view is not None:
+                    return view.view(dtypes.uint_view(info.dtype))
             self._prefetch(pos + nbytes)
             got = 0
             mv = memoryview(buf)
@@ -99,6 +125,47 @@ class TensorReader:
                     )
                 got += n
         return buf.view(dtypes.uint_view(info.dtype))
+
+    def _cold(self, pos: int, buf: np.ndarray) -> bool:
+        """Whether the range starting at ``pos`` is not in the page cache: a non-blocking read of
+        its first bytes (into ``buf``, overwritten later) fails or comes back short."""
+        probe = memoryview(buf)[:min(buf.nbytes, 4096)]
+        try:
+            return os.preadv(self._fd, [probe], pos, os.RWF_NOWAIT) < len(probe)
+        except BlockingIOError:
+            return True
+        except OSError:  # RWF_NOWAIT unsupported here: decide by nothing, read through the cache
+            return False
+
+    def _read_direct(self, info: TensorInfo, pos: int, nbytes: int, out: np.ndarray) -> np.ndarray | None:
+        """Read ``[pos, pos + nbytes)`` with O_DIRECT into ``out``: the enclosing aligned range,
+        returning the view of the bytes asked for; None (caller reads buffered) if ``out`` is
+        not aligned or large enough, or the filesystem refuses the read."""
+        first = pos - pos % DIRECT_ALIGN
+        skip = pos - first
+        length = _round_up(skip + nbytes, DIRECT_ALIGN)
+        if out.nbytes < length or out.ctypes.data % DIRECT_ALIGN:
+            return None
+        mv = memoryview(out)
+        got = 0
+        try:
+            while got < skip + nbytes:
+                n = os.preadv(self._dfd, [mv[got:length]], first + got)
+                if n <= 0:
+                    raise CheckpointError(
+                        f"{info.file}: ended while reading {info.name!r} (got {max(got - skip, 0)} of {nbytes} bytes); "
+                        "the file is truncated or changed during the run")
+                got += n
+                if got % DIRECT_ALIGN and got < skip + nbytes:
+                    break  # a short read off the alignment: finish through the page cache
+        except OSError:
+            os.close(self._dfd)
+            self._dfd = None  # refused (alignment rules of this filesystem): page cache from now on
+            return None
+        if got < skip + nbytes:
+            return None
+        self.direct_bytes += nbytes
+        return out[skip:skip + nbytes]
 
     def _prefetch(self, end: int) -> None:
         if not self.PREFETCH_BYTES or not hasattr(os, "posix_fadvise") or end + self.PREFETCH_BYTES // 2 < self._prefetched:
@@ -114,6 +181,15 @@ class TensorReader:
         bits = self.read(info, 0, info.numel)
         t = torch.from_numpy(bits.copy()).view(dtypes.torch_dtype(info.dtype))
         return t.reshape(info.shape)
+
+
+def direct_size(nbytes: int) -> int:
+    """Buffer bytes that hold ``nbytes`` read directly from any offset (aligned head and tail)."""
+    return _round_up(nbytes, DIRECT_ALIGN) + 2 * DIRECT_ALIGN
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
 
 
 def aligned_empty(nbytes: int, alignment: int = 4096) -> np.ndarray:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 TOLERANCES = ("0", "1e-08", "1e-07", "1e-06", "1e-05", "1e-04")
-PAPER_TOLERANCE = "1e-05"
+from rlsparse.diff.tolerance import PAPER_TOLERANCE_KEY as PAPER_TOLERANCE  # noqa: E402  (the canonical "1e-05")
 
 
 def sparsity(base: str | os.PathLike, finetuned: str | os.PathLike, tolerances=TOLERANCES) -> dict:

@@ -342,11 +342,19 @@ def findings(results: dict) -> list[Finding]:
             _dynamics_finding(results), _precision_finding(results)]
 
 
-def _plot(f: Finding, results: dict, figdir: Path) -> None:
-    import matplotlib
+class _FigureFactory:
+    """``subplots`` as pyplot spells it, on a standalone ``matplotlib.figure.Figure`` (Agg canvas)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(*args, figsize=None, **kwargs):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+
+def _plot(f: Finding, results: dict, figdir: Path) -> None:
+    plt = _FigureFactory()  # Figure objects, no pyplot: no global backend switch, nothing to close
 
     if f.figure is None:
         return
@@ -439,7 +447,6 @@ def _plot(f: Finding, results: dict, figdir: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

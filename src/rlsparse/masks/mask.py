@@ -21,6 +21,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported lazily: `rlsparse diff` never needs it
     import torch
 
+from rlsparse._version import __version__
 from rlsparse.errors import MaskError, MismatchError, tensor_set_differences
 from rlsparse.io.safetensors_format import StreamingSafetensorsWriter, read_header
 
@@ -236,7 +237,8 @@ class MaskWriter:
     def __init__(self, path: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]]):
         self._shapes = dict(shapes)
         layout = [(n, "U8", ((_numel(s) + 7) // 8,)) for n, s in self._shapes.items()]
-        # counts are written at the end: reserve 24 bytes per tensor for them and room for the rest
+        # counts are known only at the end: reserve room in the header for each ("name": count,)
+        # and 8 KiB for the other metadata
         shapes_json = len(json.dumps({n: list(s) for n, s in self._shapes.items()}))
         counts_json = sum(len(n) + 28 for n in self._shapes)
         self._w = StreamingSafetensorsWriter(path, layout, reserve_metadata=shapes_json + counts_json + 8192)
@@ -252,8 +254,6 @@ class MaskWriter:
     def set_meta(self, meta: MaskMeta) -> None:
         if meta.shapes.keys() != self._shapes.keys():
             raise MismatchError("mask metadata names differ from the tensors written")
-        from rlsparse import __version__
-
         meta.tool_version = meta.tool_version or __version__
         self._meta = meta
 

@@ -1,4 +1,4 @@
-"""Plots (matplotlib, Agg): written atomically as PNG."""
+"""Plots (matplotlib's object API, no pyplot state): written atomically as PNG."""
 
 from __future__ import annotations
 
@@ -23,17 +23,15 @@ def grid_matrix(result, label: str) -> tuple[list[int], list[str], np.ndarray]:
 
 def sparsity_heatmap(result, path: str | os.PathLike, label: str) -> None:
     """Layer x matrix-type update sparsity (the paper's Figure 3) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no global backend, nothing to close
 
     layers, types, m = grid_matrix(result, label)
     if not layers:
         from rlsparse.errors import UsageError
 
         raise UsageError("no tensors inside transformer blocks: nothing to plot per layer")
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(types), 1.2 + 0.28 * len(layers)))
+    fig = Figure(figsize=(1.0 + 0.7 * len(types), 1.2 + 0.28 * len(layers)))
+    ax = fig.subplots()
     im = ax.imshow(100 * m, aspect="auto", cmap="viridis", vmin=0, vmax=100)
     ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])
@@ -50,4 +48,3 @@ def sparsity_heatmap(result, path: str | os.PathLike, label: str) -> None:
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
