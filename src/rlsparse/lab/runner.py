@@ -5,11 +5,11 @@ Conjecture 1 subnetwork rerun.
 Run folder layout::
 
     RUN_DIR/run.json                       what was run: recipes, seeds, base, precision, versions
-    RUN_DIR/base                           link to the model every run started from (the cached tiny base)
     RUN_DIR/results.json                   every measurement (the report reads only this)
     RUN_DIR/runs/<recipe>/lr-<lr>[-seedN]/ HF checkpoint of one finetune (+ metrics.json, written last)
     RUN_DIR/conjecture/<recipe>/           the Conjecture 1 models, masks and result.json (written last)
     RUN_DIR/base_accuracy.json, samples/   the base's held-out accuracy and policy samples (reused on resume)
+    RUN_DIR/base                           link to the model every run started from (the cached tiny base)
     RUN_DIR/report.html, report.md, figures/*.png
 """
 
@@ -66,9 +66,9 @@ class LabOptions:
             machine two threads waiting on each other ran 3x slower than one.
         trace: Record sparsity along training (bf16 and fp32 views) and the net-drift ratio (keeps
             three fp32 copies of the weights in memory). Turn off for large ``--model`` runs.
-        seeds: Seeds for every recipe, replacing each recipe's own ``seeds`` (None keeps them).
         progress: Progress within each training run (``report.progress`` modes): ``auto`` shows the
             trainer's bar on a terminal and a steps/s + ETA line every ~10 s otherwise.
+        seeds: Seeds for every recipe, replacing each recipe's own ``seeds`` (None keeps them).
         real_base: A packaged pretrained base (``smollm2-135m``, see ``lab.real``) instead of the tiny one;
             it brings its suite (``recipes/real/suite.json``): chat tasks, test sets, pre-registration.
         style: Prompt style of the tasks: "plain" (tiny base) or "chat" (an instruction-tuned base).
@@ -118,6 +118,7 @@ class _Run:
         self._base_acc: dict = {}
         self.base_path: Path | None = None
         self._jsonl: list[Problem] | None = load_jsonl(opts.dataset) if opts.dataset else None
+        self.n_test = opts.n_test
         self._start_acc: dict = {}
 
     def problems(self, family: str) -> tuple[list[Problem], list[Problem]]:
@@ -567,8 +568,6 @@ def _text_pair(tokenizer, prompt, target) -> tuple[str, str]:
 def _pre_sft(run: _Run, recipe: Recipe, rows: list[dict]) -> Path:
     """SFT the base on the chosen answers of a recipe's pairs (Table 5's manipulation); the recipe's start."""
     folder = run.opts.out / "runs" / recipe.name / f"pre-sft-seed{recipe.seed}"
-    if _finished(folder) is not None:  # resumed: the SFT start was finished earlier
-        return folder
     sft = replace(recipe, name=f"{recipe.name}-pre-sft", algorithm="sft", data="ground_truth", trl={},
                   steps=int(recipe.pre_sft["steps"]), learning_rates=[float(recipe.pre_sft["learning_rate"])],
                   pre_sft=None, conjecture=False)
@@ -611,6 +610,7 @@ def _conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str) -> dict:
     seeded = replace(recipe, seed=seed)
     start = run.opts.out / best["start"] if best.get("start", "base") != "base" else run.base_path
     full = run.opts.out / best["checkpoint"]
+    root = run.opts.out / "conjecture" / recipe.name
     mask_path = root / "subnetwork.mask.safetensors"
     mask = measure.subnetwork_mask(start, full, mask_path, tolerance)
     density = mask.density
@@ -642,7 +642,7 @@ def _conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str) -> dict:
         again = replace(recipe, seed=seed + 1)
         reseeded_acc = train_one(run, again, lr, build_rows(run, again), reseeded_dir, start=start)["accuracy"]
     reseeded_same = measure.sparsity(full, reseeded_dir, tolerances=("0", "1e-05", "1e-04"))
-    result = {**common, "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
+    return {**common, "mask": str(mask_path.relative_to(run.opts.out)), "sub_checkpoint": str(sub.relative_to(run.opts.out)),
             "accuracy": {"full": best["accuracy"], "sub": trained["accuracy"], "random_mask": rand["accuracy"],
                          "reseeded_full": reseeded_acc},
             "identical_share": same["sparsity"],
@@ -651,10 +651,7 @@ def _conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str) -> dict:
             "reseeded_checkpoint": _relative(run, reseeded_dir),
             "loss": {"full": best["log_history"], "sub": trained["log_history"], "random_mask": rand["log_history"]},
             "changed_outside_mask": outside,
-            "changed_outside_random_mask": measure.changed_outside(start, rand_dir, rmask),
-            "step_cost": trained.get("step_cost")}
-    _write_json(root / "result.json", result)
-    return result
+            "changed_outside_random_mask": measure.changed_outside(start, rand_dir, rmask)}
 
 
 def random_mask_like(mask, seed: int = 0):
@@ -839,22 +836,6 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     return out
 
 
-def _link_base(out: Path, base: Path) -> None:
-    """``RUN_DIR/base`` points at the model every run started from, so commands can name it."""
-    link = out / "base"
-    if link.is_symlink() or link.exists():
-        return
-    try:
-        link.symlink_to(Path(base).resolve(), target_is_directory=True)
-    except OSError:  # a file system without symlinks: run.json still names the base
-        pass
-
-
-def _require_lab_extras() -> None:
-    for module in ("transformers", "trl", "datasets", "accelerate"):
-        require(module, "lab")
-
-
 # What must not change between the sessions of one resumed run: a finished cell measured against
 # another base or another test set would be silently mixed with the new ones.
 _SAME_ACROSS_SESSIONS = ("base", "real_base", "dataset", "eval_family", "n_test", "style", "test_families",
@@ -902,3 +883,19 @@ def _stored_dtype(path: Path) -> str | None:
         return None
     data = json.loads(cfg.read_text())
     return data.get("dtype") or data.get("torch_dtype")
+
+
+def _link_base(out: Path, base: Path) -> None:
+    """``RUN_DIR/base`` points at the model every run started from, so commands can name it."""
+    link = out / "base"
+    if link.is_symlink() or link.exists():
+        return
+    try:
+        link.symlink_to(Path(base).resolve(), target_is_directory=True)
+    except OSError:  # a file system without symlinks: run.json still names the base
+        pass
+
+
+def _require_lab_extras() -> None:
+    for module in ("transformers", "trl", "datasets", "accelerate"):
+        require(module, "lab")
