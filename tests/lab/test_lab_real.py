@@ -193,7 +193,7 @@ def test_two_steps_of_grpo_and_dpo_on_the_real_base(tmp_path):
     # samples of the same prompt; at temperature 1 few of 8 prompts have both).
     for name in ("grpo_nokl", "dpo_ood"):
         r = json.loads((recipes.recipe_dir() / "real" / f"{name}.json").read_text())
-        r["quick"] = {"learning_rates": [1e-5], "steps": 2, "n_train": 8}
+        r["quick"] = {"learning_rates": [1e-5], "steps": 2, "n_train": 8, "seeds": [0]}
         r["conjecture"] = False
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
         paths.append(str(tmp_path / f"{name}.json"))
