@@ -146,5 +146,6 @@ def test_disk_full_during_apply_leaves_nothing(tmp_path, packed):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "cannot write (File too large)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "writing failed (File too large)" in proc.stderr
+    assert f"error: {out}: " in proc.stderr  # the folder asked for, not the temporary one
     assert not out.exists() and _leftovers(tmp_path) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -229,6 +230,13 @@ def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
                     (tmp / f.name).write_bytes(reader.read_file(f))
         except OSError as exc:
             raise OutputError(f"{out}: writing failed ({exc.strerror or exc}); nothing was left behind: "
+                              "free space or choose another folder") from None
+        except OutputError as exc:
+            # The shared writers name the temporary file they failed on; say it of the folder asked for.
+            found = re.search(r": cannot write \((.+?)\);", str(exc))
+            if found is None:
+                raise
+            raise OutputError(f"{out}: writing failed ({found.group(1)}); nothing was left behind: "
                               "free space or choose another folder") from None
     finally:
         if close:
