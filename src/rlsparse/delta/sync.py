@@ -127,10 +127,7 @@ class SyncReceiver:
         else:
             apply_to_state_dict(self.target, reader, workers=self.workers)
         self.step += 1
-        numel = sum(e.numel for e in m.tensors if e.action != "remove")
-        changed = sum(e.changed for e in m.tensors if e.action == "delta")
-        return SyncReport(self.step, len(m.tensors), numel, changed, len(payload), 2 * numel,
-                          decode_seconds=time.perf_counter() - t0)
+        return _received(self.step, m, len(m.tensors), len(payload), t0)
 
 
 class LoadWeightsReceiver:
@@ -161,7 +158,12 @@ class LoadWeightsReceiver:
         names = [e.name for e in m.tensors if (e.action == "delta" and e.changed) or e.action == "whole"]
         self.load_weights((n, self.mirror[n]) for n in names)
         self.step += 1
-        numel = sum(e.numel for e in m.tensors if e.action != "remove")
-        changed = sum(e.changed for e in m.tensors if e.action == "delta")
-        return SyncReport(self.step, len(names), numel, changed, len(payload), 2 * numel,
-                          decode_seconds=time.perf_counter() - t0)
+        return _received(self.step, m, len(names), len(payload), t0)
+
+
+def _received(step: int, manifest, tensors: int, payload_bytes: int, t0: float) -> SyncReport:
+    """The receiver's report of one applied patch (elements after the patch vs a full bf16 broadcast)."""
+    numel = sum(e.numel for e in manifest.tensors if e.action != "remove")
+    changed = sum(e.changed for e in manifest.tensors if e.action == "delta")
+    return SyncReport(step, tensors, numel, changed, payload_bytes, 2 * numel,
+                      decode_seconds=time.perf_counter() - t0)

@@ -9,6 +9,7 @@ Nothing is read here beyond headers and index files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -35,10 +36,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 class Checkpoint:
