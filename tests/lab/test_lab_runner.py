@@ -204,3 +204,30 @@ def test_precision_options_resolve_and_are_checked(tmp_path):
     assert pure["master_weights"] == "bfloat16" and pure["compute"] == "bfloat16"
     with pytest.raises(UsageError, match="compute"):
         run_lab(["grpo"], LabOptions(out=tmp_path / "x", compute="fp8"))
+
+
+def test_policy_samples_use_the_recipe_temperature_and_cache_per_temperature(tiny_base, tmp_path, monkeypatch):
+    from rlsparse.lab import data as labdata
+    from rlsparse.lab import runner
+    from rlsparse.lab.recipes import Recipe
+
+    run = runner._Run(runner.LabOptions(out=tmp_path), log=lambda m: None)
+    run.base_path = tiny_base
+    seen = []
+    real_sample = labdata.sample
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["temperature"])
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(labdata, "sample", recording)
+    probs = run.problems("add")[0][:3]
+    hot = Recipe(name="a", algorithm="rft", data="policy_samples", samples_per_prompt=2)
+    cool = Recipe(name="b", algorithm="rft", data="policy_samples", samples_per_prompt=2, sample_temperature=0.7)
+    run.policy_samples(hot, probs)
+    run.policy_samples(cool, probs)
+    run.policy_samples(cool, probs)  # served from memory, not sampled again
+    assert seen == [1.0, 0.7]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["add-3-2-seed0-t0.7.json", "add-3-2-seed0.json"]
+    with pytest.raises(UsageError, match="sample_temperature"):
+        Recipe(name="c", algorithm="rft", sample_temperature=0)

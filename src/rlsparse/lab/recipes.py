@@ -41,6 +41,9 @@ class Recipe:
         seed: Seed for data order, sampling and the trainer.
         n_train: Training problems drawn from the family's train split.
         samples_per_prompt: Policy samples per prompt (RFT, DPO pairs).
+        sample_temperature: Temperature of those policy samples (the on-policy recipes of the same
+            suite sample at their ``trl.temperature``; use the same so "the policy's own
+            distribution" means one thing across a suite).
         trl: Extra fields for the TRL config (e.g. beta, max_grad_norm, num_generations).
         quick: Field overrides for ``--quick`` runs.
         conjecture: Whether to run the Conjecture 1 subnetwork rerun for this recipe.
@@ -70,6 +73,7 @@ class Recipe:
     seed: int = 0
     n_train: int = 2000
     samples_per_prompt: int = 8
+    sample_temperature: float = 1.0
     trl: dict = field(default_factory=dict)
     quick: dict = field(default_factory=dict)
     conjecture: bool = False
@@ -91,6 +95,8 @@ class Recipe:
             problems.append(f"data {self.data!r} (expected one of {', '.join(DATA_KINDS)})")
         if not self.learning_rates or any(float(lr) <= 0 for lr in self.learning_rates):
             problems.append(f"learning_rates {self.learning_rates!r} (expected a non-empty list of positive floats)")
+        if not 0 < float(self.sample_temperature) <= 10:
+            problems.append(f"sample_temperature {self.sample_temperature!r} (expected a float in (0, 10])")
         if self.steps < 1 or self.batch_size < 1:
             problems.append(f"steps={self.steps}, batch_size={self.batch_size} (expected >= 1)")
         if self.schema_version > RECIPE_SCHEMA_VERSION:

@@ -186,14 +186,17 @@ class _Run:
         return [(p.prompt, p.answer) for p in probs]
 
     def policy_samples(self, recipe: Recipe, problems: list[Problem]):
-        key = (recipe.family, len(problems), recipe.samples_per_prompt, recipe.seed)
-        cache = self.opts.out / "samples" / ("{}-{}-{}-seed{}.json".format(*key))
+        key = (recipe.family, len(problems), recipe.samples_per_prompt, recipe.seed, float(recipe.sample_temperature))
+        name = "{}-{}-{}-seed{}".format(*key[:4]) + ("" if key[4] == 1.0 else f"-t{key[4]:g}")
+        cache = self.opts.out / "samples" / (name + ".json")
         if key not in self._samples and cache.is_file():
             self._samples[key] = json.loads(cache.read_text())
         if key not in self._samples:
             model, tok = load_model(self.base_path, self.opts.device)
-            self.log(f"  sampling {recipe.samples_per_prompt} completions x {len(problems)} prompts from the base")
+            self.log(f"  sampling {recipe.samples_per_prompt} completions x {len(problems)} prompts from the base "
+                     f"at temperature {recipe.sample_temperature:g}")
             self._samples[key] = labdata.sample(model, tok, problems, recipe.samples_per_prompt, seed=recipe.seed,
+                                                temperature=float(recipe.sample_temperature),
                                                 max_new_tokens=self.opts.max_new_tokens,
                                                 batch_size=self.opts.sample_batch)
             _write_json(cache, self._samples[key])
