@@ -151,3 +151,11 @@ def test_only_the_renamed_option_warnings_are_hidden():
                       "`activation_checkpointing` instead.", DeprecationWarning)
     assert [(type(w.message), str(w.message)[:5]) for w in seen] == [(FutureWarning, "`foo`"),
                                                                      (DeprecationWarning, "`grad")]
+
+
+def test_ticker_shows_seconds_per_step_when_steps_are_slow():
+    clock, out = _Clock(), []
+    t = Ticker(20, "sft", unit="steps", interval=10, write=out.append, clock=clock)
+    clock.t = 95
+    t.set(10)
+    assert out == ["sft: 10/20 steps (50%), 9.5 s/step, ETA 1 min 35 s"]

@@ -21,11 +21,11 @@ from rlsparse.lab.preregistration import for_run
 from rlsparse.lab.verdicts import conjecture, figure1, figure5, kl_clip, precision, table2, table4, table5, table6
 from rlsparse.lab.verdicts import plots as verdict_plots
 from rlsparse.lab.verdicts import render as verdict_text
-from rlsparse.lab.verdicts.common import Finding
+from rlsparse.lab.verdicts.common import RL_ALGORITHMS, Finding
 
 REPORT_SCHEMA_VERSION = 1
 TOL = "1e-05"
-RL = ("dpo", "grpo")
+RL = RL_ALGORITHMS  # every RL algorithm of the paper's Table 1 the lab runs
 SFT = ("sft",)  # conventional SFT on data the policy did not write; RFT is compared separately
 
 

@@ -55,6 +55,14 @@ def _amount(n: float, unit: str) -> str:
     return f"{n:,.0f}"
 
 
+def _rate(rate: float, unit: str, elapsed: float, done: int) -> str:
+    """``3 steps/s``, or ``9.5 s/step`` when fewer than one unit a second goes by (slow training)."""
+    if unit == "bytes" or rate >= 1 or done == 0:
+        sep = "" if unit == "bytes" else f" {unit}"
+        return f"{_amount(rate, unit)}{sep}/s"
+    return f"{elapsed / done:.1f} s/{unit.rstrip('s') or unit}"
+
+
 class Ticker:
     """Plain progress lines: ``what: done/total unit (pct), rate/s, ETA`` at most every ``interval`` s.
 
@@ -79,7 +87,7 @@ class Ticker:
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         eta = _duration((self.total - self.done) / rate) if rate > 0 and self.total else "?"
         return (f"{self.description}: {_amount(self.done, self.unit)}/{_amount(self.total, self.unit)}{unit}{pct}, "
-                f"{_amount(rate, self.unit)}{unit}/s, ETA {eta}")
+                f"{_rate(rate, self.unit, elapsed, self.done)}, ETA {eta}")
 
     def set(self, done: int) -> None:
         """Record ``done`` (absolute) and print a line when the interval has passed."""
