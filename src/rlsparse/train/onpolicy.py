@@ -122,10 +122,15 @@ class OnPolicyTrainer(Trainer):
         """
         return self.accelerator.autocast()
 
-    def _helper_optimizer(self, module, lr: float):
-        """The policy's kind of optimizer (``args.optim``), without weight decay, for a helper model."""
+    def _helper(self, module, lr: float):
+        """A trained helper model (PPO's value model, PRIME's PRM) on the policy's device, dropout off,
+        with the policy's kind of optimizer (``args.optim``) at ``lr``, without weight decay."""
+        from trl.trainer.utils import disable_dropout_in_model
+
+        module = module.to(self.accelerator.device)
+        disable_dropout_in_model(module)
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
-        return cls(module.parameters(), **{**kwargs, "lr": lr})
+        return module, cls(module.parameters(), **{**kwargs, "lr": lr})
 
     def _attach_reference(self, model):
         if self._needs_reference():

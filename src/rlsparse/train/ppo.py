@@ -83,12 +83,9 @@ class PPOTrainer(OnPolicyTrainer):
 
     def __init__(self, model, args: PPOConfig, train_dataset, processing_class, reward_funcs, callbacks=None,
                  ref_model=None, value_model=None):
-        from trl.trainer.utils import disable_dropout_in_model
-
         super().__init__(model, args, train_dataset, processing_class, reward_funcs, callbacks, ref_model)
-        self.value_model = (value_model or ValueModel(self.model)).to(self.accelerator.device)
-        disable_dropout_in_model(self.value_model)
-        self.value_optimizer = self._helper_optimizer(self.value_model, args.value_learning_rate or args.learning_rate)
+        self.value_model, self.value_optimizer = self._helper(value_model or ValueModel(self.model),
+                                                              args.value_learning_rate or args.learning_rate)
 
     def _needs_reference(self) -> bool:
         return self.args.kl_coef != 0

@@ -63,13 +63,9 @@ class PRIMETrainer(OnPolicyTrainer):
 
     def __init__(self, model, args: PRIMEConfig, train_dataset, processing_class, reward_funcs, callbacks=None,
                  ref_model=None, prm_model=None):
-        from trl.trainer.utils import disable_dropout_in_model
-
         super().__init__(model, args, train_dataset, processing_class, reward_funcs, callbacks, ref_model)
-        self.prm = (prm_model or copy.deepcopy(self.model)).to(self.accelerator.device)
-        self.prm.requires_grad_(True)
-        disable_dropout_in_model(self.prm)
-        self.prm_optimizer = self._helper_optimizer(self.prm, args.prm_learning_rate)
+        self.prm, self.prm_optimizer = self._helper((prm_model or copy.deepcopy(self.model)).requires_grad_(True),
+                                                      args.prm_learning_rate)
 
     def _score_rollout(self, model, batch: dict, rows: list[dict]) -> None:
         args, mask = self.args, batch["mask"]
