@@ -225,6 +225,7 @@ def test_every_real_recipe_builds_a_valid_trainer_config(tmp_path):
             args = _trl_config(recipe, recipe.learning_rates[0], str(tmp_path), "cpu")
             assert args.max_steps == recipe.steps and args.learning_rate == recipe.learning_rates[0]
             assert args.lr_scheduler_type == "constant"
+            assert args.activation_checkpointing is False  # TRL's default (True) recomputes every forward
             for key, value in recipe.trl.items():
                 got = getattr(args, key)
                 assert (got.value if hasattr(got, "value") else got) == value, (name, key)

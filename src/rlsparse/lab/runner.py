@@ -294,7 +294,10 @@ def _trl_config(recipe: Recipe, lr: float, workdir: str, device: str, autocast_b
                   per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=1, logging_steps=1,
                   save_strategy="no", report_to="none", seed=recipe.seed, data_seed=recipe.seed,
                   use_cpu=(device == "cpu"), bf16=autocast_bf16, fp16=False, disable_tqdm=True, weight_decay=0.0,
-                  dataloader_num_workers=0)
+                  dataloader_num_workers=0,
+                  # TRL turns activation (gradient) checkpointing on by default: for the lab's small models it
+                  # only buys memory they do not need, at the price of a second forward per step.
+                  activation_checkpointing=False)
     extra = dict(recipe.trl)
     unknown = sorted(set(extra) - set(cls.__dataclass_fields__))
     if unknown:
