@@ -105,3 +105,40 @@ def test_base_overrides_are_typed_and_checked():
         BaseConfig().with_overrides(["hidden=2"])
     with pytest.raises(UsageError, match="steps=many"):
         BaseConfig().with_overrides(["steps=many"])
+
+
+def test_pretraining_batches_stay_right_padded_after_an_accuracy_check():
+    """Regression: accuracy() switches the tokenizer to left padding; the batches after it must still
+    be right-padded, with the loss on exactly the answer digits and EOS of each row."""
+    from rlsparse.lab.base import BaseConfig, _batches, accuracy, build_model
+    from rlsparse.lab.tokenizer import build_tokenizer
+
+    cfg = BaseConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, batch_size=8)
+    tok = build_tokenizer()
+    model = build_model(cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    batches = _batches(cfg, tok)
+    from rlsparse.lab.base import _train_val
+
+    answers = {p.prompt: p.answer for p in _train_val(cfg, "add")[0]}
+    for check in (False, True, True):
+        if check:
+            accuracy(model, tok, _train_val(cfg, "add")[1][:4], max_new_tokens=2)
+            assert tok.padding_side == "left"
+        ids, att, labels = next(batches)
+        for row in range(ids.shape[0]):
+            n = int(att[row].sum())
+            assert att[row, :n].all() and not att[row, n:].any(), "right padding"
+            text = tok.decode(ids[row, :n], skip_special_tokens=True)
+            prompt = next(p for p in answers if text.startswith(p) and text == p + answers[p])
+            target = labels[row][labels[row] != -100].tolist()
+            assert target == tok(answers[prompt] + tok.eos_token, add_special_tokens=False)["input_ids"]
+    batches.close()
+
+
+def test_a_base_recorded_before_revisions_is_revision_1():
+    from rlsparse.lab.base import PRETRAIN_REVISION, BaseConfig
+
+    assert BaseConfig().pretrain_revision == PRETRAIN_REVISION == 2
+    old = {k: v for k, v in vars(BaseConfig()).items() if k != "pretrain_revision"}
+    assert BaseConfig.from_dict(old).pretrain_revision == 1
+    assert BaseConfig.from_dict(old).hash() != BaseConfig().hash()
