@@ -80,6 +80,8 @@ class LabOptions:
         eval_batch: Prompts per greedy-evaluation batch.
         sample_batch: Prompts per policy-sampling batch (RFT and DPO data).
         rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
+        grid: Run each recipe's learning-rate x steps ``grid`` (``lab.grid``) instead of its sweep
+            and Conjecture 1 ("all" and "real" take the recipes that have a grid).
     """
 
     out: Path
@@ -108,6 +110,7 @@ class LabOptions:
     eval_batch: int = 256
     sample_batch: int = 256
     rank_matrices: int | None = None
+    grid: bool = False
 
 
 class _Run:
@@ -810,6 +813,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         raise UsageError(f"compute {opts.compute!r} / weights {opts.weights!r}: expected compute auto, bfloat16 "
                          "or float32 and weights float32 or bfloat16")
     suite = None
+    everything = names in ("real", ["real"], "all", ["all"])
     if names in ("real", ["real"]) or opts.real_base:
         # The real base comes with its suite: chat tasks, test sets and pre-registered thresholds.
         suite = "real"
@@ -822,6 +826,8 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         recipes = [r.quickened() for r in recipes]
     if opts.seeds:
         recipes = [replace(r, seeds=list(opts.seeds), seed=opts.seeds[0]) for r in recipes]
+    if opts.grid:
+        recipes = _grid_recipes(recipes, everything)
     out = Path(opts.out)
     held = (out / "run.json").is_file()
     if held and not resume:
@@ -872,7 +878,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
                 "threads": opts.threads if opts.device == "cpu" else None,
                 "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": run.n_test,
                 "style": opts.style, "test_families": opts.test_families, "max_new_tokens": opts.max_new_tokens,
-                "rank_matrices": opts.rank_matrices,
+                "rank_matrices": opts.rank_matrices, "grid": opts.grid,
                 "preregistration": run.preregistration.to_json(),
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
@@ -887,9 +893,19 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     _write_json(out / "run.json", run_meta)
     results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {},
                "controls": {"spacing_share": measure.spacing_share(run.base_path)}}
-    conj = [r for r in recipes if r.conjecture] if opts.conjecture else []
+    if opts.grid:
+        from rlsparse.lab import grid
+
+        results["grid"] = {}
+        progress = Progress(sum(grid.cells(r) for r in recipes), log)
+        for recipe in recipes:
+            log(f"grid {recipe.name} ({recipe.algorithm}): learning rates {recipe.grid['learning_rates']} x "
+                f"checkpoints at steps {recipe.grid['checkpoints']}")
+            results["grid"][recipe.name] = grid.run_grid(run, recipe, progress)
+            _write_json(out / "results.json", results)
+    conj = [r for r in recipes if r.conjecture] if opts.conjecture and not opts.grid else []
     progress = Progress(sum(len(r.learning_rates) * len(r.seeds) for r in recipes) + len(conj), log)
-    for recipe in recipes:
+    for recipe in recipes if not opts.grid else []:
         log(f"recipe {recipe.name} ({recipe.algorithm}, {recipe.data}, family {recipe.family})")
         results["recipes"][recipe.name] = run_recipe(run, recipe, progress)
         _write_json(out / "results.json", results)
@@ -910,6 +926,18 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         html, _ = render(out)
         log(f"report: {html}")
     return out
+
+
+def _grid_recipes(recipes: list[Recipe], everything: bool) -> list[Recipe]:
+    """The recipes a ``--grid`` run trains: every named one must have a grid; "all"/"real" keep those that do."""
+    with_grid = [r for r in recipes if r.grid]
+    lacking = [r.name for r in recipes if not r.grid]
+    if lacking and not everything:
+        raise UsageError(f"--grid: recipes {lacking} have no 'grid' (learning rates x checkpoint steps); "
+                         f"name recipes that do ({', '.join(r.name for r in with_grid) or 'none of these'}) or add one")
+    if not with_grid:
+        raise UsageError("--grid: none of these recipes has a 'grid'; add one to a recipe file")
+    return with_grid
 
 
 # What must not change between the sessions of one resumed run: a finished cell measured against

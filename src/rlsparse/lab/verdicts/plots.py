@@ -38,6 +38,12 @@ def _sparsity_vs_gain(f: Finding, figdir: Path) -> None:
 
 def plot(f: Finding, figdir: Path) -> bool:
     """Draw ``f``'s figure if this module owns it; True when handled (drawn, or drawn by another finding)."""
+    if f.key == "grid":
+        from rlsparse.lab.verdicts import grid
+
+        if f.figure:
+            grid.plot(f, figdir / f.figure)
+        return True
     if f.key == "figure4":
         return True  # shares conjecture_loss.png, drawn with the Conjecture 1 finding
     if f.key == "sparsity_sft_vs_rl" and f.data.get("curves"):

@@ -1,0 +1,168 @@
+"""The learning-rate x steps grid on the tiny base: checkpoints along one run per learning rate,
+measured like sweep cells, the Pareto frontier, matched readings, the report section and resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from rlsparse.errors import UsageError
+from rlsparse.lab import runner
+from rlsparse.lab import trained as trained_record
+from rlsparse.lab.verdicts.grid import pareto_frontier, read_at
+
+LRS, STEPS = [1e-3, 1e-2], [1, 2]
+
+
+def _recipe(tmp_path, name, **fields):
+    data = {"name": name, "learning_rates": [1e-2], "steps": 2, "batch_size": 8, "n_train": 32, "seed": 1,
+            "grid": {"learning_rates": LRS, "checkpoints": STEPS},
+            # a constant schedule: the step-1 checkpoint of a 2-step run is a 1-step run's
+            "trl": {"lr_scheduler_type": "constant", "warmup_steps": 0, **fields.pop("trl", {})}, **fields}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _opts(base, out, **kw):
+    return runner.LabOptions(out=out, model=str(base), progress="none", **kw)
+
+
+def _changed(base, ckpt, tol: float) -> int:
+    """Brute force: elements whose stored values, widened to fp32, differ by more than tol."""
+    a, b = load_file(str(base / "model.safetensors")), load_file(str(ckpt / "model.safetensors"))
+    return sum(int(((b[n].float() - a[n].float()).abs() > tol).sum()) for n in a)
+
+
+def _brute_frontier(points):
+    """Every point for which no other point is as good in both and better in one (pairwise check)."""
+    out = []
+    for i, p in enumerate(points):
+        beaten = False
+        for j, q in enumerate(points):
+            if i != j and q["sparsity"] >= p["sparsity"] and q["gain"] >= p["gain"] and \
+                    (q["sparsity"] != p["sparsity"] or q["gain"] != p["gain"]):
+                beaten = True
+        if not beaten:
+            out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grid_run(tiny_base, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grid")
+    recipes = [_recipe(tmp, "g_sft", algorithm="sft", family="sub", data="ground_truth"),
+               _recipe(tmp, "g_dpo", algorithm="dpo", family="sub", data="constructed_pairs", in_distribution=True,
+                       trl={"beta": 0.1})]
+    out = tmp / "run"
+    runner.run_lab(recipes, _opts(tiny_base, out, grid=True), log=lambda m: None)
+    return tmp, recipes, out
+
+
+def test_grid_checkpoints_are_measured_like_cells(grid_run, tiny_base):
+    tmp, recipes, out = grid_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["recipes"] == {} and set(results["grid"]) == {"g_sft", "g_dpo"}
+    for name in ("g_sft", "g_dpo"):
+        points = results["grid"][name]["points"]
+        assert [(p["learning_rate"], p["step"]) for p in points] == [(lr, s) for lr in LRS for s in STEPS]
+        for p in points:
+            ckpt = out / p["checkpoint"]
+            assert ckpt == out / "grid" / name / f"lr-{runner._lr_label(p['learning_rate'])}" / f"step-{p['step']}"
+            # the recorded sparsities are exactly a brute-force diff of the saved checkpoint against the base
+            for label, tol in (("0", 0.0), ("1e-05", 1e-5)):
+                assert p["changed"][label] == _changed(tiny_base, ckpt, tol)
+            assert p["trace"][-1]["step"] == p["step"]
+            assert max(h["step"] for h in p["log_history"]) == p["step"]
+            assert p["probe_kl"] >= 0 and p["delta_norm"] > 0 and set(p["accuracy_gain"]) >= {"sub"}
+        # one run per learning rate: step 1 and step 2 differ, and 1e-2 moved more weights than 1e-3
+        by = {(p["learning_rate"], p["step"]): p for p in points}
+        assert by[(1e-2, 2)]["changed"]["0"] > by[(1e-3, 2)]["changed"]["0"]
+        assert trained_record.checkpoint_sha256(out / by[(1e-2, 1)]["checkpoint"]) != \
+            trained_record.checkpoint_sha256(out / by[(1e-2, 2)]["checkpoint"])
+
+
+def test_grid_checkpoints_equal_separate_runs_of_that_many_steps(grid_run, tiny_base, tmp_path):
+    tmp, recipes, out = grid_run
+    # the sweep path, 1 and 2 steps at lr 1e-2 (constant schedule, same seed and data)
+    for steps in STEPS:
+        data = json.loads(open(recipes[0]).read())
+        path = tmp_path / f"g_sft_{steps}.json"
+        path.write_text(json.dumps({**data, "name": f"g_sft_{steps}", "steps": steps, "grid": None}))
+        runner.run_lab([str(path)], _opts(tiny_base, tmp_path / f"run{steps}", report=False), log=lambda m: None)
+        alone = tmp_path / f"run{steps}" / "runs" / f"g_sft_{steps}" / "lr-1e-2"
+        assert trained_record.checkpoint_sha256(alone) == \
+            trained_record.checkpoint_sha256(out / "grid/g_sft/lr-1e-2" / f"step-{steps}")
+
+
+def test_grid_report_frontier_and_figure(grid_run):
+    tmp, recipes, out = grid_run
+    report = json.loads((out / "report.json").read_text())
+    (grid,) = [f for f in report["findings"] if f["key"] == "grid"]
+    results = json.loads((out / "results.json").read_text())
+    for name, v in grid["data"]["recipes"].items():
+        pts = [{"sparsity": p["sparsity"]["1e-05"], "gain": p["accuracy_gain"]["sub"], "lr": p["learning_rate"],
+                "step": p["step"]} for p in results["grid"][name]["points"]]
+        assert len(v["points"]) == 4
+        frontier = {(p["lr"], p["step"]) for p in v["frontier"]}
+        assert frontier == {(p["lr"], p["step"]) for p in _brute_frontier(pts)}
+    assert (out / "figures" / "grid_frontier.png").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "## Grid: sparsity vs accuracy gain" in md and "lr \\ step" in md and "sparsity at matched levels" in md
+    assert "Grid: sparsity vs accuracy gain" in (out / "report.html").read_text()
+
+
+def test_grid_resume_trains_only_what_is_missing(grid_run, tiny_base, monkeypatch):
+    tmp, recipes, out = grid_run
+    before = json.loads((out / "results.json").read_text())["grid"]
+    calls = []
+    real = runner.train_checkpoints
+    monkeypatch.setattr(runner, "train_checkpoints", lambda *a, **k: calls.append((a[2], sorted(a[4]))) or real(*a, **k))
+    copy = tmp / "copy"
+    shutil.copytree(out, copy, symlinks=True)
+    (copy / "grid/g_sft/lr-1e-3/step-1/metrics.json").unlink()  # measured again from its trained.json
+    shutil.rmtree(copy / "grid/g_sft/lr-1e-2/step-2")  # trained again, to step 2 only
+    runner.run_lab(recipes, _opts(tiny_base, copy, grid=True), log=lambda m: None, resume=True)
+    assert calls == [(1e-2, [2])]
+    after = json.loads((copy / "results.json").read_text())["grid"]
+    drop = {"seconds", "eval_seconds", "step_cost"}
+    for name in before:
+        assert [{k: v for k, v in p.items() if k not in drop} for p in after[name]["points"]] == \
+            [{k: v for k, v in p.items() if k not in drop} for p in before[name]["points"]]
+
+
+def test_grid_needs_a_grid_on_every_named_recipe(tiny_base, tmp_path):
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps({"name": "plain", "algorithm": "sft", "steps": 2}))
+    with pytest.raises(UsageError, match="have no 'grid'"):
+        runner.run_lab([str(path)], _opts(tiny_base, tmp_path / "run", grid=True), log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_read_at_interpolates_between_bracketing_points_and_refuses_outside():
+    frontier = [{"gain": 0.0, "sparsity": 0.9}, {"gain": 0.1, "sparsity": 0.5}, {"gain": 0.3, "sparsity": 0.1}]
+    assert read_at(frontier, "gain", 0.05)["value"] == pytest.approx(0.7)
+    assert read_at(frontier, "gain", 0.2)["value"] == pytest.approx(0.3)
+    assert read_at(frontier, "gain", 0.1)["value"] == 0.5
+    assert read_at(frontier, "gain", 0.1 - 1e-12)["value"] == 0.5  # a gain stored as 0.09999999999999998
+    high = read_at(frontier, "gain", 0.31)
+    assert high["value"] is None and not high["in_range"] and high["range"] == [0.0, 0.3]
+    assert read_at(frontier, "gain", -0.01)["value"] is None
+    assert read_at([], "gain", 0.1)["range"] is None
+
+
+_point = st.fixed_dictionaries({"sparsity": st.sampled_from([0.1, 0.2, 0.5, 0.9]),
+                                "gain": st.sampled_from([-0.1, 0.0, 0.05, 0.1])})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_point, max_size=12))
+def test_pareto_frontier_equals_the_brute_force_filter(points):
+    got = pareto_frontier(points)
+    want = _brute_frontier(points)
+    assert sorted((p["gain"], p["sparsity"]) for p in got) == sorted((p["gain"], p["sparsity"]) for p in want)
+    assert [p["gain"] for p in got] == sorted(p["gain"] for p in got)
