@@ -166,3 +166,44 @@ def test_pareto_frontier_equals_the_brute_force_filter(points):
     want = _brute_frontier(points)
     assert sorted((p["gain"], p["sparsity"]) for p in got) == sorted((p["gain"], p["sparsity"]) for p in want)
     assert [p["gain"] for p in got] == sorted(p["gain"] for p in got)
+
+
+def _grid_point(lr, step, sparsity, gain, kl):
+    return {"learning_rate": lr, "step": step, "sparsity": {"0": sparsity, "1e-05": sparsity},
+            "accuracy_gain": {"add": gain}, "probe_kl": kl, "delta_norm": 1 - sparsity}
+
+
+def _grid_results(n, rl_curve, sft_curve):
+    """A grid run of one GRPO and one SFT recipe, each a list of (sparsity, gain, KL) at steps 10, 20, 40."""
+    entry = lambda name, algo, curve: {  # noqa: E731
+        "recipe": {"name": name, "algorithm": algo, "family": "add", "seed": 0},
+        "points": [_grid_point(1e-5, s, *row) for s, row in zip((10, 20, 40), curve)]}
+    return {"run": {"base": "b", "eval_family": "add",
+                    "base_metadata": {"num_parameters": n, "config": {"hidden_size": n // 10_000}}},
+            "recipes": {}, "grid": {"grpo": entry("grpo", "grpo", rl_curve), "sft_id": entry("sft_id", "sft", sft_curve)}}
+
+
+def test_scale_trend_reads_grid_runs_along_each_frontier(tmp_path):
+    from rlsparse.lab.verdicts.scale import render_trend, trend
+
+    dirs = []
+    # sizes given out of order; the small model's GRPO never reaches +10 points
+    for n, rl, sft in ((2_000_000, [(0.9, 0.0, 0.01), (0.7, 0.05, 0.02), (0.5, 0.15, 0.04)],
+                        [(0.8, 0.05, 0.01), (0.4, 0.2, 0.03), (0.2, 0.3, 0.05)]),
+                       (500_000, [(0.9, 0.0, 0.01), (0.8, 0.02, 0.02), (0.6, 0.08, 0.04)],
+                        [(0.6, 0.0, 0.01), (0.4, 0.1, 0.03), (0.3, 0.3, 0.05)])):
+        d = tmp_path / f"run-{n}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(_grid_results(n, rl, sft)))
+        dirs.append(d)
+    f = trend(dirs)
+    rows = f.data["rows"]
+    assert [r["parameters"] for r in rows] == [500_000, 2_000_000]
+    # 500k: GRPO's frontier tops out at +8 points (out of range); SFT reaches +10 at its step-20 point
+    assert rows[0]["rl"] is None and rows[0]["sft"] == pytest.approx(0.4)
+    assert rows[0]["grid"]["grpo"]["range"] == [0.0, 0.08]
+    # 2M: GRPO between (0.7, +5) and (0.5, +15): 0.6; SFT between (0.8, +5) and (0.4, +20): 0.8 - 0.4/3
+    assert rows[1]["rl"] == pytest.approx(0.6) and rows[1]["sft"] == pytest.approx(0.8 - 0.4 / 3)
+    assert rows[1]["source"].startswith("grid frontier")
+    md = render_trend(dirs, tmp_path / "scale").read_text()
+    assert "out of range (frontier gains +0.0 to +8.0 pts)" in md
