@@ -207,3 +207,14 @@ def test_scale_trend_reads_grid_runs_along_each_frontier(tmp_path):
     assert rows[1]["source"].startswith("grid frontier")
     md = render_trend(dirs, tmp_path / "scale").read_text()
     assert "out of range (frontier gains +0.0 to +8.0 pts)" in md
+
+
+def test_a_sweep_session_keeps_the_grid_and_the_report_shows_both(grid_run, tiny_base):
+    tmp, recipes, out = grid_run
+    both = tmp / "both"
+    shutil.copytree(out, both, symlinks=True)
+    runner.run_lab([recipes[0]], _opts(tiny_base, both, conjecture=False), log=lambda m: None, resume=True)
+    results = json.loads((both / "results.json").read_text())
+    assert set(results["grid"]) == {"g_sft", "g_dpo"} and set(results["recipes"]) == {"g_sft"}
+    keys = [f["key"] for f in json.loads((both / "report.json").read_text())["findings"]]
+    assert keys[0] == "grid" and "sparsity_sft_vs_rl" in keys

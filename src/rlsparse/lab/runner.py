@@ -893,10 +893,16 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     _write_json(out / "run.json", run_meta)
     results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {},
                "controls": {"spacing_share": measure.spacing_share(run.base_path)}}
+    earlier = json.loads((out / "results.json").read_text()) if held and (out / "results.json").is_file() else {}
+    # A --grid session and a sweep session share a run folder: each keeps what the other measured.
+    if opts.grid:
+        results["recipes"], results["conjecture"] = earlier.get("recipes", {}), earlier.get("conjecture", {})
+    elif earlier.get("grid"):
+        results["grid"] = earlier["grid"]
     if opts.grid:
         from rlsparse.lab import grid
 
-        results["grid"] = {}
+        results["grid"] = dict(earlier.get("grid") or {})
         progress = Progress(sum(grid.cells(r) for r in recipes), log)
         for recipe in recipes:
             log(f"grid {recipe.name} ({recipe.algorithm}): learning rates {recipe.grid['learning_rates']} x "

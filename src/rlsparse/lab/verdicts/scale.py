@@ -53,7 +53,7 @@ def trend(run_dirs: list[str | os.PathLike]) -> Finding:
         row = {"run": str(d), "parameters": _parameters(results["run"]),
                "hidden_size": ((base.get("config") or {}).get("hidden_size")),
                "base_accuracy": base.get("test_accuracy"), "matched_gain": for_run(results["run"])["matched_gain"]}
-        if results.get("grid") and not results.get("recipes"):
+        if results.get("grid"):
             row.update(_from_grid(results))
         else:
             f = figure1.finding(results, for_run(results["run"]))
