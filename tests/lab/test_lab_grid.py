@@ -113,6 +113,7 @@ def test_grid_report_frontier_and_figure(grid_run):
     assert (out / "figures" / "grid_frontier.png").stat().st_size > 1000
     md = (out / "report.md").read_text()
     assert "## Grid: sparsity vs accuracy gain" in md and "lr \\ step" in md and "sparsity at matched levels" in md
+    assert "## Runs" not in md  # a grid run has no sweep cells
     assert "Grid: sparsity vs accuracy gain" in (out / "report.html").read_text()
 
 

@@ -322,6 +322,8 @@ def _markdown(results: dict, items: list[Finding]) -> str:
                   f"Seeds: {', '.join(f'{k}={v}' for k, v in f.seeds.items()) or 'n/a'}", ""]
         if f.figure:
             lines += [f"![{f.key}](figures/{f.figure})", ""]
+    if not results["recipes"]:
+        return "\n".join(lines) + "\n"  # a --grid run: its checkpoints are in the Grid tables
     heads = ["recipe", "lr", "steps", "sparsity 0", "sparsity 1e-5", "accuracy", "gain", *verdict_text.RUN_HEADERS]
     lines += ["## Runs", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     fam = _eval_family(results)
@@ -353,6 +355,9 @@ def _html(md_items: list[Finding], results: dict) -> str:
                      f"{grid.html_tables(f) if f.key == 'grid' else ''}"
                      f"<p><i>Seeds:</i> {e(', '.join(f'{k}={v}' for k, v in f.seeds.items()))}</p></div></div>")
     fam = _eval_family(results)
+    if not results["recipes"]:
+        parts.append("</body></html>")
+        return "\n".join(parts)
     parts.append("<h2>Runs</h2><table><tr><th>recipe</th><th>lr</th><th>steps</th><th>sparsity 0</th>"
                  "<th>sparsity 1e-5</th><th>accuracy</th><th>gain</th><th>rank</th>"
                  + "".join(f"<th>{e(h)}</th>" for h in verdict_text.RUN_HEADERS) + "</tr>")
