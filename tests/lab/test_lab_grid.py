@@ -76,7 +76,9 @@ def test_grid_checkpoints_are_measured_like_cells(grid_run, tiny_base):
             # the recorded sparsities are exactly a brute-force diff of the saved checkpoint against the base
             for label, tol in (("0", 0.0), ("1e-05", 1e-5)):
                 assert p["changed"][label] == _changed(tiny_base, ckpt, tol)
+            # the live bf16 view at the checkpoint's step is exactly what the saved checkpoint shows
             assert p["trace"][-1]["step"] == p["step"]
+            assert p["trace"][-1]["bf16"] == pytest.approx(p["sparsity"]["1e-05"], abs=1e-12)
             assert max(h["step"] for h in p["log_history"]) == p["step"]
             assert p["probe_kl"] >= 0 and p["delta_norm"] > 0 and set(p["accuracy_gain"]) >= {"sub"}
         # one run per learning rate: step 1 and step 2 differ, and 1e-2 moved more weights than 1e-3

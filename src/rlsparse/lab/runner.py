@@ -379,7 +379,7 @@ def train_checkpoints(run: _Run, recipe: Recipe, lr: float, rows: list[dict], sa
     precision = resolve_precision(run.opts)
     model, tok = load_model(start or run.base_path, run.opts.device, weights=precision["master_weights"])
     name = _TRAINER.get(recipe.algorithm, recipe.algorithm)
-    tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
+    tracer = sparsity_trace(model, recipe.steps, also=saves) if run.opts.trace else None
     cost = StepCost()
     meta = {"recipe": recipe.name, "learning_rate": lr, "subnetwork_only": mask is not None, "precision": precision}
     logs: dict[int, dict] = {}
