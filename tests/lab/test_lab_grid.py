@@ -221,3 +221,16 @@ def test_a_sweep_session_keeps_the_grid_and_the_report_shows_both(grid_run, tiny
     assert set(results["grid"]) == {"g_sft", "g_dpo"} and set(results["recipes"]) == {"g_sft"}
     keys = [f["key"] for f in json.loads((both / "report.json").read_text())["findings"]]
     assert keys[0] == "grid" and "sparsity_sft_vs_rl" in keys
+
+
+def test_the_pre_registered_grids_reach_the_papers_learning_rate():
+    from rlsparse.lab.recipes import load_recipe, load_suite, recipe_names
+
+    real = [load_recipe(n, suite="real") for n in load_suite("real").recipes]
+    chosen = runner._grid_recipes(real, everything=True)
+    assert [r.name for r in chosen] == ["sft_ood", "dpo_id", "grpo_nokl", "prime"]
+    assert all(min(r.grid["learning_rates"]) == 5e-7 for r in chosen)
+    tiny = runner._grid_recipes([load_recipe(n) for n in recipe_names()], everything=True)
+    assert sorted(r.name for r in tiny) == ["dpo_id", "grpo", "prime", "sft_id", "sft_ood"]
+    assert all(min(r.grid["learning_rates"]) == 5e-7 and r.quickened().grid["checkpoints"] == [25, 50, 100, 200]
+               for r in tiny)
