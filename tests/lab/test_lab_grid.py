@@ -116,7 +116,8 @@ def test_grid_report_frontier_and_figure(grid_run):
     md = (out / "report.md").read_text()
     assert "## Grid: sparsity vs accuracy gain" in md and "lr \\ step" in md and "sparsity at matched levels" in md
     assert "## Runs" not in md  # a grid run has no sweep cells
-    assert "Grid: sparsity vs accuracy gain" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "Grid: sparsity vs accuracy gain" in page and "<td><b>" in page  # frontier cells in bold
 
 
 def test_grid_resume_trains_only_what_is_missing(grid_run, tiny_base, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 
 from rlsparse.lab.stats import GAIN_TOLERANCE
 from rlsparse.lab.verdicts.common import TOL, Finding, RL_ALGORITHMS, pct, pts, train_family
@@ -20,6 +21,7 @@ TITLE = "Grid: sparsity vs accuracy gain over learning rate x steps (Pareto fron
 PAPER = ("one checkpoint per algorithm, at learning rates down to 5e-7: RL 68.5-96% sparse (Table 1), SFT 6-15% "
          "(Figure 1); no sparsity-gain frontier reported")
 FIGURE = "grid_frontier.png"
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
 
 
 def _finite(x) -> bool:
@@ -179,12 +181,16 @@ def markdown(f: Finding) -> list[str]:
     return lines
 
 
+def _bold(text: str) -> str:
+    return _BOLD.sub(r"<b>\1</b>", text)
+
+
 def html_tables(f: Finding) -> str:
     e = html.escape
     parts = []
     for title, heads, rows in tables(f):
         parts.append(f"<p><b>{e(title)}</b></p><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in heads) + "</tr>"
-                     + "".join("<tr>" + "".join(f"<td>{e(c.replace('**', ''))}</td>" for c in r) + "</tr>" for r in rows)
+                     + "".join("<tr>" + "".join(f"<td>{_bold(e(c))}</td>" for c in r) + "</tr>" for r in rows)
                      + "</table>")
     return "".join(parts)
 
