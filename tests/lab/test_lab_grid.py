@@ -209,6 +209,9 @@ def test_scale_trend_reads_grid_runs_along_each_frontier(tmp_path):
     # 2M: GRPO between (0.7, +5) and (0.5, +15): 0.6; SFT between (0.8, +5) and (0.4, +20): 0.8 - 0.4/3
     assert rows[1]["rl"] == pytest.approx(0.6) and rows[1]["sft"] == pytest.approx(0.8 - 0.4 / 3)
     assert rows[1]["source"].startswith("grid frontier")
+    # along the steps of the one learning rate: the same interpolation, first crossing of +10 points
+    assert rows[1]["grid"]["grpo"]["along_steps_by_lr"] == {"1e-05": pytest.approx(0.6)}
+    assert rows[0]["grid"]["grpo"]["along_steps_by_lr"] == {"1e-05": None}
     md = render_trend(dirs, tmp_path / "scale").read_text()
     assert "out of range (frontier gains +0.0 to +8.0 pts)" in md
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from rlsparse.errors import CheckpointError
 from rlsparse.io.atomic import write_json, write_text
 from rlsparse.lab.preregistration import for_run
+from rlsparse.lab.stats import value_at_level
 from rlsparse.lab.verdicts import figure1, grid
 from rlsparse.lab.verdicts.common import Finding, pct
 
@@ -93,8 +94,13 @@ def _from_grid(results: dict) -> dict:
                  if v["rl"] == wanted and (wanted or v["algorithm"] == "sft")]
         values = [readings[n]["value"] for n in names]
         sides[side] = sum(values) / len(values) if values and None not in values else None
+    # Beside the best case: at each learning rate, where the run's step curve reaches the gain.
+    along = {n: {f"{lr:g}": value_at_level([(p["gain"], p["sparsity"]) for p in v["points"] if p["lr"] == lr],
+                                           f.data["matched_gain"])
+                 for lr in sorted({p["lr"] for p in v["points"]})} for n, v in f.data["recipes"].items()}
     return {"source": "grid frontier (best case over learning rate x steps)", "verdict": f.verdict,
-            "grid": {n: {"algorithm": f.data["recipes"][n]["algorithm"], **r} for n, r in readings.items()}, **sides}
+            "grid": {n: {"algorithm": f.data["recipes"][n]["algorithm"], **r, "along_steps_by_lr": along[n]}
+                     for n, r in readings.items()}, **sides}
 
 
 def render_trend(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
@@ -123,10 +129,13 @@ def render_trend(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> P
     for r in f.data["rows"]:
         for name, g in (r.get("grid") or {}).items():
             lines.append("")
-            lines.append(f"- {r['parameters']} parameters, {name} ({g['algorithm']}): "
+            steps = ", ".join(f"lr {lr}: {pct(v) if v is not None else 'not reached'}"
+                              for lr, v in (g.get("along_steps_by_lr") or {}).items())
+            lines.append(f"- {r['parameters']} parameters, {name} ({g['algorithm']}): frontier "
                          + (f"{pct(g['value'])} at +{100 * g['level']:.0f} pts" if g["value"] is not None else
                             "out of range (frontier gains "
-                            + (f"{100 * g['range'][0]:+.1f} to {100 * g['range'][1]:+.1f} pts)" if g["range"] else "none)")))
+                            + (f"{100 * g['range'][0]:+.1f} to {100 * g['range'][1]:+.1f} pts)" if g["range"] else "none)"))
+                         + (f"; along the steps of one run: {steps}" if steps else ""))
     lines += ["", f"![scale](figures/{f.figure})", ""]
     md = out / "scale.md"
     write_text(md, "\n".join(lines))
