@@ -41,6 +41,15 @@ def _parameters(run: dict) -> int | None:
     return n
 
 
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _hidden(run: dict) -> int | None:
+    config = _json(Path(run["base"]) / "config.json") if run.get("base") else None
+    return (config or {}).get("hidden_size")
+
+
 def trend(run_dirs: list[str | os.PathLike]) -> Finding:
     """The scale-trend finding from lab run folders (one point per folder, sorted by size)."""
     rows, prereg = [], None
@@ -52,8 +61,10 @@ def trend(run_dirs: list[str | os.PathLike]) -> Finding:
         prereg = prereg or for_run(results["run"])
         base = (results["run"].get("base_metadata") or {})
         row = {"run": str(d), "parameters": _parameters(results["run"]),
-               "hidden_size": ((base.get("config") or {}).get("hidden_size")),
-               "base_accuracy": base.get("test_accuracy"), "matched_gain": for_run(results["run"])["matched_gain"]}
+               "hidden_size": ((base.get("config") or {}).get("hidden_size")) or _hidden(results["run"]),
+               # a real base has no lab metadata: its accuracy is the run's own measurement
+               "base_accuracy": base.get("test_accuracy") or _json(Path(d) / "base_accuracy.json"),
+               "matched_gain": for_run(results["run"])["matched_gain"]}
         if results.get("grid"):
             row.update(_from_grid(results))
         else:
