@@ -48,6 +48,9 @@ def add_lab_parser(sub) -> None:
     run.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                      help="progress within each training run: auto = a bar on a terminal, else a line with "
                           "steps/s and ETA every ~10 s (default: %(default)s)")
+    run.add_argument("--grid", action="store_true",
+                     help="run each recipe's learning-rate x steps grid (its 'grid' field: one run per learning rate, "
+                          "measured at every listed step) instead of its sweep; 'all'/'real' take the recipes with a grid")
     run.add_argument("--seeds", metavar="S,S,...", default=None,
                      help="run every recipe with these seeds (e.g. 0,1,2), replacing the recipes' own")
     run.set_defaults(func=_run)
@@ -140,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
                       weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
                       progress=args.progress,
-                      base=BaseConfig().with_overrides(args.base), real_base=real, seeds=seeds)
+                      base=BaseConfig().with_overrides(args.base), real_base=real, seeds=seeds, grid=args.grid)
     run_dir = run_lab(names, opts, resume=args.resume)
     print(f"run folder: {run_dir}")
     return 0

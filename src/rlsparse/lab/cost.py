@@ -99,12 +99,13 @@ class StepCost:
                            "train_forward_backward": max(0.0, step - inside),
                            "optimizer_and_rest": max(0.0, total - max(step, gen + score))})
 
-    def summary(self) -> dict:
-        """Mean seconds per step for each phase, and the number of steps measured."""
-        if not self.steps:
+    def summary(self, upto: int | None = None) -> dict:
+        """Mean seconds per step for each phase, and the number of steps measured (the first ``upto`` only)."""
+        steps = self.steps[:upto] if upto is not None else self.steps
+        if not steps:
             return {"steps": 0}
-        n = len(self.steps)
-        mean = {k: round(sum(s[k] for s in self.steps) / n, 3) for k in self.steps[0]}
+        n = len(steps)
+        mean = {k: round(sum(s[k] for s in steps) / n, 3) for k in steps[0]}
         return {"steps": n, "per_step_seconds": mean}
 
 

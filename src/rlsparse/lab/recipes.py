@@ -55,6 +55,9 @@ class Recipe:
         pre_sft: Optional ``{"learning_rate", "steps"}``: first SFT the base on the chosen answers
             of this recipe's data (the paper's way to make off-policy data in-distribution, Table 5);
             the recipe then starts from, and is diffed against, that SFT model.
+        grid: Optional ``{"learning_rates": [...], "checkpoints": [steps...]}`` for ``lab run --grid``:
+            one run per learning rate, trained to the largest step count (the schedule's length) and
+            saved and measured at every listed step. Fixed in the recipe file before the grid runs.
         group: The finding this recipe feeds ("sft_vs_rl", "kl_clip").
         description: One line for the report.
         on_policy, kl, online: The algorithm's flags in the paper's Table 1 (None where not stated):
@@ -80,6 +83,7 @@ class Recipe:
     conjecture_lr: float | None = None
     seeds: list[int] = field(default_factory=list)
     pre_sft: dict | None = None
+    grid: dict | None = None
     group: str = "sft_vs_rl"
     description: str = ""
     on_policy: bool | None = None
@@ -105,10 +109,16 @@ class Recipe:
         if self.pre_sft is not None and (set(self.pre_sft) != {"learning_rate", "steps"}
                                          or float(self.pre_sft["learning_rate"]) <= 0 or int(self.pre_sft["steps"]) < 1):
             problems.append(f"pre_sft {self.pre_sft!r} (expected {{'learning_rate': > 0, 'steps': >= 1}})")
+        if self.grid is not None and not _valid_grid(self.grid):
+            problems.append(f"grid {self.grid!r} (expected {{'learning_rates': [positive floats], "
+                            "'checkpoints': [distinct steps >= 1]})")
         if problems:
             raise UsageError(f"recipe {self.name!r} has invalid " + "; ".join(problems) + "; fix the recipe file")
         self.learning_rates = [float(lr) for lr in self.learning_rates]
         self.seeds = [int(s) for s in self.seeds] or [int(self.seed)]
+        if self.grid is not None:
+            self.grid = {"learning_rates": [float(lr) for lr in self.grid["learning_rates"]],
+                         "checkpoints": sorted(int(s) for s in self.grid["checkpoints"])}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
@@ -124,6 +134,17 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _valid_grid(grid) -> bool:
+    if not isinstance(grid, dict) or set(grid) != {"learning_rates", "checkpoints"}:
+        return False
+    lrs, steps = grid["learning_rates"], grid["checkpoints"]
+    if not isinstance(lrs, list) or not isinstance(steps, list) or not lrs or not steps:
+        return False
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lrs)
+    whole = all(isinstance(x, int) and not isinstance(x, bool) for x in steps)
+    return numbers and whole and all(lr > 0 for lr in lrs) and all(s >= 1 for s in steps) and len(set(steps)) == len(steps)
 
 
 def recipe_dir() -> Path:

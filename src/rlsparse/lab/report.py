@@ -18,7 +18,7 @@ from rlsparse.errors import CheckpointError
 from rlsparse.io.atomic import atomic_path, write_text
 from rlsparse.lab import stats
 from rlsparse.lab.preregistration import for_run
-from rlsparse.lab.verdicts import conjecture, figure1, figure5, kl_clip, precision, table2, table4, table5, table6
+from rlsparse.lab.verdicts import conjecture, figure1, figure5, grid, kl_clip, precision, table2, table4, table5, table6
 from rlsparse.lab.verdicts import plots as verdict_plots
 from rlsparse.lab.verdicts import render as verdict_text
 from rlsparse.lab.verdicts.common import RL_ALGORITHMS, Finding
@@ -103,7 +103,10 @@ def findings(results: dict) -> list[Finding]:
     """Every finding computed from a run's ``results.json`` data (no plotting), judged with the
     thresholds pre-registered for that run (its ``run.json`` record, else the built-in file)."""
     prereg = for_run(results["run"])
-    return [figure1.finding(results, prereg), table5.finding(results, prereg), table6.finding(results, prereg),
+    if not results.get("recipes") and results.get("grid"):
+        return [grid.finding(results, prereg)]  # a --grid run: its section only
+    extra = [grid.finding(results, prereg)] if results.get("grid") else []
+    return extra + [figure1.finding(results, prereg), table5.finding(results, prereg), table6.finding(results, prereg),
             table2.finding(results, prereg), _layer_finding(results), table4.finding(results, prereg),
             kl_clip.finding(results, prereg),
             conjecture.finding(results, prereg), conjecture.figure4(results, prereg), figure5.finding(results, prereg),
@@ -315,10 +318,12 @@ def _markdown(results: dict, items: list[Finding]) -> str:
              verdict_text.preregistration_statement(results), "", REAL_BASE_NOTE, ""]
     for f in items:
         lines += [f"## {f.title}", "", f"**Verdict: {f.verdict}.** {f.sentence}", "", f"Paper: {f.paper}", "",
-                  *verdict_text.finding_markdown(f),
+                  *verdict_text.finding_markdown(f), *(grid.markdown(f) if f.key == "grid" else []),
                   f"Seeds: {', '.join(f'{k}={v}' for k, v in f.seeds.items()) or 'n/a'}", ""]
         if f.figure:
             lines += [f"![{f.key}](figures/{f.figure})", ""]
+    if not results["recipes"]:
+        return "\n".join(lines) + "\n"  # a --grid run: its checkpoints are in the Grid tables
     heads = ["recipe", "lr", "steps", "sparsity 0", "sparsity 1e-5", "accuracy", "gain", *verdict_text.RUN_HEADERS]
     lines += ["## Runs", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     fam = _eval_family(results)
@@ -347,8 +352,12 @@ def _html(md_items: list[Finding], results: dict) -> str:
         img = f"<img src='figures/{e(f.figure)}' alt='{e(f.key)}'>" if f.figure else ""
         parts.append(f"<div class='f'><div>{img}</div><div><h2>{e(f.title)}</h2><p class='v'>{e(f.verdict)}</p>"
                      f"<p>{e(f.sentence)}</p><p><i>Paper:</i> {e(f.paper)}</p>{verdict_text.finding_html(f)}"
+                     f"{grid.html_tables(f) if f.key == 'grid' else ''}"
                      f"<p><i>Seeds:</i> {e(', '.join(f'{k}={v}' for k, v in f.seeds.items()))}</p></div></div>")
     fam = _eval_family(results)
+    if not results["recipes"]:
+        parts.append("</body></html>")
+        return "\n".join(parts)
     parts.append("<h2>Runs</h2><table><tr><th>recipe</th><th>lr</th><th>steps</th><th>sparsity 0</th>"
                  "<th>sparsity 1e-5</th><th>accuracy</th><th>gain</th><th>rank</th>"
                  + "".join(f"<th>{e(h)}</th>" for h in verdict_text.RUN_HEADERS) + "</tr>")

@@ -27,6 +27,7 @@ from rlsparse.errors import OutputError, UsageError, require
 from rlsparse.io.atomic import write_json
 from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
+from rlsparse.lab import trained as trained_record
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
 from rlsparse.lab.cost import signal_steps
 from rlsparse.lab.preregistration import Preregistration, load_preregistration
@@ -79,6 +80,8 @@ class LabOptions:
         eval_batch: Prompts per greedy-evaluation batch.
         sample_batch: Prompts per policy-sampling batch (RFT and DPO data).
         rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
+        grid: Run each recipe's learning-rate x steps ``grid`` (``lab.grid``) instead of its sweep
+            and Conjecture 1 ("all" and "real" take the recipes that have a grid).
     """
 
     out: Path
@@ -107,6 +110,7 @@ class LabOptions:
     eval_batch: int = 256
     sample_batch: int = 256
     rank_matrices: int | None = None
+    grid: bool = False
 
 
 class _Run:
@@ -120,6 +124,7 @@ class _Run:
         self._jsonl: list[Problem] | None = load_jsonl(opts.dataset) if opts.dataset else None
         self.n_test = opts.n_test
         self._start_acc: dict = {}
+        self.start_hashes: dict = {}
 
     def problems(self, family: str) -> tuple[list[Problem], list[Problem]]:
         if self._jsonl is not None:
@@ -314,11 +319,53 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     """Train one recipe at one learning rate from the base; save the checkpoint; return its log.
 
     Training goes through ``rlsparse.train.trainers.build_trainer``, the path ``rlsparse train``
-    takes: a masked rerun is the same trainer with ``MaskCallback`` (verified at the end).
+    takes: a masked rerun is the same trainer with ``MaskCallback`` (verified at the end). The
+    checkpoint is followed by ``trained.json`` (``lab.trained``); when ``out`` already holds a
+    complete checkpoint whose record names this very cell, it is evaluated without training again.
+    """
+    cell = train_cell(run, recipe, lr, rows, start=start, mask=mask)
+    trained = trained_record.load(out, cell)
+    if trained is None:
+        trained = train_checkpoints(run, recipe, lr, rows, {recipe.steps: out}, cell, mask=mask, start=start)[recipe.steps]
+    else:
+        run.log(f"    {out}: its checkpoint and trained.json match this cell; evaluating it, "
+                "not training it again")
+    return {**trained, **evaluate_checkpoint(run, recipe, out)}
+
+
+def evaluate_checkpoint(run: _Run, recipe: Recipe, folder: Path) -> dict:
+    """Held-out accuracy of a checkpoint as saved: the same view the sparsity numbers use."""
+    saved, tok = load_model(folder, run.opts.device)
+    begun = time.time()
+    acc = {f: run.accuracy(saved, tok, probs) for f, probs in run.test_sets(recipe).items()}
+    return {"accuracy": acc, "eval_seconds": round(time.time() - begun, 2)}
+
+
+def train_cell(run: _Run, recipe: Recipe, lr: float, rows: list[dict], start: Path | None = None, mask=None,
+               step: int | None = None) -> dict:
+    """What makes a trained checkpoint this cell's: recipe (with its seed), learning rate, the start
+    checkpoint's and the data's hashes, the mask's, and the step it was saved at."""
+    start = Path(start or run.base_path)
+    if start not in run.start_hashes:
+        run.start_hashes[start] = trained_record.checkpoint_sha256(start)
+    return {"recipe": recipe.to_dict(), "learning_rate": lr, "start": _relative(run, start),
+            "start_sha256": run.start_hashes[start], "rows_sha256": trained_record.rows_sha256(rows),
+            "mask_sha256": trained_record.mask_sha256(mask), "step": recipe.steps if step is None else step,
+            "checkpoint_dtype": run.opts.checkpoint_dtype, "precision": resolve_precision(run.opts)}
+
+
+def train_checkpoints(run: _Run, recipe: Recipe, lr: float, rows: list[dict], saves: dict[int, Path], cell: dict,
+                      mask=None, start: Path | None = None) -> dict[int, dict]:
+    """Train ``recipe.steps`` steps (the schedule's length), saving a checkpoint at each step of ``saves``.
+
+    Training stops after the largest step of ``saves``; every checkpoint is followed by its
+    ``trained.json`` (``cell`` with that step). Returns each step's training log (losses, step
+    costs, clip share, trace up to that step; the net-drift ratio at the last step only).
     """
     import warnings
 
     from datasets import Dataset
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from rlsparse.lab.cost import StepCost
@@ -327,12 +374,49 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     # TRL 1.16 sets transformers options that transformers 5.24 renamed: a FutureWarning per run
     # that tells a lab user nothing.
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
+    bad = sorted(s for s in saves if not 1 <= s <= recipe.steps)
+    if bad:
+        raise UsageError(f"recipe {recipe.name}: checkpoint steps {bad} are outside 1..{recipe.steps}; fix its grid")
+    last = max(saves)
     _set_seed(recipe.seed)
     precision = resolve_precision(run.opts)
     model, tok = load_model(start or run.base_path, run.opts.device, weights=precision["master_weights"])
     name = _TRAINER.get(recipe.algorithm, recipe.algorithm)
-    tracer = sparsity_trace(model, recipe.steps) if run.opts.trace else None
+    tracer = sparsity_trace(model, recipe.steps, also=saves) if run.opts.trace else None
     cost = StepCost()
+    meta = {"recipe": recipe.name, "learning_rate": lr, "subnetwork_only": mask is not None, "precision": precision}
+    logs: dict[int, dict] = {}
+
+    def record(step: int, history: list[dict], drift) -> dict:
+        kept = [h for h in _losses(history) if h.get("step", 0) <= step]
+        return {"seconds": round(time.time() - begun, 2), "rows": len(rows), "log_history": kept,
+                "trainer": trainer_name, "trl_config": effective,
+                "step_cost": cost.summary(upto=step), "signal": signal_steps(kept),
+                "trace": [t for t in tracer.trace if t["step"] <= step] if tracer is not None else None,
+                "net_drift": drift, "clip_active_share": _clip_share(kept, effective.get("max_grad_norm"))}
+
+    class _Checkpoints(TrainerCallback):
+        """Saves the checkpoints before the last; each one's record once its step's log is written."""
+
+        def __init__(self):
+            self.pending: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if step in saves and step != last:
+                save_model(model, tok, saves[step], dtype=run.opts.checkpoint_dtype, meta={**meta, "step": step})
+                self.pending.append(step)
+            if step >= last:
+                control.should_training_stop = True
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # The previous step's log entry exists now (logging follows on_step_end).
+            for step in self.pending:
+                logs[step] = record(step, state.log_history, None)
+                trained_record.save(saves[step], {**cell, "step": step}, logs[step])
+            self.pending = []
+
+    saver = _Checkpoints()
     with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as workdir:
         autocast = precision["compute"] == "bfloat16" and precision["master_weights"] == "float32"
         args = _trl_config(recipe, lr, workdir, run.opts.device, autocast_bf16=autocast)
@@ -342,29 +426,21 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
         trainer = build_trainer(name, model, args, Dataset.from_list(rows), tok, mask=mask, verify=mask is not None,
                                 reward_funcs=[reward] if algorithm(name).uses_rewards else None,
                                 # The cost callback first: its step ends before the trace's measurement.
-                                callbacks=[cost] + [c for c in (tracer, shown) if c is not None])
+                                callbacks=[cost] + [c for c in (tracer, shown) if c is not None] + [saver])
         trainer.remove_callback(PrinterCallback)
         cost.attach(trainer)
+        trainer_name = type(trainer).__name__
         begun = time.time()
         trainer.train()
-        seconds = time.time() - begun
-        history = _losses(trainer.state.log_history)
+        saver.on_step_begin(None, trainer.state, None)  # records of checkpoints saved at the last steps
         final = trainer.model
-        trainer_name = type(trainer).__name__
-    save_model(final, tok, out, dtype=run.opts.checkpoint_dtype,
-               meta={"recipe": recipe.name, "learning_rate": lr, "subnetwork_only": mask is not None,
-                     "precision": precision})
+        history = list(trainer.state.log_history)
+        logs[last] = record(last, history, tracer.drift if tracer is not None else None)
+    save_model(final, tok, saves[last], dtype=run.opts.checkpoint_dtype,
+               meta={**meta, "step": last} if len(saves) > 1 else meta)
+    trained_record.save(saves[last], {**cell, "step": last}, logs[last])
     del trainer, final, model
-    # Accuracy of the checkpoint as saved: the same view the sparsity numbers use.
-    saved, tok = load_model(out, run.opts.device)
-    begun = time.time()
-    acc = {f: run.accuracy(saved, tok, probs) for f, probs in run.test_sets(recipe).items()}
-    return {"seconds": round(seconds, 2), "eval_seconds": round(time.time() - begun, 2), "accuracy": acc,
-            "rows": len(rows), "log_history": history, "trainer": trainer_name, "trl_config": effective,
-            "step_cost": cost.summary(), "signal": signal_steps(history),
-            "trace": tracer.trace if tracer is not None else None,
-            "net_drift": tracer.drift if tracer is not None else None,
-            "clip_active_share": _clip_share(history, effective.get("max_grad_norm"))}
+    return logs
 
 
 def _clip_share(history: list[dict], max_norm) -> float | None:
@@ -740,6 +816,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         raise UsageError(f"compute {opts.compute!r} / weights {opts.weights!r}: expected compute auto, bfloat16 "
                          "or float32 and weights float32 or bfloat16")
     suite = None
+    everything = names in ("real", ["real"], "all", ["all"])
     if names in ("real", ["real"]) or opts.real_base:
         # The real base comes with its suite: chat tasks, test sets and pre-registered thresholds.
         suite = "real"
@@ -752,6 +829,8 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         recipes = [r.quickened() for r in recipes]
     if opts.seeds:
         recipes = [replace(r, seeds=list(opts.seeds), seed=opts.seeds[0]) for r in recipes]
+    if opts.grid:
+        recipes = _grid_recipes(recipes, everything)
     out = Path(opts.out)
     held = (out / "run.json").is_file()
     if held and not resume:
@@ -802,7 +881,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
                 "threads": opts.threads if opts.device == "cpu" else None,
                 "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": run.n_test,
                 "style": opts.style, "test_families": opts.test_families, "max_new_tokens": opts.max_new_tokens,
-                "rank_matrices": opts.rank_matrices,
+                "rank_matrices": opts.rank_matrices, "grid": opts.grid,
                 "preregistration": run.preregistration.to_json(),
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
@@ -817,9 +896,25 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     _write_json(out / "run.json", run_meta)
     results = {"schema_version": RUN_SCHEMA_VERSION, "run": run_meta, "recipes": {}, "conjecture": {},
                "controls": {"spacing_share": measure.spacing_share(run.base_path)}}
-    conj = [r for r in recipes if r.conjecture] if opts.conjecture else []
+    earlier = json.loads((out / "results.json").read_text()) if held and (out / "results.json").is_file() else {}
+    # A --grid session and a sweep session share a run folder: each keeps what the other measured.
+    if opts.grid:
+        results["recipes"], results["conjecture"] = earlier.get("recipes", {}), earlier.get("conjecture", {})
+    elif earlier.get("grid"):
+        results["grid"] = earlier["grid"]
+    if opts.grid:
+        from rlsparse.lab import grid
+
+        results["grid"] = dict(earlier.get("grid") or {})
+        progress = Progress(sum(grid.cells(r) for r in recipes), log)
+        for recipe in recipes:
+            log(f"grid {recipe.name} ({recipe.algorithm}): learning rates {recipe.grid['learning_rates']} x "
+                f"checkpoints at steps {recipe.grid['checkpoints']}")
+            results["grid"][recipe.name] = grid.run_grid(run, recipe, progress)
+            _write_json(out / "results.json", results)
+    conj = [r for r in recipes if r.conjecture] if opts.conjecture and not opts.grid else []
     progress = Progress(sum(len(r.learning_rates) * len(r.seeds) for r in recipes) + len(conj), log)
-    for recipe in recipes:
+    for recipe in recipes if not opts.grid else []:
         log(f"recipe {recipe.name} ({recipe.algorithm}, {recipe.data}, family {recipe.family})")
         results["recipes"][recipe.name] = run_recipe(run, recipe, progress)
         _write_json(out / "results.json", results)
@@ -840,6 +935,18 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         html, _ = render(out)
         log(f"report: {html}")
     return out
+
+
+def _grid_recipes(recipes: list[Recipe], everything: bool) -> list[Recipe]:
+    """The recipes a ``--grid`` run trains: every named one must have a grid; "all"/"real" keep those that do."""
+    with_grid = [r for r in recipes if r.grid]
+    lacking = [r.name for r in recipes if not r.grid]
+    if lacking and not everything:
+        raise UsageError(f"--grid: recipes {lacking} have no 'grid' (learning rates x checkpoint steps); "
+                         f"name recipes that do ({', '.join(r.name for r in with_grid) or 'none of these'}) or add one")
+    if not with_grid:
+        raise UsageError("--grid: none of these recipes has a 'grid'; add one to a recipe file")
+    return with_grid
 
 
 # What must not change between the sessions of one resumed run: a finished cell measured against

@@ -22,8 +22,9 @@ def _callback_base():
     return TrainerCallback
 
 
-def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = PAPER_TOLERANCE):
-    """A ``TrainerCallback`` recording both sparsity views every ``total_steps / points`` steps.
+def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = PAPER_TOLERANCE, also=()):
+    """A ``TrainerCallback`` recording both sparsity views every ``total_steps / points`` steps
+    (and at the steps in ``also``, e.g. where checkpoints are saved).
 
     The callback's ``trace`` attribute is a list of {"step", "bf16", "fp32"} dicts; step 0 is
     the start. After training, ``drift`` is {"net_over_path": sum_i |net_i| / sum_i path_i,
@@ -39,6 +40,7 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     start_bf16 = {n: t.to(torch.bfloat16).to(torch.float32) for n, t in start.items()}
     every = max(1, total_steps // max(1, points))
+    extra = frozenset(also)
     tol = float(tolerance)
 
     prev = {n: t.clone() for n, t in start.items()}
@@ -84,7 +86,8 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
 
         def on_step_end(self, args, state, control, **kwargs):
             accumulate()
-            if state.global_step % every == 0 and state.global_step != self.trace[-1]["step"]:
+            due = state.global_step % every == 0 or state.global_step in extra
+            if due and state.global_step != self.trace[-1]["step"]:
                 self.trace.append(measure(state.global_step))
 
         def on_train_end(self, args, state, control, **kwargs):

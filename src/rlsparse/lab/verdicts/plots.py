@@ -38,6 +38,12 @@ def _sparsity_vs_gain(f: Finding, figdir: Path) -> None:
 
 def plot(f: Finding, figdir: Path) -> bool:
     """Draw ``f``'s figure if this module owns it; True when handled (drawn, or drawn by another finding)."""
+    if f.key == "grid":
+        from rlsparse.lab.verdicts import grid
+
+        if f.figure:
+            grid.plot(f, figdir / f.figure)
+        return True
     if f.key == "figure4":
         return True  # shares conjecture_loss.png, drawn with the Conjecture 1 finding
     if f.key == "sparsity_sft_vs_rl" and f.data.get("curves"):
@@ -66,12 +72,24 @@ def plot(f: Finding, figdir: Path) -> bool:
         axes[1].legend(fontsize=7)
     else:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for kind, style in (("rl", "-o"), ("sft", "--s")):
-            rows = [r for r in f.data["rows"] if r.get(kind) is not None]
-            ax.plot([r["parameters"] for r in rows], [100 * r[kind] for r in rows], style, label=kind.upper())
+        # Lines join only runs read the same way at the same gain (one family); others stand alone, labelled.
+        families: dict = {}
+        for r in f.data["rows"]:
+            key = (r.get("matched_gain", f.data["matched_gain"]), r.get("source", ""))
+            families.setdefault(key, []).append(r)
+        for i, ((level, source), rows) in enumerate(families.items()):
+            for kind, style, colour in (("rl", "-o", "C0"), ("sft", "--s", "C1")):
+                have = [r for r in rows if r.get(kind) is not None]
+                if not have:
+                    continue
+                label = f"{kind.upper()} at +{100 * level:.0f} pts" + (f" ({source.split(' (')[0]})" if source else "")
+                ax.plot([r["parameters"] for r in have], [100 * r[kind] for r in have], style, color=colour,
+                        alpha=1.0 if i == 0 else 0.6, label=label)
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
-        ax.set_ylabel(f"sparsity at a matched gain of +{100 * f.data['matched_gain']:.0f} pts (%)")
-        ax.legend(fontsize=8)
+        levels = {r.get("matched_gain", f.data["matched_gain"]) for r in f.data["rows"]}
+        ax.set_ylabel(f"sparsity at a matched gain of +{100 * f.data['matched_gain']:.0f} pts (%)" if len(levels) == 1
+                      else "sparsity at each run's matched gain (%)")
+        ax.legend(fontsize=7)
     _save(fig, figdir / f.figure)
     return True

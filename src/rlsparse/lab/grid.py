@@ -1,0 +1,97 @@
+"""The learning-rate x steps grid (``rlsparse lab run NAMES --grid``): sparsity at matched steps,
+learning rate, gain and KL, instead of one point per algorithm.
+
+For each learning rate of a recipe's ``grid``, one run is trained to the largest listed step count
+(the length its learning-rate schedule is set for) and saved at every listed step; each saved
+checkpoint is then measured exactly as a sweep cell is (``runner._measure_point``: sparsity at
+every tolerance of the bf16 checkpoint, rank, KL(start || finetuned) on the probe set, ||Δθ||, and
+held-out accuracy as saved). A checkpoint at step s is the state of that run at step s, not an
+s-step run with its own schedule (the same under a constant schedule).
+
+Layout: ``RUN_DIR/grid/<recipe>/lr-<lr>/step-<s>/`` holds the checkpoint, its ``trained.json``
+and, written last, ``metrics.json``. A resumed run keeps every measured checkpoint, measures
+saved ones whose ``trained.json`` matches, and trains a learning rate again only up to the largest
+step still missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from rlsparse.errors import UsageError
+from rlsparse.lab import runner
+from rlsparse.lab import trained as trained_record
+from rlsparse.lab.recipes import Recipe
+
+
+def grid_recipe(recipe: Recipe) -> Recipe:
+    """The recipe a grid trains: its grid's learning rates, and as many steps as the largest checkpoint."""
+    if recipe.grid is None:
+        raise UsageError(f"recipe {recipe.name} has no 'grid' (learning rates x checkpoint steps); add one to its "
+                         "file or run it without --grid")
+    return replace(recipe, learning_rates=list(recipe.grid["learning_rates"]), steps=max(recipe.grid["checkpoints"]))
+
+
+def cells(recipe: Recipe) -> int:
+    """Planned progress units of a recipe's grid: one per learning rate (a training and its checkpoints)."""
+    return len(recipe.grid["learning_rates"]) if recipe.grid else 0
+
+
+def _folder(run, recipe: Recipe, lr: float, step: int) -> Path:
+    return run.opts.out / "grid" / recipe.name / f"lr-{runner._lr_label(lr)}" / f"step-{step}"
+
+
+def run_grid(run, recipe: Recipe, progress=None) -> dict:
+    """Train and measure one recipe's grid (first seed); returns its results entry with one point per checkpoint.
+
+    Example:
+        >>> entry = run_grid(run, load_recipe("grpo"))
+        >>> [(p["learning_rate"], p["step"], p["sparsity"]["1e-05"]) for p in entry["points"]]
+    """
+    trained_as = grid_recipe(replace(recipe, seed=recipe.seeds[0]))
+    steps = trained_as.grid["checkpoints"]
+    rows = start = start_acc = None
+    points = []
+    for lr in trained_as.learning_rates:
+        label = f"{recipe.name} grid lr={lr:g} ({len(steps)} checkpoints to step {max(steps)})"
+        folders = {s: _folder(run, recipe, lr, s) for s in steps}
+        done = {s: runner._finished(f) for s, f in folders.items()}
+        if all(d is not None for d in done.values()):
+            points += [done[s] for s in steps]
+            if progress:
+                progress.skip(label)
+            continue
+        begun = time.time()
+        if rows is None:
+            rows = runner.build_rows(run, trained_as)
+            start = runner._pre_sft(run, trained_as, rows) if recipe.pre_sft else run.base_path
+            start_acc = run.start_accuracy(trained_as, start)
+        cell = runner.train_cell(run, trained_as, lr, rows, start=start)
+        todo = [s for s in steps if done[s] is None]
+        logs = {s: trained_record.load(folders[s], {**cell, "step": s}) for s in todo}
+        missing = [s for s in todo if logs[s] is None]
+        if missing:
+            run.log(f"  {recipe.name} grid: lr={lr:g}, training to step {max(missing)} of {trained_as.steps} on "
+                    f"{len(rows)} rows, saving steps {missing}")
+            logs.update(runner.train_checkpoints(run, trained_as, lr, rows, {s: folders[s] for s in missing}, cell,
+                                                 start=start))
+        for s in steps:
+            if done[s] is None:
+                measured = {**logs[s], **runner.evaluate_checkpoint(run, trained_as, folders[s])}
+                done[s] = runner._measure_point(run, start, folders[s], measured, start_acc)
+                done[s].update(learning_rate=lr, step=s, seed=trained_as.seed, start=runner._relative(run, start))
+                runner._write_json(folders[s] / "metrics.json", done[s])
+            points.append(done[s])
+        fam = run.eval_key(trained_as)
+        run.log(f"    {recipe.name} lr={lr:g}: " + ", ".join(
+            f"step {s} sparsity {done[s]['sparsity']['1e-05']:.1%} gain {100 * done[s]['accuracy_gain'][fam]:+.1f}"
+            for s in steps))
+        if progress:
+            progress.finish(label, time.time() - begun)
+    summary = run.opts.out / "grid" / recipe.name / "entry.json"
+    if rows is not None:
+        runner._write_json(summary, {"rows": len(rows), "base_accuracy": start_acc})
+    return {"recipe": recipe.to_dict(), **json.loads(summary.read_text()), "points": points}
