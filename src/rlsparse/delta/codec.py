@@ -158,21 +158,23 @@ def estimate_planes(bits: np.ndarray) -> float:
     return sum(_entropy_bytes(np.bincount(planes[:, i], minlength=256)) for i in range(size))
 
 
+def varints(values) -> bytes:
+    """LEB128 varints of non-negative integers (a plain loop: headers hold a few dozen)."""
+    out = bytearray()
+    for x in values:
+        while x >= 0x80:
+            out.append((x & 0x7F) | 0x80)
+            x >>= 7
+        out.append(x)
+    return bytes(out)
+
+
 class _Out:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
 
     def varint(self, x: int) -> None:
-        b = bytearray()
-        while True:
-            byte = x & 0x7F
-            x >>= 7
-            if x:
-                b.append(byte | 0x80)
-            else:
-                b.append(byte)
-                break
-        self.parts.append(bytes(b))
+        self.parts.append(varints((x,)))
 
     def blob(self, data: bytes) -> None:
         self.varint(len(data))
@@ -192,16 +194,26 @@ class _In:
         return PatchError(f"{self.where}: encoded data ends early or is corrupt; the patch is damaged: re-create it")
 
     def varint(self) -> int:
-        x = shift = 0
-        while True:
-            if self.pos >= len(self.mv) or shift > 63:
-                raise self._fail()
-            byte = self.mv[self.pos]
-            self.pos += 1
-            x |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return x
+        return self.varints(1)[0]
+
+    def varints(self, count: int) -> list[int]:
+        """``count`` varints."""
+        mv, pos, end = self.mv, self.pos, len(self.mv)
+        out = []
+        for _ in range(count):
+            x = shift = 0
+            while True:
+                if pos >= end or shift > 63:
+                    raise self._fail()
+                byte = mv[pos]
+                pos += 1
+                x |= (byte & 0x7F) << shift
+                shift += 7
+                if byte < 0x80:
+                    break
+            out.append(x)
+        self.pos = pos
+        return out
 
     def blob(self) -> memoryview:
         n = self.varint()
@@ -212,13 +224,27 @@ class _In:
         return out
 
 
+def _pack_bits(vals: np.ndarray, k: int) -> bytes:
+    """The low ``k`` bits of each value, least significant first, concatenated (little bit order)."""
+    size = vals.dtype.itemsize
+    le = vals.astype(vals.dtype.newbyteorder("<"), copy=False)
+    bits = np.unpackbits(le.view(np.uint8).reshape(-1, size), axis=1, count=k, bitorder="little")
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def _unpack_bits(raw: np.ndarray, m: int, k: int, work) -> np.ndarray:
+    """Inverse of :func:`_pack_bits`: ``m`` values of ``k`` bits as ``work`` (unsigned)."""
+    size = np.dtype(work).itemsize
+    bits = np.unpackbits(raw, count=m * k, bitorder="little").reshape(m, k)
+    full = np.zeros((m, 8 * size), dtype=np.uint8)
+    full[:, :k] = bits
+    return np.packbits(full, axis=1, bitorder="little").view(np.dtype(work).newbyteorder("<")).reshape(m)
+
+
 def _encode_symbols(out: _Out, sym: np.ndarray) -> None:
     counts = np.bincount(sym, minlength=_ALPHABET)
     used = np.flatnonzero(counts)
-    out.varint(len(used))
-    for s in used:
-        out.varint(int(s))
-        out.varint(int(counts[s]))
+    out.parts.append(varints([len(used), *np.stack([used, counts[used]], axis=1).reshape(-1).tolist()]))
     if len(used) <= 1:  # one symbol: nothing to code
         return
     c = _constriction()
@@ -232,17 +258,15 @@ def _decode_symbols(inp: _In, n: int) -> np.ndarray:
     k = inp.varint()
     if k > _ALPHABET:
         raise inp._fail()
-    last = -1
-    for _ in range(k):
-        s = inp.varint()
-        if s >= _ALPHABET or s <= last:
-            raise inp._fail()
-        counts[s] = inp.varint()
-        last = s
-    if counts.sum() != n:
+    pairs = np.array(inp.varints(2 * k), dtype=np.uint64).reshape(k, 2)
+    used = pairs[:, 0]
+    if k and (int(used[-1]) >= _ALPHABET or (k > 1 and not np.all(used[1:] > used[:-1]))):
+        raise inp._fail()
+    counts[used.astype(np.intp)] = pairs[:, 1]
+    if int(pairs[:, 1].sum()) != n:
         raise inp._fail()
     if k <= 1:
-        return np.full(n, last if k else 0, dtype=np.int32)
+        return np.full(n, int(used[0]) if k else 0, dtype=np.int32)
     c = _constriction()
     words = np.frombuffer(inp.blob(), dtype=np.uint32).copy()
     try:
@@ -261,11 +285,8 @@ def _encode_uints(out: _Out, v) -> None:
         return
     order = np.argsort(nbits, kind="stable")
     starts = np.concatenate([[0], np.cumsum(counts)])
-    t = extra.dtype.type
     for k in np.flatnonzero(counts[1:]) + 1:
-        vals = extra[order[starts[k]:starts[k + 1]]]
-        bitmat = ((vals[:, None] >> np.arange(k, dtype=extra.dtype)) & t(1)).astype(np.uint8)
-        out.parts.append(np.packbits(bitmat, bitorder="little").tobytes())
+        out.parts.append(_pack_bits(extra[order[starts[k]:starts[k + 1]]], int(k)))
 
 
 def _decode_uints(inp: _In, n: int, dtype) -> np.ndarray:
@@ -287,8 +308,7 @@ def _decode_uints(inp: _In, n: int, dtype) -> np.ndarray:
                 raise inp._fail()
             raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
             inp.pos += nbytes
-            bitmat = np.unpackbits(raw, bitorder="little")[:len(where) * int(k)].reshape(-1, int(k)).astype(work)
-            v[where] |= (bitmat << np.arange(k, dtype=work)).sum(axis=1, dtype=work)
+            v[where] |= _unpack_bits(raw, len(where), int(k), work)
     return v.astype(dtype)
 
 
@@ -352,8 +372,12 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool) -> tup
 
 
 def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_float: bool,
-                 where: str) -> np.ndarray:
-    """Rebuild the new bits of a chunk (``n`` elements of unsigned ``dtype``)."""
+                 where: str, inplace: bool = False) -> np.ndarray:
+    """Rebuild the new bits of a chunk (``n`` elements of unsigned ``dtype``).
+
+    ``inplace=True`` writes the result over ``old`` and returns it (no copy of the chunk);
+    otherwise ``old`` is left as it is (an unchanged chunk returns ``old`` itself).
+    """
     if encoding == SAME:
         if old is None:
             raise PatchError(f"{where}: chunk marked unchanged but there is no base data; the patch is corrupt")
@@ -371,16 +395,22 @@ def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_
         idx = np.cumsum(gaps + 1) - 1
         if k and (idx[-1] >= n or gaps.min() < 0):
             raise inp._fail()
-        new = old.copy()
         if encoding == SPARSE_DELTA:
-            new[idx] = apply_ulp_delta(old[idx], _decode_uints(inp, k, dtype), is_float)
+            values = apply_ulp_delta(old[idx], _decode_uints(inp, k, dtype), is_float)
         else:
-            new[idx] = _decode_planes(inp, k, dtype)
+            values = _decode_planes(inp, k, dtype)
+        new = old if inplace else old.copy()
+        new[idx] = values
         return new
-    if encoding == DENSE_DELTA:
-        return apply_ulp_delta(old, _decode_uints(inp, n, dtype), is_float)
-    if encoding == DENSE_BITS:
-        return _decode_planes(inp, n, dtype)
+    if encoding in (DENSE_DELTA, DENSE_BITS):
+        if encoding == DENSE_DELTA:
+            new = apply_ulp_delta(old, _decode_uints(inp, n, dtype), is_float)
+        else:
+            new = _decode_planes(inp, n, dtype)
+        if inplace:
+            old[:] = new
+            return old
+        return new
     raise PatchError(f"{where}: unknown chunk encoding {encoding}; the patch is corrupt or from a newer rlsparse")
 
 

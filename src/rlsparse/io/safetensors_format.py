@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +161,10 @@ class StreamingSafetensorsWriter:
     (``reserve_metadata`` bytes); the file appears at ``path`` only when the context exits
     without error (written to a temporary file in the same folder, then renamed).
 
+    Data comes either in layout order (``write``) or at given places from any number of threads
+    (``write_at``: positional writes, so decoders write their own chunks without a copy or a
+    turn); one file uses one of the two.
+
     Example:
         >>> with StreamingSafetensorsWriter(p, [("a", "U8", (4,))]) as w:
         ...     w.write("a", b"\\x01\\x02\\x03\\x04")
@@ -189,6 +194,8 @@ class StreamingSafetensorsWriter:
         self._tensor_header = header
         self._fh = None
         self._tmp: str | None = None
+        self._positional = 0  # bytes written by write_at
+        self._lock = threading.Lock()
 
     def _header_bytes(self, metadata: dict[str, str], pad_to: int | None) -> bytes:
         doc = {"__metadata__": metadata, **self._tensor_header}
@@ -206,6 +213,7 @@ class StreamingSafetensorsWriter:
         self._hlen = len(self._header_bytes(self.metadata, None))
         try:
             self._fh.write(b"\0" * (8 + self._hlen))
+            self._fh.flush()  # before any positional write lands behind it
         except OSError as exc:
             self.__exit__(type(exc), exc, None)
             raise write_error(self.path, exc) from None
@@ -232,8 +240,32 @@ class StreamingSafetensorsWriter:
             self._next += 1
             self._written_in_current = 0
 
+    def write_at(self, name: str, start: int, data) -> None:
+        """Write bytes of tensor ``name`` at byte ``start`` of its data (thread-safe, any order).
+
+        Every byte of every tensor must be written exactly once before the context exits.
+        """
+        mv = memoryview(data).cast("B")
+        begin, end = self._tensor_header[name]["data_offsets"]
+        if start < 0 or begin + start + mv.nbytes > end:
+            raise RuntimeError(f"{name}: bytes [{start}, {start + mv.nbytes}) are outside its {end - begin}")
+        with self._lock:
+            self._positional += mv.nbytes
+        pos = 8 + self._hlen + begin + start
+        try:
+            while mv.nbytes:
+                n = os.pwrite(self._fh.fileno(), mv, pos)
+                mv, pos = mv[n:], pos + n
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            if exc_type is None and self._positional:
+                total = sum(self._sizes.values())
+                if self._positional != total:
+                    raise RuntimeError(f"writer closed after {self._positional} of {total} bytes were written")
+                self._next = len(self._order)
             if exc_type is None:
                 while self._next < len(self._order) and self._sizes[self._order[self._next]] == 0:
                     self._next += 1
