@@ -284,9 +284,9 @@ def _encode_uints(out: _Out, v) -> None:
     if counts[0] == nbits.size:
         return
     order = np.argsort(nbits, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)])
+    first = np.cumsum(counts) - counts  # where each bit count's values start in ``order``
     for k in np.flatnonzero(counts[1:]) + 1:
-        out.parts.append(_pack_bits(extra[order[starts[k]:starts[k + 1]]], int(k)))
+        out.parts.append(_pack_bits(extra[order[first[k]:first[k] + counts[k]]], int(k)))
 
 
 def _decode_uints(inp: _In, n: int, dtype) -> np.ndarray:
@@ -299,16 +299,28 @@ def _decode_uints(inp: _In, n: int, dtype) -> np.ndarray:
     v = _SYM_BASE[sym].astype(work)
     counts = np.bincount(nbits, minlength=65)
     if counts[0] != n:
+        group_bytes = (counts * np.arange(65) + 7) // 8  # each bit count's raw bits, byte-padded
+        total = int(group_bytes.sum())
+        if inp.pos + total > len(inp.mv):
+            raise inp._fail()
+        raw = np.frombuffer(inp.mv[inp.pos:inp.pos + total], dtype=np.uint8)
+        inp.pos += total
         order = np.argsort(nbits, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        for k in np.flatnonzero(counts[1:]) + 1:
-            where = order[starts[k]:starts[k + 1]]
-            nbytes = (len(where) * int(k) + 7) // 8
-            if inp.pos + nbytes > len(inp.mv):
-                raise inp._fail()
-            raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
-            inp.pos += nbytes
-            v[where] |= _unpack_bits(raw, len(where), int(k), work)
+        first = np.cumsum(counts) - counts  # where each bit count's values start in ``order``
+        byte0 = np.cumsum(group_bytes) - group_bytes
+        if int(nbits.max()) <= 56:  # every value's bits lie in one unaligned 64-bit window: one pass
+            order = order[counts[0]:]
+            ks = nbits[order].astype(np.int64)
+            bitpos = byte0[ks] * 8 + (np.arange(counts[0], n) - first[ks]) * ks
+            buf = np.zeros(total + 8, dtype=np.uint8)
+            buf[:total] = raw
+            windows = np.ndarray((total + 1,), dtype="<u8", buffer=buf, strides=(1,))
+            vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
+            v[order] |= (vals & ((np.uint64(1) << ks.astype(np.uint64)) - np.uint64(1))).astype(work)
+        else:
+            for k in np.flatnonzero(counts[1:]) + 1:
+                where = order[first[k]:first[k] + counts[k]]
+                v[where] |= _unpack_bits(raw[byte0[k]:byte0[k] + group_bytes[k]], len(where), int(k), work)
     return v.astype(dtype)
 
 

@@ -19,6 +19,7 @@ Hashes are xxh3-128 of a tensor's stored bytes (row-major, little-endian), in he
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import json
 import os
@@ -39,9 +40,14 @@ HASH = "xxh3_128"
 
 def new_hasher():
     """The content hash used for base identity and results (streaming ``update``)."""
+    return _xxhash().xxh3_128()
+
+
+@functools.cache
+def _xxhash():
     from rlsparse.errors import require
 
-    return require("xxhash", "delta").xxh3_128()
+    return require("xxhash", "delta")
 
 
 @dataclass

@@ -273,6 +273,8 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
             slots.put(buf)
 
     depth = 2 * workers
+    widths = {i: sum(dtypes.itemsize(items[i].infos[j].dtype) for j in _distinct(items[i].infos))
+              for i in {s.item for s in spans}}  # bytes per element over distinct sources, per item
     try:
         with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rlsparse-read") as io_pool, \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlsparse-compute") as pool:
@@ -288,7 +290,7 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
                 out.partials[s.item] = partial if prev is None else kernel.merge(prev, partial)
                 if piece is not None and sink is not None:
                     sink(s, piece)
-                step = span_bytes(items, s)
+                step = s.count * widths[s.item]
                 out.bytes_read += step
                 advance(step)
     finally:
