@@ -126,7 +126,7 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
                 sink = _Sink(entries, writer, hist)
                 if isinstance(bsrc, CheckpointSource) and isinstance(fsrc, CheckpointSource):
                     res = stream.run(items, kernel, chunk_elements=chunk_elements, workers=workers,
-                                     sink=sink, advance=advance)
+                                     sink=sink, advance=advance, mapped=True)
                     bytes_read = res.bytes_read
                 else:
                     bytes_read = run_in_memory(items, kernel, chunk_elements, workers, sink,
