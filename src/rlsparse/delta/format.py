@@ -125,6 +125,9 @@ class Manifest:
         return cls(tensors=tensors, files=files, schema_version=version, **rest)
 
 
+_SPOOL_BLOCK = 32 << 20
+
+
 def header_bytes(metadata: dict[str, str], tensors: list[tuple[str, int]]) -> bytes:
     """The 8-byte length and JSON header of a safetensors file of ``U8`` tensors (name, bytes)."""
     header: dict = {"__metadata__": metadata}
@@ -166,13 +169,26 @@ class PatchWriter:
             self._spool = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.spool")
         self.offset = 0
         self.cuts: list[int] = []  # data offsets where a new shard starts
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     def write(self, data: bytes) -> None:
         start = self.cuts[-1] if self.cuts else 0
         if self.shard_bytes and self.offset > start and self.offset - start + len(data) > self.shard_bytes:
             self.cuts.append(self.offset)
-        self._spool.write(data)
+        # Collected and written in large blocks: each write to the spool file gives up the GIL,
+        # and the thread that feeds the workers then waits for it (measured: 0.1 s of 0.5 s when
+        # each chunk's code was written on its own).
+        self._pending.append(data)
+        self._pending_bytes += len(data)
         self.offset += len(data)
+        if self._pending_bytes >= _SPOOL_BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._spool.write(b"".join(self._pending))
+            self._pending, self._pending_bytes = [], 0
 
     def close(self, manifest: Manifest) -> bytes | None:
         import zstandard
@@ -180,6 +196,7 @@ class PatchWriter:
         packed = zstandard.ZstdCompressor(level=10).compress(manifest.to_json().encode())
         meta = {"format": FORMAT, "schema_version": str(SCHEMA_VERSION)}
         head = header_bytes(meta, [("manifest", len(packed)), ("data", self.offset)])
+        self._flush()
         self._spool.seek(0)
         if self.path is None:
             return head + packed + self._spool.getvalue()
