@@ -154,6 +154,9 @@ def estimate_uints(v) -> float:
 
 def estimate_planes(bits: np.ndarray) -> float:
     size = bits.dtype.itemsize
+    if size == 2 and bits.size >= 1 << 18:  # both byte planes' histograms from one pass
+        both = np.bincount(bits.astype("<u2", copy=False).view(np.uint16), minlength=1 << 16).reshape(256, 256)
+        return _entropy_bytes(both.sum(axis=0)) + _entropy_bytes(both.sum(axis=1))
     planes = bits.view(np.uint8).reshape(-1, size)
     return sum(_entropy_bytes(np.bincount(planes[:, i], minlength=256)) for i in range(size))
 
