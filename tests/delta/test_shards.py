@@ -137,3 +137,12 @@ def test_damaged_index_and_lone_shard_are_refused(tmp_path, sharded, capsys):
     _apply_fails(base, res.path, tmp_path, capsys, "upgrade rlsparse")
     index.unlink()
     _apply_fails(base, res.path, tmp_path, capsys, f"without {INDEX}")
+
+
+def test_bad_shard_size_is_a_usage_error(tmp_path, tiny_pair, capsys):
+    base, ft = tiny_pair
+    for bad in ("lots", "-1"):
+        rc, err = _cli(["delta", "pack", str(base), str(ft), "-o", str(tmp_path / "p.rlpatch"), "--shard-size", bad],
+                       capsys)
+        assert rc == 2 and "--shard-size" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p.rlpatch").exists()
