@@ -35,3 +35,17 @@ def test_mapped_views_equal_copies(tiny_pair):
     assert len(copied) == len(stream.split(items, 64)) > len(items)
     assert [(s, p[0]) for s, p in copied] == [(s, p[0]) for s, p in mapped]
     assert all(p[1] for _, p in copied) and not any(p[1] for _, p in mapped)
+
+
+def test_files_that_cannot_be_mapped_are_copied_instead(tiny_pair, monkeypatch):
+    import mmap
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # what a file system without maps answers
+
+    base, ft = (Checkpoint.open(p) for p in tiny_pair)
+    items = [stream.Item(n, (base.tensors[n], ft.tensors[n])) for n in sorted(ft.tensors)]
+    copied = _run(items, False)
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    fallback = _run(items, True)
+    assert [(s, p) for s, p in copied] == [(s, p) for s, p in fallback]  # writeable copies, same bits

@@ -258,8 +258,9 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
         readers = thread_readers()
         if maps is not None and all(info.offset is not None for info in it.infos):
             raws = [maps.view(info, s.start, s.count) for info in it.infos]
-            scales = [_scale_rows(readers[i], it, i, s) for i in range(len(it.infos))]
-            return None, Chunk(it, s, tuple(raws), tuple(scales))
+            if all(r is not None for r in raws):  # else a file that cannot be mapped: copy below
+                scales = [_scale_rows(readers[i], it, i, s) for i in range(len(it.infos))]
+                return None, Chunk(it, s, tuple(raws), tuple(scales))
         buf = slots.get()
         raws: list[np.ndarray] = []
         scales: list[np.ndarray | None] = []

@@ -197,28 +197,33 @@ class MappedFiles:
     """
 
     def __init__(self) -> None:
-        self._maps: dict[Path, tuple[mmap.mmap, np.ndarray]] = {}
+        self._maps: dict[Path, tuple[mmap.mmap, np.ndarray] | None] = {}
         self._lock = threading.Lock()
 
-    def _map(self, path: Path) -> tuple[mmap.mmap, np.ndarray]:
+    def _map(self, path: Path) -> tuple[mmap.mmap, np.ndarray] | None:
         with self._lock:
-            got = self._maps.get(path)
-            if got is None:
+            if path not in self._maps:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as exc:
                     raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
                 try:
                     m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+                    self._maps[path] = (m, np.frombuffer(m, dtype=np.uint8))
+                except (OSError, ValueError):  # a file system without maps, an empty file: caller copies
+                    self._maps[path] = None
                 finally:
                     os.close(fd)
-                got = self._maps[path] = (m, np.frombuffer(m, dtype=np.uint8))
-            return got
+            return self._maps[path]
 
-    def view(self, info: TensorInfo, start: int, count: int) -> np.ndarray:
-        """Elements ``[start, start + count)`` as unsigned-int bits: a read-only view."""
+    def view(self, info: TensorInfo, start: int, count: int) -> np.ndarray | None:
+        """Elements ``[start, start + count)`` as unsigned-int bits: a read-only view (None when
+        the file cannot be mapped: read it instead)."""
         size = dtypes.itemsize(info.dtype)
-        m, arr = self._map(info.file)
+        got = self._map(info.file)
+        if got is None:
+            return None
+        m, arr = got
         pos = info.offset + start * size
         if pos + count * size > len(m):
             raise CheckpointError(f"{info.file}: ended before {info.name!r} (the file is truncated or changed)")
@@ -229,7 +234,10 @@ class MappedFiles:
 
     def release(self, info: TensorInfo, start: int, count: int) -> None:
         """Drop the pages of a range viewed before from the resident set (they stay cached)."""
-        m, _ = self._map(info.file)
+        got = self._map(info.file)
+        if got is None:
+            return
+        m = got[0]
         size = dtypes.itemsize(info.dtype)
         pos = info.offset + start * size
         first = pos - pos % mmap.PAGESIZE
@@ -239,7 +247,7 @@ class MappedFiles:
     def close(self) -> None:
         with self._lock:
             maps, self._maps = self._maps, {}
-        for m, arr in maps.values():
+        for m, arr in filter(None, maps.values()):
             del arr
             try:
                 m.close()
