@@ -124,8 +124,14 @@ def _symbol_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 _SYM16, _NBITS16, _SYM_BASE, _SYM_NBITS = _symbol_tables()
 
 
-def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(symbol, raw-bit count, raw bits) per value."""
+def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(symbol, raw-bit count, raw bits) per value, and the symbols' histogram (counted once
+    for both the size estimate and the coder)."""
+    sym, nbits, extra = _symbols_of(v)
+    return sym, nbits, extra, np.bincount(sym, minlength=_ALPHABET)
+
+
+def _symbols_of(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if v.dtype.itemsize > 2 and v.size and int(v.max()) < 1 << 16:
         v = v.astype(np.uint16)
     if v.dtype.itemsize <= 2:  # the common case (16-bit dtypes, small gaps): table lookups
@@ -149,8 +155,8 @@ def _entropy_bytes(counts: np.ndarray) -> float:
 
 def estimate_uints(v) -> float:
     """Estimated coded size in bytes of ``_encode_uints(v)`` (``v``: values or their symbols)."""
-    sym, nbits, _ = _symbolize(v) if isinstance(v, np.ndarray) else v
-    return _entropy_bytes(np.bincount(sym, minlength=_ALPHABET)) + float(nbits.sum()) / 8
+    _, nbits, _, counts = _symbolize(v) if isinstance(v, np.ndarray) else v
+    return _entropy_bytes(counts) + float(nbits.sum()) / 8
 
 
 def estimate_planes(bits: np.ndarray) -> float:
@@ -245,8 +251,9 @@ def _unpack_bits(raw: np.ndarray, m: int, k: int, work) -> np.ndarray:
     return np.packbits(full, axis=1, bitorder="little").view(np.dtype(work).newbyteorder("<")).reshape(m)
 
 
-def _encode_symbols(out: _Out, sym: np.ndarray) -> None:
-    counts = np.bincount(sym, minlength=_ALPHABET)
+def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None) -> None:
+    if counts is None:
+        counts = np.bincount(sym, minlength=_ALPHABET)
     used = np.flatnonzero(counts)
     out.parts.append(varints([len(used), *np.stack([used, counts[used]], axis=1).reshape(-1).tolist()]))
     if len(used) <= 1:  # one symbol: nothing to code
@@ -286,12 +293,12 @@ def _decode_symbols(inp: _In, n: int) -> np.ndarray:
 
 
 def _encode_uints(out: _Out, v) -> None:
-    sym, nbits, extra = _symbolize(v) if isinstance(v, np.ndarray) else v
-    _encode_symbols(out, sym)
+    sym, nbits, extra, sym_counts = _symbolize(v) if isinstance(v, np.ndarray) else v
+    _encode_symbols(out, sym, sym_counts)
     # the raw low bits of values with the same bit count, packed together (ascending count)
-    counts = np.bincount(nbits, minlength=65)
-    if counts[0] == nbits.size:
+    if not nbits.any():
         return
+    counts = np.bincount(nbits, minlength=65)
     order = np.argsort(nbits, kind="stable")
     first = np.cumsum(counts) - counts  # where each bit count's values start in ``order``
     for k in np.flatnonzero(counts[1:]) + 1:
