@@ -307,6 +307,8 @@ def _encode_uints(out: _Out, v) -> None:
 
 def _decode_uints(inp: _In, n: int, dtype) -> np.ndarray:
     sym = _decode_symbols(inp, n)
+    if n and int(sym.max()) < _DIRECT:  # every value is its own symbol (dense ULP steps): no raw bits
+        return sym.astype(dtype)
     nbits = _SYM_NBITS[sym]
     width = 8 * np.dtype(dtype).itemsize
     if int(nbits.max(initial=0)) + 3 > width:
