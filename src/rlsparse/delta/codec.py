@@ -132,7 +132,10 @@ def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 
 def _symbols_of(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if v.dtype.itemsize > 2 and v.size and int(v.max()) < 1 << 16:
+    top = int(v.max()) if v.size else 0
+    if top < _DIRECT:  # every value is its own symbol (dense ULP steps): no lookups, no raw bits
+        return v.astype(np.int32), np.zeros(v.size, np.uint8), np.zeros(v.size, v.dtype)
+    if v.dtype.itemsize > 2 and top < 1 << 16:
         v = v.astype(np.uint16)
     if v.dtype.itemsize <= 2:  # the common case (16-bit dtypes, small gaps): table lookups
         nbits = _NBITS16[v]
