@@ -85,7 +85,7 @@ def test_corrupt_patch_is_caught_by_the_result_hash(tmp_path, packed):
     data = bytearray(patch.read_bytes())
     reader = delta.PatchReader.open(patch)
     entry = max(reader.manifest.tensors, key=lambda e: e.nbytes)
-    start = reader._start + entry.offset
+    start = reader.segments[0].start + entry.offset
     reader.close()
     for i in range(start + entry.nbytes // 2, start + entry.nbytes // 2 + 8):
         data[i] ^= 0x5A

@@ -94,3 +94,13 @@ def test_corrupt_codes_are_refused_not_crashing():
 def test_order0_bound_matches_hand_count():
     # 4 of 8 changed (H = 1 bit each) and deltas {1: 2, 2: 2} (1 bit each): 8 + 4 bits
     assert codec.order0_bits(4, 8, {1: 2, 2: 2}) == pytest.approx(12.0)
+
+
+def test_plane_estimate_of_large_16_bit_chunks_equals_per_plane_reference():
+    # large 16-bit chunks take both byte planes' histograms from one 65536-bin count: same number
+    rng = np.random.default_rng(3)
+    bits = (rng.standard_normal(1 << 19) * 0.02).astype(np.float32).view(np.uint32) >> 16
+    bits = bits.astype(np.uint16)
+    planes = bits.view(np.uint8).reshape(-1, 2)
+    reference = sum(codec._entropy_bytes(np.bincount(planes[:, i], minlength=256)) for i in range(2))
+    assert codec.estimate_planes(bits) == reference

@@ -15,9 +15,12 @@ def add_parser(sub) -> None:
                          description="Code every changed element of FINETUNED against BASE (lossless, streaming).")
     pk.add_argument("base", help="base checkpoint: HF folder, .safetensors/.bin file")
     pk.add_argument("finetuned", help="finetuned checkpoint")
-    pk.add_argument("-o", "--output", required=True, metavar="PATCH", help="patch file to write")
+    pk.add_argument("-o", "--output", required=True, metavar="PATCH", help="patch file (or folder of shards) to write")
     pk.add_argument("--overwrite", action="store_true", help="replace an existing PATCH")
     pk.add_argument("--no-files", action="store_true", help="do not copy config/tokenizer files into the patch")
+    pk.add_argument("--shard-size", default="5GB",
+                    help="a patch with more coded data than this is written as a folder of shards (an index and "
+                         "patch-0000k-of-0000N.rlpatch), e.g. 2GB; 0: always one file (default: %(default)s)")
     pk.add_argument("--workers", type=int, default=2, help="coding threads (default: %(default)s)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     pk.add_argument("--chunk-elements", type=int, default=None, help=argparse_suppress())
@@ -26,7 +29,7 @@ def add_parser(sub) -> None:
     ap = dsub.add_parser("apply", help="rebuild the finetuned model from BASE and PATCH",
                          description="Write BASE + PATCH as a Hugging Face folder, bit-identical to the finetuned model.")
     ap.add_argument("base", help="the base checkpoint the patch was packed against")
-    ap.add_argument("patch", help="patch file from `rlsparse delta pack`")
+    ap.add_argument("patch", help="patch file (or folder of shards) from `rlsparse delta pack`")
     ap.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (must not exist)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT once the new one is complete")
     ap.add_argument("--max-shard-size", default="5GB", help="largest weight shard, e.g. 500MB (default: %(default)s)")
@@ -35,7 +38,7 @@ def add_parser(sub) -> None:
     ap.set_defaults(func=run_apply)
 
     ins = dsub.add_parser("inspect", help="what a patch holds: per tensor encoding, density, bytes")
-    ins.add_argument("patch", help="patch file")
+    ins.add_argument("patch", help="patch file or folder of shards")
     ins.add_argument("--json", nargs="?", const="-", metavar="PATH", help="print (or write to PATH) versioned JSON")
     ins.add_argument("--all", action="store_true", help="list every tensor (default: the 20 largest)")
     ins.set_defaults(func=run_inspect)
@@ -47,7 +50,7 @@ def argparse_suppress():
     return argparse.SUPPRESS
 
 
-def _size(text: str) -> int:
+def _size(text: str, flag: str = "--max-shard-size") -> int:
     from rlsparse.errors import UsageError
 
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -61,7 +64,7 @@ def _size(text: str) -> int:
     try:
         return int(t)
     except ValueError:
-        raise UsageError(f"--max-shard-size {text!r}: expected a size such as 500MB or 5GB") from None
+        raise UsageError(f"{flag} {text!r}: expected a size such as 500MB or 5GB") from None
 
 
 def _workers(n: int) -> None:
@@ -85,12 +88,17 @@ def run_pack(args) -> int:
         if args.chunk_elements < 8:
             raise UsageError("--chunk-elements must be at least 8")
         kwargs["chunk_elements"] = args.chunk_elements
+    shard_bytes = _size(args.shard_size, "--shard-size")
+    if shard_bytes < 0:
+        raise UsageError(f"--shard-size {args.shard_size}: expected a size of at least 0")
     res = rlsparse.delta.pack(args.base, args.finetuned, args.output, workers=args.workers, files=not args.no_files,
-                              progress=not args.quiet and sys.stderr.isatty(), **kwargs)
+                              progress=not args.quiet and sys.stderr.isatty(), shard_bytes=shard_bytes or None, **kwargs)
     if not args.quiet:
         full = res.manifest.stats["finetuned_bytes"]
         density = res.changed / res.numel if res.numel else 0.0
-        print(f"wrote {args.output}: {res.patch_bytes:,} bytes ({full / max(res.patch_bytes, 1):.1f}x smaller than "
+        form = "" if res.path is None or not res.path.is_dir() else \
+            f" (a folder of {sum(1 for p in res.path.glob('patch-*.rlpatch'))} shards)"
+        print(f"wrote {args.output}{form}: {res.patch_bytes:,} bytes ({full / max(res.patch_bytes, 1):.1f}x smaller than "
               f"the {full:,}-byte weights); {res.changed:,} of {res.numel:,} elements changed ({density:.3%}); "
               f"{res.seconds:.1f} s")
     return 0

@@ -1,9 +1,11 @@
 """``rlsparse.delta.apply``: rebuild the finetuned model from its base and a patch.
 
-To a folder: the base streams through the shared engine (``diff.stream``) with ``ApplyKernel``
-(decode one span on a worker thread), spans come back in order and go straight into the output
-shards (``StreamingSafetensorsWriter``); everything is written into a temporary folder that is
-renamed into place only when every hash matched. In memory: ``apply_to_state_dict`` and
+To a folder: the base streams through the shared engine (``diff.stream``) with ``ApplyKernel``:
+on a worker thread, each span of the base is hashed, decoded in place in the engine's buffer,
+hashed again and written at its place in the output shard (``StreamingSafetensorsWriter.write_at``,
+no copy, no waiting for its turn); the hashes come back in order and are checked per tensor.
+Everything is written into a temporary folder that is renamed into place only when every hash
+matched. In memory: ``apply_to_state_dict`` and
 ``apply_to_module`` first check every base hash (nothing is touched on a wrong base), then
 decode in place.
 """
@@ -98,40 +100,48 @@ def _corrupt(where: str, name: str) -> PatchError:
 
 
 class ApplyKernel:
-    """Stream kernel: decode one span of one tensor against the base's bits."""
+    """Stream kernel: decode one span of one tensor against the base's bits (in place) and, with
+    an ``output``, write the result at its place there."""
 
-    def __init__(self, patch: PatchReader, entries: list[TensorEntry]):
+    def __init__(self, patch: PatchReader, entries: list[TensorEntry], output: "_ShardedOutput | None" = None):
         self.patch = patch
         self.entries = entries
+        self.output = output
         self.offsets = [patch.chunk_offsets(e) for e in entries]
 
-    def decode(self, i: int, start: int, count: int, old: np.ndarray | None) -> tuple[np.ndarray, bytes | None, bytes]:
+    def decode(self, i: int, start: int, count: int, old: np.ndarray | None, *, inplace: bool = False,
+               hash_old: bool = True) -> tuple[np.ndarray, bytes | None, bytes]:
+        """(new bits, digest of ``old`` or None, digest of the new bits) of one chunk; ``inplace``
+        writes the new bits over ``old``."""
         e = self.entries[i]
         k = start // e.chunk_elements if e.chunk_elements else 0
         if k >= len(e.chunks):
             raise PatchError(f"{self.patch.where}: {e.name} has {len(e.chunks)} chunks, expected more; the patch is corrupt")
         enc, size = e.chunks[k]
         data = self.patch.read(self.offsets[i][k], size)
+        dig_old = chunk_digest(old) if old is not None and hash_old else None
         udt = dtypes.uint_view(e.dtype)
         new = codec.decode_chunk(enc, data, old, count, udt, e.dtype in dtypes.FLOAT_CODES,
-                                 f"{self.patch.where}: {e.name} chunk {k}")
+                                 f"{self.patch.where}: {e.name} chunk {k}", inplace=inplace)
         if new.size != count:
             raise _corrupt(self.patch.where, e.name)
-        dig_old = chunk_digest(old) if old is not None else None
-        if new is old:
-            new = old.copy()
         return new, dig_old, chunk_digest(new)
 
     def compute(self, chunk: stream.Chunk):
+        s = chunk.span
         old = chunk.raw[0] if chunk.raw else None
-        return None, self.decode(chunk.span.item, chunk.span.start, chunk.span.count, old)
+        new, dig_old, dig_new = self.decode(s.item, s.start, s.count, old, inplace=True)
+        e = self.entries[s.item]
+        self.output.write_at(e.name, s.start * dtypes.itemsize(e.dtype), new)
+        return None, (dig_old, dig_new, new.nbytes)
 
     def merge(self, acc, partial):
         return None
 
 
 class _ShardedOutput:
-    """The output folder's shards, opened one at a time as tensors arrive in layout order."""
+    """The output folder's shards: every shard is open from the start and takes positional
+    writes, so workers write their chunks wherever they are in the layout."""
 
     def __init__(self, folder: Path, entries: list[TensorEntry], max_shard_bytes: int):
         from rlsparse.io.safetensors_format import StreamingSafetensorsWriter
@@ -148,36 +158,42 @@ class _ShardedOutput:
         n = len(groups)
         self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._writers = []
+        self._by_name = {}
         self.weight_map = {}
         for name, group in zip(self.names, groups):
             layout = [(e.name, e.dtype, tuple(e.shape)) for e in group]
             w = StreamingSafetensorsWriter(folder / name, layout)
             w.metadata = {"format": "pt"}
-            self._writers.append((w, {e.name for e in group}))
+            self._writers.append(w)
             for e in group:
                 self.weight_map[e.name] = name
-        self._current = -1
+                self._by_name[e.name] = w
+        self._open: list = []  # writers entered and not yet closed
         self.total = sum(e.numel * dtypes.itemsize(e.dtype) for e in entries)
 
-    def write(self, name: str, bits: np.ndarray) -> None:
-        while self._current < 0 or name not in self._writers[self._current][1]:
-            if self._current >= 0:
-                self._writers[self._current][0].__exit__(None, None, None)
-            self._current += 1
-            self._writers[self._current][0].__enter__()
-        self._writers[self._current][0].write(name, bits)
+    def __enter__(self) -> "_ShardedOutput":
+        try:
+            for w in self._writers:
+                w.__enter__()
+                self._open.append(w)
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+    def write_at(self, name: str, start: int, bits: np.ndarray) -> None:
+        self._by_name[name].write_at(name, start, bits)
 
     def finish(self, folder: Path) -> None:
-        while self._current + 1 < len(self._writers):  # shards holding only empty tensors
-            self.write(next(iter(self._writers[self._current + 1][1])), np.empty(0, np.uint8))
-        self._writers[self._current][0].__exit__(None, None, None)
+        while self._open:
+            self._open.pop(0).__exit__(None, None, None)
         if len(self.names) > 1:
             (folder / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, indent=2))
 
     def abort(self) -> None:
-        if 0 <= self._current < len(self._writers):
-            self._writers[self._current][0].__exit__(OutputError, OutputError("aborted"), None)
+        while self._open:
+            self._open.pop().__exit__(OutputError, OutputError("aborted"), None)
 
 
 def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
@@ -217,7 +233,7 @@ def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
         wholes = [e for e in m.tensors if e.action == "whole"]
         try:
             with _atomic_folder(out) as tmp:
-                output = _ShardedOutput(tmp, deltas + wholes, max_shard_bytes)
+                output = _ShardedOutput(tmp, deltas + wholes, max_shard_bytes).__enter__()
                 try:
                     with progress_bar(output.total, "apply", enabled=progress) as advance:
                         _write_deltas(ck, reader, deltas, output, workers, advance)
@@ -272,21 +288,20 @@ def _atomic_folder(out: Path):
 def _write_deltas(ck: Checkpoint, reader: PatchReader, deltas, output: _ShardedOutput, workers, advance) -> None:
     if not deltas:
         return
-    kernel = ApplyKernel(reader, deltas)
+    kernel = ApplyKernel(reader, deltas, output)
     items = [stream.Item(e.name, (ck.tensors[e.name],)) for e in deltas]
     spans = [stream.Span(i, s, c, 0, s == 0, s + c >= e.numel)
              for i, e in enumerate(deltas) for s, c in spans_of(e)]
     hashers: list = [None, None]
 
     def sink(span: stream.Span, piece) -> None:
-        new, dig_old, dig_new = piece
+        dig_old, dig_new, nbytes = piece
         e = deltas[span.item]
         if span.first:
             hashers[:] = [new_hasher(), new_hasher()]
         hashers[0].update(dig_old)
         hashers[1].update(dig_new)
-        output.write(e.name, new)
-        advance(new.nbytes)
+        advance(nbytes)
         if span.last:
             if hashers[0].hexdigest() != e.base_hash:
                 raise _wrong_base(reader.where, e.name)
@@ -298,15 +313,21 @@ def _write_deltas(ck: Checkpoint, reader: PatchReader, deltas, output: _ShardedO
 
 def _write_wholes(reader: PatchReader, wholes, output: _ShardedOutput, workers, advance) -> None:
     kernel = ApplyKernel(reader, wholes)
-    for i, e in enumerate(wholes):
-        h = new_hasher()
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for new, _, dig in pool.map(lambda sc: kernel.decode(i, sc[0], sc[1], None), spans_of(e)):
+
+    def one(i: int, start: int, count: int) -> tuple[bytes, int]:
+        e = wholes[i]
+        new, _, dig = kernel.decode(i, start, count, None)
+        output.write_at(e.name, start * dtypes.itemsize(e.dtype), new)
+        return dig, new.nbytes
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, e in enumerate(wholes):
+            h = new_hasher()
+            for dig, nbytes in pool.map(lambda sc: one(i, *sc), spans_of(e)):
                 h.update(dig)
-                output.write(e.name, new)
-                advance(new.nbytes)
-        if h.hexdigest() != e.hash:
-            raise _corrupt(reader.where, e.name)
+                advance(nbytes)
+            if h.hexdigest() != e.hash:
+                raise _corrupt(reader.where, e.name)
 
 
 def apply_to_state_dict(state_dict: dict, patch, *, workers: int = 2) -> dict:
@@ -347,13 +368,12 @@ def apply_to_state_dict(state_dict: dict, patch, *, workers: int = 2) -> dict:
                 shared = t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0
                 h = new_hasher()
 
-                def one(sc, bits=bits, i=i):
-                    new, _, dig = kernel.decode(i, sc[0], sc[1], bits[sc[0]:sc[0] + sc[1]])
-                    return sc, new, dig
-
                 out = bits if shared else bits.copy()
-                for (s, c), new, dig in pool.map(one, spans_of(e)):
-                    out[s:s + c] = new
+
+                def one(sc, out=out, i=i):
+                    return kernel.decode(i, sc[0], sc[1], out[sc[0]:sc[0] + sc[1]], inplace=True, hash_old=False)[2]
+
+                for dig in pool.map(one, spans_of(e)):
                     h.update(dig)
                 if h.hexdigest() != e.hash:
                     raise _corrupt(reader.where, e.name)

@@ -30,6 +30,8 @@ from rlsparse.io.checkpoint import TensorInfo
 # 4M elements per span (8 MB of bf16 per side): the per-chunk model (a symbol histogram) costs a
 # few hundred bytes, under 1% of a chunk's code even at 0.4% density.
 DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
+# A patch whose coded data is larger than this becomes a folder of shards (``delta.shards``).
+DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 def chunk_digest(bits: np.ndarray) -> bytes:
@@ -83,7 +85,8 @@ class PackKernel:
 
 
 def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-         workers: int = 2, files: bool = True, progress: bool = False, ulp_hist: bool = False) -> PackResult:
+         workers: int = 2, files: bool = True, progress: bool = False, ulp_hist: bool = False,
+         shard_bytes: int | None = DEFAULT_SHARD_BYTES) -> PackResult:
     """Write the lossless patch that turns ``base`` into ``finetuned``.
 
     Args:
@@ -96,6 +99,8 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
         progress: Progress bar with bytes/s and ETA on stderr.
         ulp_hist: Also collect the histogram of changes in units in the last place (for the
             order-0 bound in ``bench/``).
+        shard_bytes: A patch with more coded data than this is written as a folder of shards
+            at ``out`` (an index and ``patch-0000k-of-0000N.rlpatch``); None: always one file.
 
     Returns:
         PackResult
@@ -108,12 +113,12 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
 
     t0 = time.perf_counter()
     if out is not None:
-        check_writable(out)
+        check_writable(out, folder_output=True)
     bsrc, fsrc = open_source(base), open_source(finetuned)
     try:
         entries, items = _plan(bsrc, fsrc)
         kernel = PackKernel(ulp_hist)
-        writer = PatchWriter(out)
+        writer = PatchWriter(out, shard_bytes)
         hist: dict[int, int] = {}
         try:
             total = sum(stream.span_bytes(items, s) for s in stream.split(items, chunk_elements))
@@ -121,7 +126,7 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
                 sink = _Sink(entries, writer, hist)
                 if isinstance(bsrc, CheckpointSource) and isinstance(fsrc, CheckpointSource):
                     res = stream.run(items, kernel, chunk_elements=chunk_elements, workers=workers,
-                                     sink=sink, advance=advance)
+                                     sink=sink, advance=advance, mapped=True)
                     bytes_read = res.bytes_read
                 else:
                     bytes_read = run_in_memory(items, kernel, chunk_elements, workers, sink,
@@ -142,7 +147,7 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
     finally:
         bsrc.close()
         fsrc.close()
-    size = len(data) if data is not None else Path(out).stat().st_size
+    size = len(data) if data is not None else _size_on_disk(Path(out))
     return PackResult(manifest, Path(out) if out is not None else None, data, size, time.perf_counter() - t0,
                       bytes_read, hist)
 
@@ -235,6 +240,12 @@ def _add_files(fsrc, writer: PatchWriter) -> list[FileEntry]:
         out.append(FileEntry(path.name, len(data), h.hexdigest(), len(packed), writer.offset))
         writer.write(packed)
     return out
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
 
 
 def _version() -> str:

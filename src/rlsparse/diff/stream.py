@@ -53,7 +53,7 @@ import numpy as np
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import TensorInfo
 from rlsparse.io.memory import reuse_freed_buffers
-from rlsparse.io.reader import TensorReader, aligned_empty, direct_size
+from rlsparse.io.reader import MappedFiles, TensorReader, aligned_empty, direct_size
 
 FP8_BLOCK = dtypes.FP8_BLOCK
 # 1M elements (2 MB per bf16 source): chunk temporaries stay small and cache-friendly; CPU time per GB
@@ -196,7 +196,8 @@ def _slot_bytes(items: Sequence[Item], s: Span) -> int:
 
 def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None = None,
         chunk_elements: int | None = None, workers: int = 2, sink: Callable[[Span, Any], None] | None = None,
-        advance: Callable[[int], None] = lambda n: None, direct: bool | None = None) -> StreamOutput:
+        advance: Callable[[int], None] = lambda n: None, direct: bool | None = None,
+        mapped: bool = False) -> StreamOutput:
     """Stream ``spans`` (default: all of ``items``) through ``kernel``; see the module docstring.
 
     Args:
@@ -209,6 +210,9 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
         advance: Called with the bytes of each merged span (progress).
         direct: Read ranges that are not in the page cache with O_DIRECT (see ``io.reader``);
             None: ``DIRECT_READS``.
+        mapped: Give the kernel read-only views of the page cache (``io.reader.MappedFiles``)
+            instead of copies, for safetensors sources: for kernels that never write into
+            ``chunk.raw`` (less CPU per byte on a warm cache).
 
     Returns:
         StreamOutput: merged partial per item index, bytes read, seconds.
@@ -246,10 +250,17 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
                 all_readers.extend(local.readers)
         return local.readers
 
+    maps = MappedFiles() if mapped else None
+
     def load(k: int):
         s = spans[k]
         it = items[s.item]
         readers = thread_readers()
+        if maps is not None and all(info.offset is not None for info in it.infos):
+            raws = [maps.view(info, s.start, s.count) for info in it.infos]
+            if all(r is not None for r in raws):  # else a file that cannot be mapped: copy below
+                scales = [_scale_rows(readers[i], it, i, s) for i in range(len(it.infos))]
+                return None, Chunk(it, s, tuple(raws), tuple(scales))
         buf = slots.get()
         raws: list[np.ndarray] = []
         scales: list[np.ndarray | None] = []
@@ -270,9 +281,15 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
         try:
             return kernel.compute(chunk)
         finally:
-            slots.put(buf)
+            if buf is not None:
+                slots.put(buf)
+            else:
+                for info in chunk.item.infos:
+                    maps.release(info, chunk.span.start, chunk.span.count)
 
     depth = 2 * workers
+    widths = {i: sum(dtypes.itemsize(items[i].infos[j].dtype) for j in _distinct(items[i].infos))
+              for i in {s.item for s in spans}}  # bytes per element over distinct sources, per item
     try:
         with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rlsparse-read") as io_pool, \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlsparse-compute") as pool:
@@ -288,12 +305,14 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
                 out.partials[s.item] = partial if prev is None else kernel.merge(prev, partial)
                 if piece is not None and sink is not None:
                     sink(s, piece)
-                step = span_bytes(items, s)
+                step = s.count * widths[s.item]
                 out.bytes_read += step
                 advance(step)
     finally:
         for r in all_readers:
             r.close()
+        if maps is not None:
+            maps.close()
     out.seconds = time.perf_counter() - t0
     return out
 

@@ -13,7 +13,9 @@ platform refuses ``O_DIRECT``, reads fall back to the page cache.
 
 from __future__ import annotations
 
+import mmap
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +183,76 @@ class TensorReader:
         bits = self.read(info, 0, info.numel)
         t = torch.from_numpy(bits.copy()).view(dtypes.torch_dtype(info.dtype))
         return t.reshape(info.shape)
+
+
+class MappedFiles:
+    """Read-only views of stored tensors straight from the page cache (memory maps, no copy).
+
+    For kernels that only read: a view costs page-table entries instead of a copy (measured on
+    the 269 MB SmolLM2 pair: reading and comparing both files took 0.15-0.21 s of CPU with
+    ``preadv`` into a buffer, 0.085 s through maps). ``release`` drops a range's pages from this
+    process's resident set again (``MADV_DONTNEED`` on a file map only unmaps; the page cache
+    keeps them), so memory stays bounded by the ranges in flight. Thread-safe.
+    Safetensors files only; a file must not shrink while mapped (that would be SIGBUS).
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, tuple[mmap.mmap, np.ndarray] | None] = {}
+        self._lock = threading.Lock()
+
+    def _map(self, path: Path) -> tuple[mmap.mmap, np.ndarray] | None:
+        with self._lock:
+            if path not in self._maps:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
+                try:
+                    m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+                    self._maps[path] = (m, np.frombuffer(m, dtype=np.uint8))
+                except (OSError, ValueError):  # a file system without maps, an empty file: caller copies
+                    self._maps[path] = None
+                finally:
+                    os.close(fd)
+            return self._maps[path]
+
+    def view(self, info: TensorInfo, start: int, count: int) -> np.ndarray | None:
+        """Elements ``[start, start + count)`` as unsigned-int bits: a read-only view (None when
+        the file cannot be mapped: read it instead)."""
+        size = dtypes.itemsize(info.dtype)
+        got = self._map(info.file)
+        if got is None:
+            return None
+        m, arr = got
+        pos = info.offset + start * size
+        if pos + count * size > len(m):
+            raise CheckpointError(f"{info.file}: ended before {info.name!r} (the file is truncated or changed)")
+        if hasattr(m, "madvise"):  # start reading it in now on a cold cache
+            first = pos - pos % mmap.PAGESIZE
+            m.madvise(mmap.MADV_WILLNEED, first, pos + count * size - first)
+        return arr[pos:pos + count * size].view(dtypes.uint_view(info.dtype))
+
+    def release(self, info: TensorInfo, start: int, count: int) -> None:
+        """Drop the pages of a range viewed before from the resident set (they stay cached)."""
+        got = self._map(info.file)
+        if got is None:
+            return
+        m = got[0]
+        size = dtypes.itemsize(info.dtype)
+        pos = info.offset + start * size
+        first = pos - pos % mmap.PAGESIZE
+        if hasattr(m, "madvise") and count:
+            m.madvise(mmap.MADV_DONTNEED, first, pos + count * size - first)
+
+    def close(self) -> None:
+        with self._lock:
+            maps, self._maps = self._maps, {}
+        for m, arr in filter(None, maps.values()):
+            del arr
+            try:
+                m.close()
+            except BufferError:  # a view is still alive somewhere: the map goes with it
+                pass
 
 
 def direct_size(nbytes: int) -> int:

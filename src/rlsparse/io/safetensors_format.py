@@ -8,10 +8,13 @@ may be padded with spaces), then the data buffer that the offsets index.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import os
 import stat
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,12 +156,36 @@ def _entry(path, name: str, spec, data_start: int) -> RawEntry:
     return RawEntry(name, code, tuple(shape), data_start + begin, end - begin)
 
 
+@functools.cache
+def _sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return fn
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing a range of dirty pages to disk now, without waiting (Linux ``sync_file_range``;
+    elsewhere nothing). Measured here on 256 MB written in 8 MB pieces: 0.33-0.82 s to write
+    and 0.13-0.16 s to fsync without it (the writer is throttled once dirty pages pile up),
+    0.12 s and 0.01 s with it."""
+    fn = _sync_file_range()
+    if fn is not None and nbytes:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: errors surface at the final fsync
+
+
 class StreamingSafetensorsWriter:
     """Write a safetensors file whose layout is known upfront, tensor data streamed in order.
 
     The header is written first with room reserved for metadata that is only known at the end
     (``reserve_metadata`` bytes); the file appears at ``path`` only when the context exits
     without error (written to a temporary file in the same folder, then renamed).
+
+    Data comes either in layout order (``write``) or at given places from any number of threads
+    (``write_at``: positional writes, so decoders write their own chunks without a copy or a
+    turn); one file uses one of the two.
 
     Example:
         >>> with StreamingSafetensorsWriter(p, [("a", "U8", (4,))]) as w:
@@ -189,6 +216,8 @@ class StreamingSafetensorsWriter:
         self._tensor_header = header
         self._fh = None
         self._tmp: str | None = None
+        self._positional = 0  # bytes written by write_at
+        self._lock = threading.Lock()
 
     def _header_bytes(self, metadata: dict[str, str], pad_to: int | None) -> bytes:
         doc = {"__metadata__": metadata, **self._tensor_header}
@@ -206,6 +235,7 @@ class StreamingSafetensorsWriter:
         self._hlen = len(self._header_bytes(self.metadata, None))
         try:
             self._fh.write(b"\0" * (8 + self._hlen))
+            self._fh.flush()  # before any positional write lands behind it
         except OSError as exc:
             self.__exit__(type(exc), exc, None)
             raise write_error(self.path, exc) from None
@@ -232,8 +262,34 @@ class StreamingSafetensorsWriter:
             self._next += 1
             self._written_in_current = 0
 
+    def write_at(self, name: str, start: int, data) -> None:
+        """Write bytes of tensor ``name`` at byte ``start`` of its data (thread-safe, any order).
+
+        Every byte of every tensor must be written exactly once before the context exits.
+        """
+        mv = memoryview(data).cast("B")
+        begin, end = self._tensor_header[name]["data_offsets"]
+        if start < 0 or begin + start + mv.nbytes > end:
+            raise RuntimeError(f"{name}: bytes [{start}, {start + mv.nbytes}) are outside its {end - begin}")
+        with self._lock:
+            self._positional += mv.nbytes
+        pos = 8 + self._hlen + begin + start
+        first, nbytes = pos, mv.nbytes
+        try:
+            while mv.nbytes:
+                n = os.pwrite(self._fh.fileno(), mv, pos)
+                mv, pos = mv[n:], pos + n
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        start_writeback(self._fh.fileno(), first, nbytes)
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            if exc_type is None and self._positional:
+                total = sum(self._sizes.values())
+                if self._positional != total:
+                    raise RuntimeError(f"writer closed after {self._positional} of {total} bytes were written")
+                self._next = len(self._order)
             if exc_type is None:
                 while self._next < len(self._order) and self._sizes[self._order[self._next]] == 0:
                     self._next += 1
