@@ -19,12 +19,6 @@ from rlsparse.errors import CheckpointError, UsageError
 from rlsparse.io.atomic import atomic_path
 
 BASE_SCHEMA_VERSION = 1
-# Revision of the pretraining loop, part of every base's hash so that a cached base made by an
-# older loop is never reused. 2: every pretraining batch is right-padded (revision 1 left-padded
-# every batch after the first accuracy check while masking labels as if right-padded, so the
-# loss fell on operand digits and missed answer digits).
-PRETRAIN_REVISION = 2
-_NOT_OVERRIDABLE = ("schema_version", "pretrain_revision")
 
 
 @dataclass
@@ -51,7 +45,6 @@ class BaseConfig:
     weight_decay: float = 0.0
     seed: int = 0
     checkpoint_dtype: str = "bfloat16"
-    pretrain_revision: int = PRETRAIN_REVISION
     schema_version: int = BASE_SCHEMA_VERSION
 
     def hash(self) -> str:
@@ -67,7 +60,7 @@ class BaseConfig:
         for pair in pairs:
             key, _, value = pair.partition("=")
             current = getattr(self, key, None)
-            if key not in fields or key in _NOT_OVERRIDABLE or not value:
+            if key not in fields or key == "schema_version" or not value:
                 bad.append(pair)
             elif isinstance(current, list):
                 changes[key] = [v for v in value.split(",") if v]
@@ -77,14 +70,13 @@ class BaseConfig:
                 except ValueError:
                     bad.append(pair)
         if bad:
-            names = ", ".join(k for k in fields if k not in _NOT_OVERRIDABLE)
+            names = ", ".join(k for k in fields if k != "schema_version")
             raise UsageError(f"--base {' '.join(bad)}: not KEY=VALUE with a known key and value; keys: {names}")
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, data: dict) -> "BaseConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known.setdefault("pretrain_revision", 1)  # recorded before revisions existed
         return cls(**known)
 
 
@@ -173,12 +165,11 @@ def _batches(cfg: BaseConfig, tokenizer):
     """An endless stream of (input_ids, attention_mask, labels) from the pretraining corpus."""
     corpus = [p for fam in cfg.families for p in _train_val(cfg, fam)[0]]
     rng = random.Random(cfg.seed)
+    tokenizer.padding_side = "right"
     try:
         while True:
             chunk = rng.sample(corpus, min(cfg.batch_size, len(corpus)))
             texts = [p.prompt + p.answer + tokenizer.eos_token for p in chunk]
-            # Per batch: accuracy checks between batches switch the tokenizer to left padding.
-            tokenizer.padding_side = "right"
             enc = tokenizer(texts, return_tensors="pt", padding=True)
             labels = enc["input_ids"].clone()
             labels[enc["attention_mask"] == 0] = -100
