@@ -3,6 +3,7 @@ the cost/resume machinery every lab run uses. The real-model tests are ``slow`` 
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,9 @@ from rlsparse.errors import MissingDependencyError, OutputError, UsageError
 from rlsparse.lab import data as labdata
 from rlsparse.lab.recipes import load_recipe, load_suite
 from rlsparse.lab.tasks import all_problems, answer_of, extract_number, reward, split
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _recipes import write_recipe  # noqa: E402
 
 
 def test_missing_extra_is_one_error_naming_the_install(monkeypatch):
@@ -112,18 +116,10 @@ def test_a_missing_suite_is_refused():
         load_suite("nope")
 
 
-def _recipe(tmp_path, name, **fields):
-    data = {"name": name, "learning_rates": [1e-3, 1e-2], "steps": 2, "batch_size": 8, "n_train": 32,
-            "samples_per_prompt": 4, "seed": 1, **fields}
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(data))
-    return str(path)
-
-
 def test_resume_keeps_finished_cells_and_reruns_only_the_missing_one(tiny_base, tmp_path):
     from rlsparse.lab.runner import LabOptions, run_lab
 
-    recipe = _recipe(tmp_path, "t_grpo", algorithm="grpo", data="prompts", in_distribution=True,
+    recipe = write_recipe(tmp_path, "t_grpo", algorithm="grpo", data="prompts", in_distribution=True,
                      trl={"num_generations": 4, "beta": 0.0})
     out = tmp_path / "run"
     lines = []
@@ -155,13 +151,13 @@ def test_resume_keeps_finished_cells_and_reruns_only_the_missing_one(tiny_base, 
 def test_resume_refuses_changed_settings_or_recipes(tiny_base, tmp_path):
     from rlsparse.lab.runner import LabOptions, run_lab
 
-    recipe = _recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3])
+    recipe = write_recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3])
     out = tmp_path / "run"
     run_lab([recipe], LabOptions(out=out, model=str(tiny_base), report=False, n_test=16), log=lambda m: None)
     with pytest.raises(UsageError, match="n_test: 16 then, 20 now"):
         run_lab([recipe], LabOptions(out=out, model=str(tiny_base), report=False, n_test=20), log=lambda m: None,
                 resume=True)
-    changed = _recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3], steps=3)
+    changed = write_recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3], steps=3)
     with pytest.raises(UsageError, match=r"recipes \['t_sft'\] changed"):
         run_lab([changed], LabOptions(out=out, model=str(tiny_base), report=False, n_test=16), log=lambda m: None,
                 resume=True)

@@ -3,6 +3,8 @@ the Conjecture 1 masked rerun, checkpoints, JSON and the report."""
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +12,8 @@ from safetensors.torch import load_file
 
 from rlsparse.errors import OutputError, UsageError
 
-
-def _recipe(tmp_path, name, **fields):
-    data = {"name": name, "learning_rates": [1e-3, 1e-2], "steps": 2, "batch_size": 8, "n_train": 32,
-            "samples_per_prompt": 4, "seed": 1, **fields}
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(data))
-    return str(path)
+sys.path.insert(0, str(Path(__file__).parent))
+from _recipes import write_recipe  # noqa: E402
 
 
 def _cli(argv):
@@ -31,10 +28,10 @@ def _cli(argv):
 
 def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
     recipes = [
-        _recipe(tmp_path, "t_sft", algorithm="sft", family="sub", data="ground_truth"),
-        _recipe(tmp_path, "t_dpo", algorithm="dpo", family="sub", data="constructed_pairs", conjecture=True,
+        write_recipe(tmp_path, "t_sft", algorithm="sft", family="sub", data="ground_truth"),
+        write_recipe(tmp_path, "t_dpo", algorithm="dpo", family="sub", data="constructed_pairs", conjecture=True,
                 trl={"beta": 0.1}, learning_rates=[1e-2]),
-        _recipe(tmp_path, "t_grpo", algorithm="grpo", family="add", data="prompts", in_distribution=True,
+        write_recipe(tmp_path, "t_grpo", algorithm="grpo", family="add", data="prompts", in_distribution=True,
                 conjecture=True, trl={"beta": 0.04, "num_generations": 4, "max_grad_norm": 0.0},
                 learning_rates=[1e-2]),
     ]
@@ -108,7 +105,7 @@ def test_seeds_pre_sft_and_a_preregistered_conjecture_run(tiny_base, tmp_path, m
     # the tiny test base is never right, so give it samples with a correct/incorrect mix
     monkeypatch.setattr(runner._Run, "policy_samples",
                         lambda self, r, probs: [[p.answer, str(int(p.answer) + 1)] for p in probs])
-    recipe = _recipe(tmp_path, "t_fmt", algorithm="dpo", data="format_pairs", in_distribution=True, seeds=[1, 2],
+    recipe = write_recipe(tmp_path, "t_fmt", algorithm="dpo", data="format_pairs", in_distribution=True, seeds=[1, 2],
                      learning_rates=[1e-2], pre_sft={"learning_rate": 1e-2, "steps": 2}, conjecture=True,
                      conjecture_lr=1e-2, trl={"beta": 0.1})
     out = tmp_path / "run"
@@ -133,7 +130,7 @@ def test_fp32_checkpoints_and_jsonl_dataset(tiny_base, tmp_path):
     data = tmp_path / "real.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(10, 60)))
     out = tmp_path / "run"
-    recipe = _recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3])
+    recipe = write_recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3])
     _cli(["lab", "run", recipe, "--out", str(out), "--model", str(tiny_base), "--dataset", str(data),
           "--fp32-checkpoints", "--no-conjecture"])
     results = json.loads((out / "results.json").read_text())
