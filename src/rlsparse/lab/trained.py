@@ -18,19 +18,14 @@ import os
 from pathlib import Path
 
 from rlsparse.io.atomic import write_json
+from rlsparse.lab.real import file_sha256
 
 TRAINED_SCHEMA_VERSION = 1
 FILE = "trained.json"
 
 
-def _hash_file(h, path: Path) -> None:
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-
-
 def checkpoint_sha256(folder: str | os.PathLike) -> str | None:
-    """sha256 over a checkpoint folder's weight files (names and bytes, in name order); None without weights."""
+    """sha256 over a checkpoint folder's weight files (names and file hashes, in name order); None without weights."""
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files or not (folder / "config.json").is_file():
@@ -38,7 +33,7 @@ def checkpoint_sha256(folder: str | os.PathLike) -> str | None:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
-        _hash_file(h, f)
+        h.update(file_sha256(f).encode())
     return h.hexdigest()
 
 
