@@ -153,10 +153,16 @@ def spacing_share(base: str | os.PathLike, tolerances=TOLERANCES) -> dict:
 
 
 def completion_token_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 64):
-    """Per-token log-probability tensors of each completion given its prompt (EOS included), in eval mode.
+    """Next-token logits at the completion positions of each pair (EOS included), in eval mode.
 
-    Yields, per batch, ``(logits, labels, mask)``: next-token logits, the target token ids and a
-    bool mask of the completion positions. Shared by ``probe_kl`` and ``dataset_nll``.
+    Yields, per batch, ``(logits, labels, mask)``: logits ``[batch, k, vocab]`` at the ``k``
+    positions where some row of the batch predicts a completion token, the target token ids and a
+    bool mask of which of those are completion positions of that row. Shared by ``probe_kl`` and
+    ``dataset_nll``.
+
+    Only those positions go through the output head (``logits_to_keep``): on a real base the
+    vocabulary is 49k wide and a prompt ~45 tokens, so full logits cost more than the decoder and
+    several GB per batch, all of it thrown away by the mask.
     """
     import torch
 
@@ -175,11 +181,13 @@ def completion_token_logprobs(model, tokenizer, pairs: list[tuple[str, str]], ba
             ids[i, :len(f)] = torch.tensor(f)
             att[i, :len(f)] = 1
             target[i, len(p):len(f)] = True  # completion tokens (right padding: positions are plain)
+        # position t predicts token t + 1: keep the positions t whose next token is a completion token
+        keep = target[:, 1:].any(0).nonzero().flatten()
         # no_grad only around the forward: a grad-mode context held across a yield would leak into the caller
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
-        # position t predicts token t + 1
-        yield logits[:, :-1], ids[:, 1:].to(device), target[:, 1:].to(device)
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device),
+                           logits_to_keep=keep.to(device)).logits.float()
+        yield logits, ids[:, keep + 1].to(device), target[:, keep + 1].to(device)
 
 
 def probe_kl(base_model, finetuned_model, tokenizer, pairs: list[tuple[str, str]]) -> float:
@@ -193,9 +201,9 @@ def probe_kl(base_model, finetuned_model, tokenizer, pairs: list[tuple[str, str]
     total, count = 0.0, 0
     for (lb, _, mask), (lf, _, _) in zip(completion_token_logprobs(base_model, tokenizer, pairs),
                                          completion_token_logprobs(finetuned_model, tokenizer, pairs)):
-        pb, pf = torch.log_softmax(lb, -1), torch.log_softmax(lf, -1)
+        pb, pf = torch.log_softmax(lb[mask], -1), torch.log_softmax(lf[mask], -1)
         kl = (pb.exp() * (pb - pf)).sum(-1)
-        total += float(kl[mask].double().sum())
+        total += float(kl.double().sum())
         count += int(mask.sum())
     return total / count if count else float("nan")
 
