@@ -12,6 +12,7 @@ A zero update has rank 0 and undefined (None) stable and effective ranks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -121,6 +122,24 @@ class RankResult(MatrixGroups):
 _EPS = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run torch's CPU kernels on one thread inside the block, then restore the thread count.
+
+    LAPACK's SVD on these shapes does not gain from a second thread and loses badly when the
+    threads wait on each other: a 576x1536 ``svdvals`` took 60 s on two threads of a loaded
+    2-core machine against 2.2 s on one.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def matrix_ranks(delta, rtol: float | None = None) -> tuple[int, float, float, float, float | None, float | None]:
     """(rank, rtol, tol, s_max, stable rank, effective rank) of one float32 matrix on any device.
 
@@ -130,7 +149,8 @@ def matrix_ranks(delta, rtol: float | None = None) -> tuple[int, float, float, f
     """
     import torch
 
-    s = torch.linalg.svdvals(delta).double()
+    with one_thread():
+        s = torch.linalg.svdvals(delta).double()
     m, n = delta.shape
     r = rtol if rtol is not None else max(m, n) * _EPS
     s_max = float(s[0]) if s.numel() else 0.0

@@ -41,7 +41,9 @@ def add_lab_parser(sub) -> None:
     run.add_argument("--base", nargs="+", metavar="KEY=VALUE", default=[],
                      help="tiny-base overrides, e.g. --base hidden_size=256 intermediate_size=512 (a new cached base), "
                           "or a real pretrained base: --base smollm2-135m (needs rlsparse[real]; same as NAME 'real')")
-    run.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    run.add_argument("--threads", type=_threads, default=None,
+                     help="CPU threads for torch: a number or 'auto' (the machine's cores); default: the suite's "
+                          "('auto' for the real base), else 1")
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
     run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")
@@ -181,3 +183,16 @@ def _demo(args: argparse.Namespace) -> int:
                   progress=args.progress, smoke=args.smoke)
     print(f"report: {report}")
     return 0
+
+
+def _threads(value: str):
+    """``--threads``: a positive integer or 'auto'."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a positive integer or 'auto'")
+    return n

@@ -197,7 +197,7 @@ class Suite:
         max_new_tokens: Greedy evaluation and sampling budget (the answer is a short number).
         recipes / quick_recipes: Recipe names of the full run and of the ``--quick`` core.
         compute: Compute dtype for the suite ("float32" or "bfloat16"), chosen from measured step cost.
-        threads: CPU threads.
+        threads: CPU threads: a number or "auto" (the cores this process may use; ``runner.resolve_threads``).
         eval_batch / sample_batch: Prompts per generation batch.
         rank_matrices: Update rank on this many matrices, evenly spaced (None: all 210 of the real base).
         preregistration: The suite's pre-registration file (in the suite folder, the format of
@@ -217,7 +217,7 @@ class Suite:
     recipes: list[str] = field(default_factory=list)
     quick_recipes: list[str] = field(default_factory=list)
     compute: str = "float32"
-    threads: int = 2
+    threads: int | str = "auto"
     eval_batch: int = 64
     sample_batch: int = 8
     rank_matrices: int | None = None

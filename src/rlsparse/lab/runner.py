@@ -16,6 +16,7 @@ Run folder layout::
 from __future__ import annotations
 
 import json
+import os
 import math
 import platform
 import tempfile
@@ -63,8 +64,9 @@ class LabOptions:
         report: Render the report at the end.
         max_new_tokens: Answer length budget for evaluation and policy sampling (raise it for real data;
             GRPO's own budget is the recipe's ``trl.max_completion_length``).
-        threads: CPU threads for torch. One is the default: the models are tiny, and on a shared
-            machine two threads waiting on each other ran 3x slower than one.
+        threads: CPU threads for torch: a number, "auto" (the cores this process may use, at most
+            16) or None (the suite's setting, "auto" for the real base; else 1: the tiny models are
+            too small for a second thread to pay). SVDs always run on one thread (``one_thread``).
         trace: Record sparsity along training (bf16 and fp32 views) and the net-drift ratio (keeps
             three fp32 copies of the weights in memory). Turn off for large ``--model`` runs.
         progress: Progress within each training run (``report.progress`` modes): ``auto`` shows the
@@ -99,7 +101,7 @@ class LabOptions:
     conjecture: bool = True
     report: bool = True
     max_new_tokens: int = 6
-    threads: int = 1
+    threads: int | str | None = None
     trace: bool = True
     progress: str = "auto"
     seeds: list[int] | None = None
@@ -323,6 +325,7 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     checkpoint is followed by ``trained.json`` (``lab.trained``); when ``out`` already holds a
     complete checkpoint whose record names this very cell, it is evaluated without training again.
     """
+    begun = time.time()
     cell = train_cell(run, recipe, lr, rows, start=start, mask=mask)
     trained = trained_record.load(out, cell)
     if trained is None:
@@ -330,15 +333,22 @@ def train_one(run: _Run, recipe: Recipe, lr: float, rows: list[dict], out: Path,
     else:
         run.log(f"    {out}: its checkpoint and trained.json match this cell; evaluating it, "
                 "not training it again")
-    return {**trained, **evaluate_checkpoint(run, recipe, out)}
+    # training = the trainer's steps; training_setup = loading, building the trainer, saving, hashing
+    setup = round(time.time() - begun - (trained.get("seconds") or 0.0), 2)
+    evaluated = evaluate_checkpoint(run, recipe, out)
+    phases = {"training": trained.get("seconds"), "training_setup": setup, "evaluation": evaluated["eval_seconds"],
+              "evaluation_load": evaluated.pop("eval_load_seconds")}
+    return {**trained, **evaluated, "phase_seconds": phases}
 
 
 def evaluate_checkpoint(run: _Run, recipe: Recipe, folder: Path) -> dict:
     """Held-out accuracy of a checkpoint as saved: the same view the sparsity numbers use."""
+    loading = time.time()
     saved, tok = load_model(folder, run.opts.device)
     begun = time.time()
     acc = {f: run.accuracy(saved, tok, probs) for f, probs in run.test_sets(recipe).items()}
-    return {"accuracy": acc, "eval_seconds": round(time.time() - begun, 2)}
+    return {"accuracy": acc, "eval_seconds": round(time.time() - begun, 2),
+            "eval_load_seconds": round(begun - loading, 2)}
 
 
 def train_cell(run: _Run, recipe: Recipe, lr: float, rows: list[dict], start: Path | None = None, mask=None,
@@ -611,18 +621,30 @@ def _relative(run: _Run, path: Path) -> str:
 
 
 def _measure_point(run: _Run, start: Path, folder: Path, trained: dict, start_acc: dict) -> dict:
-    sp = measure.sparsity(start, folder)
-    rank = measure.update_rank(start, folder, max_matrices=run.opts.rank_matrices)
-    control = measure.random_rank_control(start, folder, max_matrices=run.opts.rank_matrices)
-    before, tok = load_model(start, run.opts.device)
-    after, _ = load_model(folder, run.opts.device)
-    kl = measure.probe_kl(before, after, tok, run.probe_pairs(tok))
+    phases: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        begun = time.time()
+        value = fn()
+        phases[name] = round(time.time() - begun, 2)
+        return value
+
+    sp = timed("sparsity", lambda: measure.sparsity(start, folder))
+    rank = timed("update_rank", lambda: measure.update_rank(start, folder, max_matrices=run.opts.rank_matrices))
+    control = timed("rank_control",
+                    lambda: measure.random_rank_control(start, folder, max_matrices=run.opts.rank_matrices))
+    before, tok = timed("load_models", lambda: load_model(start, run.opts.device))
+    after, _ = timed("load_models_2", lambda: load_model(folder, run.opts.device))
+    phases["load_models"] += phases.pop("load_models_2")
+    kl = timed("probe_kl", lambda: measure.probe_kl(before, after, tok, run.probe_pairs(tok)))
     del before, after
+    norm = timed("delta_norm", lambda: measure.delta_norm(start, folder))
     return {"checkpoint": str(folder.relative_to(run.opts.out)), **trained,
             "sparsity": sp["sparsity"], "changed": sp["changed"], "numel": sp["numel"],
             "by_layer": sp["by_layer"], "by_type": sp["by_type"], "grid": sp["grid"],
             "update_rank": rank["mean_rank_fraction"], "update_rank_random_control": control["mean_rank_fraction"],
-            "probe_kl": kl, "delta_norm": measure.delta_norm(start, folder),
+            "probe_kl": kl, "delta_norm": norm,
+            "phase_seconds": {**trained.get("phase_seconds", {}), **phases},
             "accuracy_gain": {f: trained["accuracy"][f] - start_acc.get(f, float("nan"))
                               for f in trained["accuracy"]}}
 
@@ -733,7 +755,8 @@ def _conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str) -> dict:
             "reseeded_checkpoint": _relative(run, reseeded_dir),
             "loss": {"full": best["log_history"], "sub": trained["log_history"], "random_mask": rand["log_history"]},
             "changed_outside_mask": outside,
-            "changed_outside_random_mask": measure.changed_outside(start, rand_dir, rmask)}
+            "changed_outside_random_mask": measure.changed_outside(start, rand_dir, rmask),
+            "phase_seconds": {"sub": trained.get("phase_seconds"), "random_mask": rand.get("phase_seconds")}}
 
 
 def random_mask_like(mask, seed: int = 0):
@@ -842,8 +865,9 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     out.mkdir(parents=True, exist_ok=True)
     opts.out = out
     _quiet()
+    opts.threads = resolve_threads(opts.threads)
     if opts.device == "cpu":
-        torch.set_num_threads(max(1, opts.threads))
+        torch.set_num_threads(opts.threads)
     run = _Run(opts, log)
     run.preregistration = opts.preregistration or load_preregistration()
     started = time.time()
@@ -985,9 +1009,29 @@ def apply_suite(opts: LabOptions, suite) -> list[str]:
     opts.rank_matrices = suite.rank_matrices
     if opts.compute == "auto":
         opts.compute = suite.compute
-    if opts.threads == 1:
+    if opts.threads is None:
         opts.threads = suite.threads
     return list(suite.quick_recipes if opts.quick else suite.recipes)
+
+
+def resolve_threads(threads: int | str | None) -> int:
+    """CPU threads for torch from a ``threads`` setting: a count, "auto" or None (1).
+
+    "auto" is the cores this process may run on (its CPU affinity), at most 16: past that a
+    135M-parameter model's matrices are too small for more threads to pay.
+
+    Example:
+        >>> resolve_threads("auto") >= 1
+        True
+    """
+    if threads is None:
+        return 1
+    if threads == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(cores, 16))
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"threads {threads!r}: expected a positive integer or 'auto'")
+    return threads
 
 
 def _stored_dtype(path: Path) -> str | None:
