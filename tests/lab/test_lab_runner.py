@@ -89,6 +89,11 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
     for p in sft["points"]:
         assert p["probe_kl"] > 0 and p["delta_norm"] > 0 and p["seed"] == 1 and p["start"] == "base"
         assert 0 < p["net_drift"]["net_over_path"] <= 1 and 0 <= p["update_rank_random_control"] <= 1
+        # the cell's runtime by phase, measured (training is the trainer's own clock)
+        assert set(p["phase_seconds"]) == {"training", "training_setup", "evaluation", "evaluation_load", "sparsity",
+                                           "update_rank", "rank_control", "load_models", "probe_kl", "delta_norm"}
+        assert p["phase_seconds"]["training"] == p["seconds"] and p["phase_seconds"]["evaluation"] == p["eval_seconds"]
+        assert all(v >= 0 for v in p["phase_seconds"].values())
     assert results["recipes"]["t_grpo"]["points"][0]["clip_active_share"] is None  # max_grad_norm 0: no clipping
     assert set(results["controls"]["spacing_share"]) == {"0", "1e-08", "1e-07", "1e-06", "1e-05", "1e-04"}
     assert len(run["preregistration"]["sha256"]) == 64
