@@ -38,7 +38,7 @@ def test_shared_prefix_cache_gives_the_plain_greedy_answers(tiny_base):
     enc = encode_prompts(problems[:16], tok)
     moved = _prefix_cached(model, enc, tok.pad_token_id)
     # the cache path is taken: the prefix (17 characters, one token each) is cached once for the batch
-    assert moved is not None and moved["cache"].get_seq_length() == len(PREFIX)
+    assert moved is not None and moved.get("cache", moved.get("past_key_values")).get_seq_length() == len(PREFIX)
     assert int(moved["attention_mask"].sum()) == int(enc["attention_mask"].sum())
     plain = greedy_answers(model, tok, problems, batch_size=16, max_new_tokens=6, shared_prefix=False)
     cached = greedy_answers(model, tok, problems, batch_size=16, max_new_tokens=6, shared_prefix=True)

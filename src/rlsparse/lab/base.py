@@ -205,7 +205,10 @@ def _prefix_cached(model, enc, pad_id: int) -> dict | None:
         return None
     prefix = heads[0, :shared]
     with torch.no_grad():
-        cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
+        out = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1)
+    # transformers 5 names the cache "cache" (its old name "past_key_values" warns); 4.x only has the old one
+    key = "cache" if "cache" in out else "past_key_values"
+    cache = out[key]
     cache.batch_repeat_interleave(batch)
     new_ids = torch.full_like(ids, pad_id)
     new_att = torch.zeros_like(att)
@@ -215,7 +218,7 @@ def _prefix_cached(model, enc, pad_id: int) -> dict | None:
         rest = n - shared
         new_ids[i, width - rest:] = ids[i, width - rest:]
         new_att[i, width - rest:] = 1
-    return {"input_ids": new_ids, "attention_mask": new_att, "cache": cache}
+    return {"input_ids": new_ids, "attention_mask": new_att, key: cache}
 
 
 def _batches(cfg: BaseConfig, tokenizer):
