@@ -82,6 +82,9 @@ class LabOptions:
         rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
         grid: Run each recipe's learning-rate x steps ``grid`` (``lab.grid``) instead of its sweep
             and Conjecture 1 ("all" and "real" take the recipes that have a grid).
+        table4_pairs: Table 4's data and algorithm pairs (``Suite.table4_pairs``; the real suite sets
+            them), recorded in run.json and measured by ``lab.overlaps`` when the report renders.
+        table4_declared: When those pairs were chosen (shown beside them).
     """
 
     out: Path
@@ -111,6 +114,8 @@ class LabOptions:
     sample_batch: int = 256
     rank_matrices: int | None = None
     grid: bool = False
+    table4_pairs: list[dict] = field(default_factory=list)
+    table4_declared: str = ""
 
 
 class _Run:
@@ -882,6 +887,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
                 "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": run.n_test,
                 "style": opts.style, "test_families": opts.test_families, "max_new_tokens": opts.max_new_tokens,
                 "rank_matrices": opts.rank_matrices, "grid": opts.grid,
+                "table4_pairs": opts.table4_pairs, "table4_declared": opts.table4_declared,
                 "preregistration": run.preregistration.to_json(),
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
@@ -983,6 +989,7 @@ def apply_suite(opts: LabOptions, suite) -> list[str]:
     opts.preregistration = load_preregistration(recipe_dir() / suite.name / suite.preregistration)
     opts.eval_batch, opts.sample_batch = suite.eval_batch, suite.sample_batch
     opts.rank_matrices = suite.rank_matrices
+    opts.table4_pairs, opts.table4_declared = list(suite.table4_pairs), suite.table4_declared
     if opts.compute == "auto":
         opts.compute = suite.compute
     if opts.threads == 1:
