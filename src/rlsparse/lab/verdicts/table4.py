@@ -81,7 +81,7 @@ def finding(results: dict, prereg) -> Finding:
         return found
     beats = lambda r, null: r[f"excess_{null}"] is not None and r[f"excess_{null}"] > margin  # noqa: E731
     strat = [r for r in judged if beats(r, "stratified")]
-    uniform = [r for r in judged if beats(r, "random")]
+    uniform = [r for r in judged if beats(r, "uniform")]
     covered = {r["factor"] for r in judged}
     if len(strat) == len(judged) and covered >= set(FACTORS):
         verdict = "reproduces"
