@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from rlsparse.errors import UsageError
+from rlsparse.lab.class_weights import check as check_class_weights
 
 RECIPE_SCHEMA_VERSION = 1
 ALGORITHMS = ("sft", "rft", "dpo", "grpo", "rloo", "kto", "orpo", "simpo", "ppo", "prime")
@@ -112,6 +113,9 @@ class Recipe:
         if self.grid is not None and not _valid_grid(self.grid):
             problems.append(f"grid {self.grid!r} (expected {{'learning_rates': [positive floats], "
                             "'checkpoints': [distinct steps >= 1]})")
+        weights = check_class_weights(self)
+        if weights:
+            problems.append(weights)
         if problems:
             raise UsageError(f"recipe {self.name!r} has invalid " + "; ".join(problems) + "; fix the recipe file")
         self.learning_rates = [float(lr) for lr in self.learning_rates]

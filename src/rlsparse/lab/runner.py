@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rlsparse.errors import OutputError, UsageError, require
 from rlsparse.io.atomic import write_json
+from rlsparse.lab import class_weights as kto_class_weights
 from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab import trained as trained_record
@@ -383,6 +384,7 @@ def train_checkpoints(run: _Run, recipe: Recipe, lr: float, rows: list[dict], sa
     if bad:
         raise UsageError(f"recipe {recipe.name}: checkpoint steps {bad} are outside 1..{recipe.steps}; fix its grid")
     last = max(saves)
+    recipe, class_weights = kto_class_weights.resolve(recipe, rows)  # KTO's "balanced": from these rows' counts
     _set_seed(recipe.seed)
     precision = resolve_precision(run.opts)
     model, tok = load_model(start or run.base_path, run.opts.device, weights=precision["master_weights"])
@@ -398,7 +400,8 @@ def train_checkpoints(run: _Run, recipe: Recipe, lr: float, rows: list[dict], sa
                 "trainer": trainer_name, "trl_config": effective,
                 "step_cost": cost.summary(upto=step), "signal": signal_steps(kept),
                 "trace": [t for t in tracer.trace if t["step"] <= step] if tracer is not None else None,
-                "net_drift": drift, "clip_active_share": _clip_share(kept, effective.get("max_grad_norm"))}
+                "net_drift": drift, "clip_active_share": _clip_share(kept, effective.get("max_grad_norm")),
+                **({"class_weights": class_weights} if class_weights else {})}
 
     class _Checkpoints(TrainerCallback):
         """Saves the checkpoints before the last; each one's record once its step's log is written."""
@@ -459,7 +462,7 @@ def _clip_share(history: list[dict], max_norm) -> float | None:
 _RECORDED = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
              "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "seed", "beta",
              "loss_type", "num_generations", "max_completion_length", "temperature", "epsilon", "scale_rewards",
-             "max_length", "completion_only_loss", "bf16")
+             "max_length", "completion_only_loss", "bf16", "desirable_weight", "undesirable_weight")
 
 
 def _plain(value):
