@@ -202,3 +202,18 @@ def test_o2_counts_too():
     rows = [_row(f, 0.6, 0.05, 0.5) for f in ("seed", "data", "algorithm")]
     rows[1]["o2"] = 0.51  # o2 within the margin of its stratified null
     assert table4.finding(_results(*rows), PRE).verdict == "partly reproduces"
+
+
+def test_a_run_records_its_suites_pairs_and_an_older_real_run_takes_the_suite_files():
+    from rlsparse.lab import runner
+    from rlsparse.lab.recipes import load_suite
+
+    suite = load_suite("real")
+    opts = runner.LabOptions(out=Path("unused"))
+    runner.apply_suite(opts, suite)
+    assert (opts.table4_pairs, opts.table4_declared) == (suite.table4_pairs, suite.table4_declared)
+    recorded = {"table4_pairs": [PAIRS[0]], "table4_declared": "then", "real_base": "smollm2-135m"}
+    assert overlaps.declared_pairs(recorded) == ([PAIRS[0]], "then")
+    older, said = overlaps.declared_pairs({"real_base": "smollm2-135m"})
+    assert older == suite.table4_pairs and "Not in this run's run.json" in said
+    assert overlaps.declared_pairs({"real_base": None}) == ([], "")  # a tiny-base run without a suite
