@@ -217,3 +217,12 @@ def test_a_run_records_its_suites_pairs_and_an_older_real_run_takes_the_suite_fi
     older, said = overlaps.declared_pairs({"real_base": "smollm2-135m"})
     assert older == suite.table4_pairs and "Not in this run's run.json" in said
     assert overlaps.declared_pairs({"real_base": None}) == ([], "")  # a tiny-base run without a suite
+
+
+def test_the_figure_is_drawn_from_the_rows(tmp_path):
+    from rlsparse.lab.verdicts import plots
+
+    f = table4.finding(_results(*[_row(x, 0.6, 0.05, 0.5) for x in ("seed", "data", "algorithm")]), PRE)
+    assert f.figure == "table4_overlap.png" and len(f.data["rows"]) == 3 and set(f.data["paper"]) == set(table4.FACTORS)
+    assert plots.plot(f, tmp_path)
+    assert (tmp_path / f.figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

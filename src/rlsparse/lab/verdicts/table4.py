@@ -97,7 +97,7 @@ def finding(results: dict, prereg) -> Finding:
     absent = [f for f in FACTORS if f not in covered]
     if absent:
         sentence += f" Not measured here: {', '.join(absent)}."
-    return Finding("table4", TITLE, PAPER, verdict, sentence, data, None,
+    return Finding("table4", TITLE, PAPER, verdict, sentence, data, "table4_overlap.png",
                    {label(r): r.get("seeds") for r in judged}, rule, control)
 
 
@@ -143,3 +143,31 @@ def html_table(f: Finding) -> str:
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in table(f))
     declared = f"<p><i>Pairs:</i> {e(f.data['declared'])}</p>" if f.data.get("declared") else ""
     return f"<table><tr>{head}</tr>{body}</table>{declared}"
+
+
+def plot(f: Finding, path) -> None:
+    """Per measured row, o1 and o2 beside their uniform and stratified nulls (the paper's rows for scale)."""
+    from matplotlib.figure import Figure
+
+    from rlsparse.report.plots import save_figure
+
+    measured = [r for r in f.data["rows"] if not r.get("not_measured") and r.get("o1") is not None]
+    paper = [{"label": f"paper {k}: {p['setting']}", "o1": p["o1"], "o2": p["o2"], "o1_random": p["o1_random"],
+              "o2_random": p["o2_random"]} for k, p in f.data.get("paper", PAPER_ROWS).items()]
+    bars = [{**r, "label": label(r) + ("" if r.get("judged") else " (context)")} for r in measured] + paper
+    fig = Figure(figsize=(6.9, 0.55 * len(bars) + 1.4), layout="constrained")
+    ax = fig.add_subplot()
+    height = 0.2
+    for k, (key, name, colour) in enumerate((("", "observed", "C0"), ("_stratified", "stratified null", "C2"),
+                                            ("_random", "uniform null (Appendix E)", "C7"))):
+        for side, hatch in (("o1", None), ("o2", "//")):
+            ys = [i + (2 * k + (side == "o2")) * height / 2 - 0.3 for i in range(len(bars))]
+            xs = [100 * (b.get(side + key) or 0) for b in bars]
+            ax.barh(ys, xs, height=height / 2, color=colour, hatch=hatch, edgecolor="white",
+                    label=name if side == "o1" else None)
+    ax.set_yticks(range(len(bars)), [b["label"] for b in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("overlap (%): o1 solid, o2 hatched")
+    fig.legend(fontsize=7, loc="outside lower center", ncol=3)
+    save_figure(fig, path)
