@@ -226,3 +226,13 @@ def test_the_figure_is_drawn_from_the_rows(tmp_path):
     assert f.figure == "table4_overlap.png" and len(f.data["rows"]) == 3 and set(f.data["paper"]) == set(table4.FACTORS)
     assert plots.plot(f, tmp_path)
     assert (tmp_path / f.figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_unreadable_cache_is_measured_again(tmp_path):
+    run, results = _run(tmp_path, PAIRS[:1])
+    (run / "table4.json").write_text("{not json")
+    lines = []
+    rows = overlaps.table4_rows(run, results, log=lines.append)["rows"]
+    assert rows[1]["intersection"] == _brute(run, "runs/dpo_id/lr-1e-5", "runs/dpo_ood/lr-1e-5")["intersection"]
+    assert json.loads((run / "table4.json").read_text())["rows"][1]["intersection"] == rows[1]["intersection"]
+    assert "subnetwork 3/3" in lines[2] and "ETA 0s" in lines[2]  # progress: one line per mask

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from rlsparse.io.atomic import write_json
@@ -122,7 +123,7 @@ def table4_rows(run_dir: str | Path, results: dict, log=None) -> dict:
     if not rows:
         return {"schema_version": SCHEMA_VERSION, "tolerance": tol, "declared": declared, "rows": []}
     cache_path = run_dir / CACHE
-    cached = json.loads(cache_path.read_text()).get("rows", []) if cache_path.is_file() else []
+    cached = _cached_rows(cache_path)
     hashes: dict[str, str | None] = {}
 
     def sha(rel: str) -> str | None:
@@ -156,6 +157,16 @@ def table4_rows(run_dir: str | Path, results: dict, log=None) -> dict:
     return doc
 
 
+def _cached_rows(path: Path) -> list[dict]:
+    """The rows of an earlier ``table4.json``; none if it is absent, unreadable or of another schema
+    (it is a cache: measuring again gives the same rows)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return doc.get("rows", []) if isinstance(doc, dict) and doc.get("schema_version") == SCHEMA_VERSION else []
+
+
 # What makes a cached row this row: the same cells, the same weights, the same start, the same tolerance.
 _KEY = ("a_checkpoint", "b_checkpoint", "start", "a_sha256", "b_sha256", "start_sha256", "tolerance")
 
@@ -175,11 +186,13 @@ def _measure(run_dir: Path, results: dict, start: str, rows: list[dict], tol: st
     base = _path(run_dir, results, start)
     names = list(dict.fromkeys(r[k] for r in rows for k in ("a_checkpoint", "b_checkpoint")))
     with tempfile.TemporaryDirectory(prefix="rlsparse-table4-") as tmp:
-        masks = []
+        masks, begun = [], time.time()
         for i, rel in enumerate(names):
-            if log:
-                log(f"table 4: subnetwork {i + 1}/{len(names)} ({rel}, changed at {tol} against {start})")
             masks.append(measure.subnetwork_mask(base, run_dir / rel, Path(tmp) / f"{i}.mask.safetensors", tol))
+            if log:
+                spent = time.time() - begun
+                log(f"table 4: subnetwork {i + 1}/{len(names)} ({rel}, changed at {tol} against {start}); "
+                    f"{spent:.0f}s, ETA {spent / (i + 1) * (len(names) - i - 1):.0f}s")
         if log:
             log(f"table 4: overlaps of {len(rows)} pairs with the uniform and magnitude-stratified nulls")
         result = overlap(masks, names, base=base)
