@@ -236,3 +236,19 @@ def test_an_unreadable_cache_is_measured_again(tmp_path):
     assert rows[1]["intersection"] == _brute(run, "runs/dpo_id/lr-1e-5", "runs/dpo_ood/lr-1e-5")["intersection"]
     assert json.loads((run / "table4.json").read_text())["rows"][1]["intersection"] == rows[1]["intersection"]
     assert "subnetwork 3/3" in lines[2] and "ETA 0s" in lines[2]  # progress: one line per mask
+
+
+def test_a_sweep_of_three_seeds_gets_its_further_seed_pairs(tmp_path):
+    run, results = _run(tmp_path, [])
+    for seed in (0, 1, 2):
+        folder = f"runs/grpo/lr-1e-5" + ("" if seed == 0 else f"-seed{seed}")
+        _finetuned(run / "base", run / folder, 10 + seed, 0.2)
+    results["recipes"]["grpo"] = {"recipe": {"name": "grpo", "algorithm": "grpo", "seed": 0},
+                                  "points": [_point(f"runs/grpo/lr-1e-5" + ("" if s == 0 else f"-seed{s}"), s)
+                                             for s in (0, 1, 2)]}
+    rows = [r for r in overlaps.table4_rows(run, results)["rows"] if r["a"] == "grpo"]
+    assert [r["seeds"] for r in rows] == [[0, 2], [1, 2]]  # 0/1 is the runner's seed_overlap
+    for r in rows:
+        ref = _brute(run, r["a_checkpoint"], r["b_checkpoint"])
+        assert (r["changed_a"], r["changed_b"], r["intersection"]) == (ref["changed_a"], ref["changed_b"],
+                                                                       ref["intersection"])

@@ -2,8 +2,9 @@
 
 Nothing here trains. The rows come from what the run already holds:
 
-- seed: a recipe run with two or more seeds has its ``seed_overlap`` rows (``runner``); a recipe
-  run with one seed and a Conjecture 1 result is paired here with that result's reseeded full run
+- seed: a recipe run with two or more seeds has its ``seed_overlap`` rows for its first two seeds
+  (``runner``), and here its further pairs of seeds (0/2 and 1/2 for seeds 0, 1, 2); a recipe run
+  with one seed and a Conjecture 1 result is paired here with that result's reseeded full run
   (same recipe, start, data recipe and learning rate; seed + 1);
 - data and algorithm: the pairs the run's suite declares (``Suite.table4_pairs``: two recipes and
   the factor that differs), at every learning rate both ran, first seed of each.
@@ -71,6 +72,7 @@ def planned_rows(results: dict, pairs: list[dict]) -> list[dict]:
                      "learning_rate": conj["learning_rate"], "seeds": [seed, seed + 1],
                      "a_checkpoint": conj["full_checkpoint"], "b_checkpoint": conj["reseeded_checkpoint"],
                      "start": full.get("start", "base")})
+    rows += _other_seed_pairs(results)
     for pair in pairs:
         a, b = pair["a"], pair["b"]
         row = {"factor": pair["factor"], "a": a, "b": b, "source": "declared pair", "why": pair.get("why", "")}
@@ -90,6 +92,27 @@ def planned_rows(results: dict, pairs: list[dict]) -> list[dict]:
                 one["not_measured"] = (f"the two cells start from different models ({one['start']} vs "
                                        f"{pb[lr].get('start', 'base')}): no common base to diff against")
             rows.append(one)
+    return rows
+
+
+def _other_seed_pairs(results: dict) -> list[dict]:
+    """Seed rows of a sweep beyond its first two seeds (the runner's ``seed_overlap`` has those):
+    with seeds 0, 1, 2, the pairs 0/2 and 1/2 at every learning rate."""
+    from itertools import combinations
+
+    rows = []
+    for name, entry in results["recipes"].items():
+        seeds = list(dict.fromkeys(p.get("seed") for p in entry["points"]))
+        for sa, sb in list(combinations(seeds, 2))[1:]:
+            pa = {p["learning_rate"]: p for p in entry["points"] if p.get("seed") == sa}
+            pb = {p["learning_rate"]: p for p in entry["points"] if p.get("seed") == sb}
+            for lr in sorted(set(pa) & set(pb)):
+                if pa[lr].get("start", "base") != "base" or pb[lr].get("start", "base") != "base":
+                    continue  # a start per seed (pre-SFT): the runner skips these too
+                rows.append({"factor": "seed", "a": name, "b": name, "source": "seed sweep (further seeds)",
+                             "why": "the same recipe and learning rate, another pair of seeds",
+                             "learning_rate": lr, "seeds": [sa, sb], "a_checkpoint": pa[lr]["checkpoint"],
+                             "b_checkpoint": pb[lr]["checkpoint"], "start": "base"})
     return rows
 
 
