@@ -217,6 +217,7 @@ def test_a_run_records_its_suites_pairs_and_an_older_real_run_takes_the_suite_fi
     older, said = overlaps.declared_pairs({"real_base": "smollm2-135m"})
     assert older == suite.table4_pairs and "Not in this run's run.json" in said
     assert overlaps.declared_pairs({"real_base": None}) == ([], "")  # a tiny-base run without a suite
+    assert overlaps.declared_pairs({"table4_pairs": [], "table4_declared": ""}) == ([], "")
 
 
 def test_the_figure_is_drawn_from_the_rows(tmp_path):

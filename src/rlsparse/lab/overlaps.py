@@ -46,7 +46,8 @@ def declared_pairs(run_meta: dict) -> tuple[list[dict], str]:
     field existed, the current suite file of its base is used, and the sentence says so.
     """
     if "table4_pairs" in run_meta:
-        return list(run_meta["table4_pairs"] or []), run_meta.get("table4_declared") or "recorded in run.json"
+        pairs = list(run_meta["table4_pairs"] or [])
+        return pairs, (run_meta.get("table4_declared") or "recorded in run.json") if pairs else ""
     if run_meta.get("real_base"):
         suite = load_suite("real")
         if suite.base == run_meta["real_base"]:
