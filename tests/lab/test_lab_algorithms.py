@@ -63,6 +63,10 @@ def test_each_recipe_trains_two_steps_through_train_trainers(lab_run, tmp_path, 
     weights = load_file(str(out / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert trained["trl_config"]["max_steps"] == 2 and trained["trl_config"]["learning_rate"] == 1e-3
+    if recipe.trl.get("desirable_weight") == "balanced":  # KTO: lambda_D from the counts of these very rows
+        n_d, n_u = sum(r["label"] is True for r in rows), sum(r["label"] is False for r in rows)
+        assert (trained["class_weights"]["n_desirable"], trained["class_weights"]["n_undesirable"]) == (n_d, n_u)
+        assert trained["trl_config"]["desirable_weight"] == trained["class_weights"]["desirable_weight"] == 7 / 6 * n_u / n_d
 
 
 @pytest.mark.parametrize("name", ["ppo", "prime"])

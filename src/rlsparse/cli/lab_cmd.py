@@ -57,7 +57,8 @@ def add_lab_parser(sub) -> None:
                      help="run every recipe with these seeds (e.g. 0,1,2), replacing the recipes' own")
     run.set_defaults(func=_run)
 
-    report = labsub.add_parser("report", help="render report.html and report.md for a run folder")
+    report = labsub.add_parser("report", help="render report.html and report.md for a run folder (measuring Table 4's "
+                                              "pairs from its checkpoints first, cached in RUN_DIR/table4.json)")
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(func=_report)
 
@@ -152,9 +153,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import sys
+
     from rlsparse.lab.report import render
 
-    html, md = render(args.run_dir)
+    html, md = render(args.run_dir, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"report: {html}\nmarkdown: {md}")
     return 0
 

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from rlsparse.errors import UsageError
+from rlsparse.lab.class_weights import check as check_class_weights
 
 RECIPE_SCHEMA_VERSION = 1
 ALGORITHMS = ("sft", "rft", "dpo", "grpo", "rloo", "kto", "orpo", "simpo", "ppo", "prime")
@@ -112,6 +113,9 @@ class Recipe:
         if self.grid is not None and not _valid_grid(self.grid):
             problems.append(f"grid {self.grid!r} (expected {{'learning_rates': [positive floats], "
                             "'checkpoints': [distinct steps >= 1]})")
+        weights = check_class_weights(self)
+        if weights:
+            problems.append(weights)
         if problems:
             raise UsageError(f"recipe {self.name!r} has invalid " + "; ".join(problems) + "; fix the recipe file")
         self.learning_rates = [float(lr) for lr in self.learning_rates]
@@ -204,6 +208,10 @@ class Suite:
             ``lab/preregistration.json``): thresholds written before the sweep ran, copied with their
             sha256 into every run.json.
         description: One paragraph for the report.
+        table4_pairs: Table 4's data and algorithm rows: pairs of this suite's recipes compared at every
+            learning rate both ran, each ``{"a", "b", "factor", "why"}`` with ``factor`` one of
+            ``TABLE4_FACTORS`` (``lab.overlaps`` measures them; the seed rows come from the seeds).
+        table4_declared: When and how the pairs were chosen (shown in the report beside them).
     """
 
     name: str
@@ -223,7 +231,31 @@ class Suite:
     rank_matrices: int | None = None
     preregistration: str = "preregistration.json"
     description: str = ""
+    table4_pairs: list[dict] = field(default_factory=list)
+    table4_declared: str = ""
     schema_version: int = SUITE_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        problems = []
+        for i, pair in enumerate(self.table4_pairs):
+            if not isinstance(pair, dict) or not {"a", "b", "factor"} <= set(pair) or not set(pair) <= _PAIR_KEYS:
+                problems.append(f"table4_pairs[{i}] = {pair!r} (expected {{'a', 'b', 'factor', 'why'}})")
+                continue
+            unknown = [n for n in (pair["a"], pair["b"]) if n not in self.recipes]
+            if unknown or pair["a"] == pair["b"]:
+                problems.append(f"table4_pairs[{i}] names {unknown or [pair['a']] * 2} (expected two different "
+                                f"recipes of the suite: {', '.join(self.recipes)})")
+            if pair["factor"] not in TABLE4_FACTORS:
+                problems.append(f"table4_pairs[{i}] factor {pair['factor']!r} (expected one of "
+                                f"{', '.join(TABLE4_FACTORS)})")
+        if problems:
+            raise UsageError(f"suite {self.name!r} has invalid " + "; ".join(problems) + "; fix its suite.json")
+
+
+# What differs between the two cells of a Table 4 row (the paper's three settings): "seed" alone,
+# the training "data" alone (same algorithm), or the "algorithm" (with the data each one trains on).
+TABLE4_FACTORS = ("seed", "data", "algorithm")
+_PAIR_KEYS = {"a", "b", "factor", "why"}
 
 
 def load_suite(name: str) -> Suite:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rlsparse.errors import CheckpointError
 from rlsparse.io.atomic import atomic_path, write_text
-from rlsparse.lab import stats
+from rlsparse.lab import overlaps, stats
 from rlsparse.lab.preregistration import for_run
 from rlsparse.lab.verdicts import conjecture, figure1, figure5, grid, kl_clip, precision, table2, table4, table5, table6
 from rlsparse.lab.verdicts import plots as verdict_plots
@@ -319,6 +319,7 @@ def _markdown(results: dict, items: list[Finding]) -> str:
     for f in items:
         lines += [f"## {f.title}", "", f"**Verdict: {f.verdict}.** {f.sentence}", "", f"Paper: {f.paper}", "",
                   *verdict_text.finding_markdown(f), *(grid.markdown(f) if f.key == "grid" else []),
+                  *(table4.markdown(f) if f.key == "table4" else []),
                   f"Seeds: {', '.join(f'{k}={v}' for k, v in f.seeds.items()) or 'n/a'}", ""]
         if f.figure:
             lines += [f"![{f.key}](figures/{f.figure})", ""]
@@ -353,6 +354,7 @@ def _html(md_items: list[Finding], results: dict) -> str:
         parts.append(f"<div class='f'><div>{img}</div><div><h2>{e(f.title)}</h2><p class='v'>{e(f.verdict)}</p>"
                      f"<p>{e(f.sentence)}</p><p><i>Paper:</i> {e(f.paper)}</p>{verdict_text.finding_html(f)}"
                      f"{grid.html_tables(f) if f.key == 'grid' else ''}"
+                     f"{table4.html_table(f) if f.key == 'table4' else ''}"
                      f"<p><i>Seeds:</i> {e(', '.join(f'{k}={v}' for k, v in f.seeds.items()))}</p></div></div>")
     fam = _eval_family(results)
     if not results["recipes"]:
@@ -377,11 +379,15 @@ def _write(path: Path, text: str) -> None:
     write_text(path, text)
 
 
-def render(run_dir: str | os.PathLike) -> tuple[Path, Path]:
+def render(run_dir: str | os.PathLike, log=None) -> tuple[Path, Path]:
     """Render ``report.html``, ``report.md``, ``report.json`` and ``figures/`` for a lab run folder.
+
+    Table 4's rows that are not yet in ``RUN_DIR/table4.json`` are measured first from the run's
+    checkpoints (``lab.overlaps``: the reseeded Conjecture 1 runs and the suite's declared pairs).
 
     Args:
         run_dir: A folder written by ``rlsparse lab run``.
+        log: Progress printer for that measurement (None: quiet).
 
     Returns:
         (html path, markdown path).
@@ -397,6 +403,8 @@ def render(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     if results.get("schema_version", 1) > REPORT_SCHEMA_VERSION:
         raise CheckpointError(f"{src} has schema_version {results['schema_version']}, newer than this rlsparse "
                               f"reads ({REPORT_SCHEMA_VERSION}); upgrade rlsparse")
+    if results.get("recipes"):
+        results["table4"] = overlaps.table4_rows(run_dir, results, log=log)
     items = findings(results)
     figdir = run_dir / "figures"
     figdir.mkdir(exist_ok=True)

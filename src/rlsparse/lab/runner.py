@@ -26,6 +26,7 @@ from pathlib import Path
 
 from rlsparse.errors import OutputError, UsageError, require
 from rlsparse.io.atomic import write_json
+from rlsparse.lab import class_weights as kto_class_weights
 from rlsparse.lab import data as labdata
 from rlsparse.lab import measure
 from rlsparse.lab import trained as trained_record
@@ -84,6 +85,9 @@ class LabOptions:
         rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
         grid: Run each recipe's learning-rate x steps ``grid`` (``lab.grid``) instead of its sweep
             and Conjecture 1 ("all" and "real" take the recipes that have a grid).
+        table4_pairs: Table 4's data and algorithm pairs (``Suite.table4_pairs``; the real suite sets
+            them), recorded in run.json and measured by ``lab.overlaps`` when the report renders.
+        table4_declared: When those pairs were chosen (shown beside them).
     """
 
     out: Path
@@ -113,6 +117,8 @@ class LabOptions:
     sample_batch: int = 256
     rank_matrices: int | None = None
     grid: bool = False
+    table4_pairs: list[dict] = field(default_factory=list)
+    table4_declared: str = ""
 
 
 class _Run:
@@ -388,6 +394,7 @@ def train_checkpoints(run: _Run, recipe: Recipe, lr: float, rows: list[dict], sa
     if bad:
         raise UsageError(f"recipe {recipe.name}: checkpoint steps {bad} are outside 1..{recipe.steps}; fix its grid")
     last = max(saves)
+    recipe, class_weights = kto_class_weights.resolve(recipe, rows)  # KTO's "balanced": from these rows' counts
     _set_seed(recipe.seed)
     precision = resolve_precision(run.opts)
     model, tok = load_model(start or run.base_path, run.opts.device, weights=precision["master_weights"])
@@ -403,7 +410,8 @@ def train_checkpoints(run: _Run, recipe: Recipe, lr: float, rows: list[dict], sa
                 "trainer": trainer_name, "trl_config": effective,
                 "step_cost": cost.summary(upto=step), "signal": signal_steps(kept),
                 "trace": [t for t in tracer.trace if t["step"] <= step] if tracer is not None else None,
-                "net_drift": drift, "clip_active_share": _clip_share(kept, effective.get("max_grad_norm"))}
+                "net_drift": drift, "clip_active_share": _clip_share(kept, effective.get("max_grad_norm")),
+                **({"class_weights": class_weights} if class_weights else {})}
 
     class _Checkpoints(TrainerCallback):
         """Saves the checkpoints before the last; each one's record once its step's log is written."""
@@ -464,7 +472,7 @@ def _clip_share(history: list[dict], max_norm) -> float | None:
 _RECORDED = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
              "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "seed", "beta",
              "loss_type", "num_generations", "max_completion_length", "temperature", "epsilon", "scale_rewards",
-             "max_length", "completion_only_loss", "bf16")
+             "max_length", "completion_only_loss", "bf16", "desirable_weight", "undesirable_weight")
 
 
 def _plain(value):
@@ -906,6 +914,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
                 "dataset": opts.dataset, "eval_family": opts.eval_family, "n_test": run.n_test,
                 "style": opts.style, "test_families": opts.test_families, "max_new_tokens": opts.max_new_tokens,
                 "rank_matrices": opts.rank_matrices, "grid": opts.grid,
+                "table4_pairs": opts.table4_pairs, "table4_declared": opts.table4_declared,
                 "preregistration": run.preregistration.to_json(),
                 "precision": {**resolve_precision(opts),
                               "base_checkpoint": _stored_dtype(run.base_path)},
@@ -1007,6 +1016,7 @@ def apply_suite(opts: LabOptions, suite) -> list[str]:
     opts.preregistration = load_preregistration(recipe_dir() / suite.name / suite.preregistration)
     opts.eval_batch, opts.sample_batch = suite.eval_batch, suite.sample_batch
     opts.rank_matrices = suite.rank_matrices
+    opts.table4_pairs, opts.table4_declared = list(suite.table4_pairs), suite.table4_declared
     if opts.compute == "auto":
         opts.compute = suite.compute
     if opts.threads is None:
