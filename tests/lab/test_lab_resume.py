@@ -9,7 +9,7 @@ from rlsparse.lab import runner
 from rlsparse.lab import trained as trained_record
 
 # Wall-clock fields: they differ between any two runs.
-_TIMES = {"seconds", "eval_seconds", "cell_seconds", "step_cost", "phase_seconds"}
+_TIMES = {"seconds", "eval_seconds", "eval_load_seconds", "cell_seconds", "step_cost", "phase_seconds"}
 
 
 def _recipe(tmp_path, **fields):
