@@ -275,7 +275,7 @@ def test_scale_trend_orders_runs_by_size_and_reads_the_matched_gain(tmp_path):
 # Table 4 -------------------------------------------------------------------------------------
 
 def _overlap(o1, uniform, stratified):
-    e = _entry("grpo", "grpo", True, {0: [(0.5, 0.1)] * 3})
+    e = _entry("grpo", "grpo", True, {0: [(0.5, 0.1)] * 3, 1: [(0.6, 0.1)] * 3})
     e["seed_overlap"] = [{"learning_rate": 1e-5, "seeds": [0, 1], "o1": o1, "o1_random": uniform,
                           "o1_stratified": stratified}]
     return _results(grpo=e)
@@ -290,4 +290,6 @@ def test_table4_is_judged_against_the_stricter_null():
     # beats the uniform null by 20 points, the stratified one by less than the 2-point margin
     assert table4.finding(_overlap(0.666, 0.466, 0.655), PRE).verdict == "partly reproduces"
     assert table4.finding(_overlap(0.666, 0.466, None), PRE).verdict == "partly reproduces"
+    # the runner's seed rows get the two cells' sparsities from their points
+    assert seeds_only.data["rows"][0]["sparsity_a"] == 0.5 and seeds_only.data["rows"][0]["sparsity_b"] == 0.6
     assert table4.finding(_overlap(0.47, 0.466, 0.46), PRE).verdict == "does not reproduce at this scale"

@@ -79,7 +79,8 @@ def planned_rows(results: dict, pairs: list[dict]) -> list[dict]:
         row = {"factor": pair["factor"], "a": a, "b": b, "source": "declared pair", "why": pair.get("why", "")}
         missing = [n for n in (a, b) if n not in results["recipes"]]
         if missing:
-            rows.append({**row, "not_measured": f"recipe {' and '.join(missing)} did not run in this run"})
+            rows.append({**row, "not_measured": f"recipe{'s' if len(missing) > 1 else ''} {' and '.join(missing)} "
+                                                "did not run in this run"})
             continue
         pa, pb = (_first_seed(results["recipes"][n]["points"]) for n in (a, b))
         common = sorted(set(pa) & set(pb))

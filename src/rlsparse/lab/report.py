@@ -1,6 +1,7 @@
 """The lab report: per finding, our figure beside the paper's number and one sentence on agreement.
 
-``render(run_dir)`` reads ``results.json`` only, computes the findings (``findings()``, the data
+``render(run_dir)`` reads ``results.json`` (and, once, Table 4's overlaps from the run's
+checkpoints: ``lab.overlaps``, cached in ``table4.json``), computes the findings (``findings()``, the data
 behind every figure and sentence), draws PNGs with matplotlib and writes ``report.html``,
 ``report.md`` and ``report.json`` atomically.
 """
@@ -383,7 +384,7 @@ def render(run_dir: str | os.PathLike, log=None) -> tuple[Path, Path]:
     """Render ``report.html``, ``report.md``, ``report.json`` and ``figures/`` for a lab run folder.
 
     Table 4's rows that are not yet in ``RUN_DIR/table4.json`` are measured first from the run's
-    checkpoints (``lab.overlaps``: the reseeded Conjecture 1 runs and the suite's declared pairs).
+    checkpoints (``lab.overlaps``: reseeded Conjecture 1 runs, further seed pairs, the suite's declared pairs).
 
     Args:
         run_dir: A folder written by ``rlsparse lab run``.

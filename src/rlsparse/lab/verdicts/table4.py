@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 
-from rlsparse.lab.verdicts.common import RL_ALGORITHMS, Finding, not_measured, pct
+from rlsparse.lab.verdicts.common import RL_ALGORITHMS, TOL, Finding, not_measured, pct
 
 TITLE = "Table 4: subnetwork overlap across seeds, data and algorithms, against uniform and magnitude-stratified nulls"
 PAPER = ("seed 42 vs 123: o1 60.5% / o2 60.6% (random 36.7% / 36.7%); data (Tulu vs PRIME): o1 26.7% / o2 67.1% "
@@ -31,7 +31,13 @@ def rows(results: dict) -> list[dict]:
     out = []
     for name, entry in results["recipes"].items():
         for o in entry.get("seed_overlap", []):
-            out.append({"factor": "seed", "a": name, "b": name, "source": "seed sweep", **o})
+            # the runner's rows carry no sparsities: the two cells' own, at the paper's tolerance
+            seeds = o.get("seeds") or [None, None]
+            cells = [next((p for p in entry["points"] if p.get("seed") == s and p["learning_rate"] == o["learning_rate"]),
+                          {}) for s in seeds[:2]]
+            sparsity = [c.get("sparsity", {}).get(TOL) for c in cells]
+            out.append({"factor": "seed", "a": name, "b": name, "source": "seed sweep", "sparsity_a": sparsity[0],
+                        "sparsity_b": sparsity[1], **o})
     return out + list((results.get("table4") or {}).get("rows", []))
 
 
