@@ -125,7 +125,8 @@ class ApplyKernel:
         dig_old = chunk_digest(old) if old is not None and hash_old else None
         udt = dtypes.uint_view(e.dtype)
         new = codec.decode_chunk(enc, data, old, count, udt, e.dtype in dtypes.FLOAT_CODES,
-                                 f"{self.patch.where}: {e.name} chunk {k}", inplace=inplace)
+                                 f"{self.patch.where}: {e.name} chunk {k}", inplace=inplace,
+                                 version=self.patch.manifest.schema_version)
         if new.size != count:
             raise _corrupt(self.patch.where, e.name)
         return new, dig_old, chunk_digest(new)
