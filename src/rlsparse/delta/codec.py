@@ -436,6 +436,29 @@ def _decode_planes(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.
 
 # ---------------------------------------------------------------- chunks
 
+def changed_indices(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Indices where ``old`` and ``new`` (same length and dtype) differ, ascending.
+
+    Narrow dtypes are compared 8 bytes at a time first (4 bf16 elements per comparison: the
+    compare and the index scan over a chunk are most of pack's CPU on sparse updates), then
+    only the words that differ are looked at element by element.
+    """
+    per_word = 8 // old.dtype.itemsize
+    n = old.size
+    aligned = old.ctypes.data % 8 == 0 and new.ctypes.data % 8 == 0
+    if per_word == 1 or n < 1024 or not aligned or not (old.flags.c_contiguous and new.flags.c_contiguous):
+        return np.flatnonzero(old != new)
+    m = n - n % per_word
+    words = np.flatnonzero(old[:m].view(np.uint64) != new[:m].view(np.uint64))
+    if words.size * 4 > m // per_word:  # a dense update: the element-wise scan is cheaper
+        return np.flatnonzero(old != new)
+    cand = (words[:, None] * per_word + np.arange(per_word)).reshape(-1)
+    idx = cand[old[cand] != new[cand]]
+    if m < n:
+        idx = np.concatenate([idx, m + np.flatnonzero(old[m:] != new[m:])])
+    return idx
+
+
 def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
                  version: int = CODER_VERSION) -> tuple[int, int, bytes]:
     """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base), with the
@@ -448,7 +471,7 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
         out = _Out()
         _encode_planes(out, new, version)
         return DENSE_BITS, n, out.getvalue()
-    idx = np.flatnonzero(old != new)
+    idx = changed_indices(old, new)
     k = idx.size
     if k == 0:
         return SAME, 0, b""
