@@ -376,10 +376,8 @@ def _encode_uints(out: _Out, v, version: int = CODER_VERSION) -> None:
     if not nbits.any():
         return
     counts = np.bincount(nbits, minlength=65)
-    order = np.argsort(nbits, kind="stable")
-    first = np.cumsum(counts) - counts  # where each bit count's values start in ``order``
-    for k in np.flatnonzero(counts[1:]) + 1:
-        out.parts.append(_pack_bits(extra[order[first[k]:first[k] + counts[k]]], int(k)))
+    for k in np.flatnonzero(counts[1:]) + 1:  # a mask per bit count: cheaper than a stable sort
+        out.parts.append(_pack_bits(extra[nbits == k], int(k)))
 
 
 def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.ndarray:
@@ -400,22 +398,20 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
             raise inp._fail()
         raw = np.frombuffer(inp.mv[inp.pos:inp.pos + total], dtype=np.uint8)
         inp.pos += total
-        order = np.argsort(nbits, kind="stable")
-        first = np.cumsum(counts) - counts  # where each bit count's values start in ``order``
         byte0 = np.cumsum(group_bytes) - group_bytes
-        if int(nbits.max()) <= 56:  # every value's bits lie in one unaligned 64-bit window: one pass
-            order = order[counts[0]:]
-            ks = nbits[order].astype(np.int64)
-            bitpos = byte0[ks] * 8 + (np.arange(counts[0], n) - first[ks]) * ks
+        windows = None
+        if int(nbits.max()) <= 56:  # every value's bits lie in one unaligned 64-bit window
             buf = np.zeros(total + 8, dtype=np.uint8)
             buf[:total] = raw
             windows = np.ndarray((total + 1,), dtype="<u8", buffer=buf, strides=(1,))
-            vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
-            v[order] |= (vals & ((np.uint64(1) << ks.astype(np.uint64)) - np.uint64(1))).astype(work)
-        else:
-            for k in np.flatnonzero(counts[1:]) + 1:
-                where = order[first[k]:first[k] + counts[k]]
+        for k in np.flatnonzero(counts[1:]) + 1:  # a mask per bit count: cheaper than a stable sort
+            where = np.flatnonzero(nbits == k)
+            if windows is None:
                 v[where] |= _unpack_bits(raw[byte0[k]:byte0[k] + group_bytes[k]], len(where), int(k), work)
+                continue
+            bitpos = int(byte0[k]) * 8 + np.arange(where.size, dtype=np.int64) * int(k)
+            vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
+            v[where] |= (vals & np.uint64((1 << int(k)) - 1)).astype(work)
     return v.astype(dtype)
 
 
@@ -486,7 +482,9 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
         candidates[SPARSE_BITS] = gap_size + estimate_planes(w)
         streams[SPARSE_DELTA] = (gaps, delta)
         streams[SPARSE_BITS] = (gaps, w)
-    if k >= n // 8:
+    # Version 2 codes skewed dense streams far above their entropy (Huffman: >= 1 bit a symbol),
+    # so dense encodings are only worth estimating from a third of the elements changed up.
+    if k >= (n // 8 if version < 2 else n // 3):
         dense = _symbolize(ulp_delta(old, new, is_float))
         candidates[DENSE_DELTA] = estimate_uints(dense)
         candidates[DENSE_BITS] = estimate_planes(new)
