@@ -38,6 +38,7 @@ from rlsparse.errors import WorkerError
 # Shards per process: a process that drew the slow (dense) tensors does not hold up the end of
 # the run, while each shard's start-up (a ``stream.run``: ~1 ms) stays negligible.
 SHARDS_PER_PROCESS = 4
+_PROGRESS_BYTES = 64 << 20  # a worker reports progress in steps of this many bytes read
 
 
 def available() -> bool:
@@ -143,6 +144,16 @@ def _died(label: str, proc) -> WorkerError:
 def _child(items, kernel, spans, ranges, counter, spool_fd: int, conn, mapped: bool) -> None:
     """One worker process: take shards until none is left; pieces go to the spool, news to the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it stops us)
+    unsent = 0
+
+    def progress(nbytes: int, flush: bool = False) -> None:
+        # batched: a message per span cost the parent ~0.1 ms of wake-up each
+        nonlocal unsent
+        unsent += nbytes
+        if unsent and (flush or unsent >= _PROGRESS_BYTES):
+            conn.send(("progress", unsent))
+            unsent = 0
+
     try:
         pos = 0
         while True:
@@ -167,7 +178,8 @@ def _child(items, kernel, spans, ranges, counter, spool_fd: int, conn, mapped: b
                 pos += len(data)
 
             res = stream.run(items, kernel, spans=spans[a:b], workers=1, sink=collect, mapped=mapped,
-                             advance=lambda n: conn.send(("progress", n)))
+                             advance=progress)
+            progress(0, flush=True)
             conn.send(("shard", s, records, res.partials, res.bytes_read))
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which raises it
         try:
