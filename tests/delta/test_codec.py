@@ -105,21 +105,3 @@ def test_plane_estimate_of_large_16_bit_chunks_equals_per_plane_reference():
     reference = sum(codec._entropy_bytes(np.bincount(planes[:, i], minlength=256)) for i in range(2))
     assert codec.estimate_planes(bits) == reference
 
-
-@settings(max_examples=80, deadline=None)
-@given(width=st.sampled_from([np.uint8, np.uint16, np.uint32]), n=st.integers(0, 9000),
-       density=st.sampled_from([0.0, 0.0005, 0.01, 0.3, 1.0]), offset=st.integers(0, 7), seed=st.integers(0, 2**31 - 1))
-def test_changed_indices_equal_the_element_wise_scan(width, n, density, offset, seed):
-    """Word-wise first, element-wise where words differ: the same indices as a plain scan, at
-    any alignment (``offset`` shifts the arrays off 8-byte boundaries) and any density."""
-    rng = np.random.default_rng(seed)
-    size = np.dtype(width).itemsize
-    buf_old = np.zeros(n * size + 8, np.uint8)
-    buf_new = np.zeros(n * size + 8, np.uint8)
-    old = buf_old[offset:offset + n * size].view(width) if offset % size == 0 else rng.integers(0, 255, n).astype(width)
-    old[:] = rng.integers(0, np.iinfo(width).max, size=n, dtype=width, endpoint=True)
-    new = buf_new[:n * size].view(width)
-    new[:] = old
-    hit = rng.random(n) < density
-    new[hit] ^= width(1) << width(rng.integers(0, 8 * size))
-    assert np.array_equal(codec.changed_indices(old, new), np.flatnonzero(old != new))
