@@ -408,18 +408,26 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
         raw = np.frombuffer(inp.mv[inp.pos:inp.pos + total], dtype=np.uint8)
         inp.pos += total
         byte0 = np.cumsum(group_bytes) - group_bytes
-        windows = None
-        if int(nbits.max()) <= 56:  # every value's bits lie in one unaligned 64-bit window
-            buf = np.zeros(total + 8, dtype=np.uint8)
-            buf[:total] = raw
-            windows = np.ndarray((total + 1,), dtype="<u8", buffer=buf, strides=(1,))
-        for k, where in _by_bit_count(nbits, counts):
-            if windows is None:
+        ks = np.flatnonzero(counts[1:]) + 1
+        if int(nbits.max()) > 56:  # bits that may not fit one 64-bit window: group by group
+            for k, where in _by_bit_count(nbits, counts):
                 v[where] |= _unpack_bits(raw[byte0[k]:byte0[k] + group_bytes[k]], len(where), k, work)
-                continue
-            bitpos = int(byte0[k]) * 8 + np.arange(where.size, dtype=np.int64) * k
+            return v.astype(dtype)
+        buf = np.zeros(total + 8, dtype=np.uint8)
+        buf[:total] = raw
+        windows = np.ndarray((total + 1,), dtype="<u8", buffer=buf, strides=(1,))
+        if len(ks) <= 3:  # few groups (dense ULP steps): a mask each, cheaper than a stable sort
+            for k, where in _by_bit_count(nbits, counts):
+                bitpos = int(byte0[k]) * 8 + np.arange(where.size, dtype=np.int64) * k
+                vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
+                v[where] |= (vals & np.uint64((1 << k) - 1)).astype(work)
+        else:  # many groups (gaps of sparse updates): one sort, one pass (few numpy calls per chunk)
+            order = np.argsort(nbits, kind="stable")[counts[0]:]
+            first = np.cumsum(counts) - counts  # where each bit count's values start in the sort
+            kk = nbits[order].astype(np.int64)
+            bitpos = byte0[kk] * 8 + (np.arange(counts[0], n) - first[kk]) * kk
             vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
-            v[where] |= (vals & np.uint64((1 << k) - 1)).astype(work)
+            v[order] |= (vals & ((np.uint64(1) << kk.astype(np.uint64)) - np.uint64(1))).astype(work)
     return v.astype(dtype)
 
 
