@@ -32,9 +32,17 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 REAL_BASE = "/work/labcache/real-smollm2-135m-b179c9523d0e"
 REAL_RUNS = "/tmp/delta-real"  # written by bench/real_pairs.py
+REAL_RFT = "/tmp/delta-real-rft/runs/rft_lr1e-6_30/lr-1e-6"  # bench/real_rft_pair.py
+REAL_GRPO = "/tmp/delta-real-grpo-{}/ckpt"  # per-step checkpoints of bench/bench_sync_grpo.py
 
 
 HWM = """
+import resource as _resource
+def _cpu_s():
+    me, kids = _resource.getrusage(_resource.RUSAGE_SELF), _resource.getrusage(_resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+def _workers_hwm_mb():  # the largest worker process's peak (its VmHWM counts what it shares with us too)
+    return _resource.getrusage(_resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 def _hwm_mb():
     try:
         with open("/proc/self/status") as f:
@@ -67,10 +75,11 @@ PACK = HWM + """
 import json, time, rlsparse.delta as d
 import constriction, xxhash, zstandard  # imported before the clock starts, like the baselines' libraries
 from rlsparse.delta import codec
-t = time.perf_counter()
-r = d.pack({base!r}, {ft!r}, {out!r}, ulp_hist={hist}, files=False, workers={workers})
-res = {{"seconds": time.perf_counter() - t, "bytes": r.patch_bytes, "changed": r.changed, "numel": r.numel,
-        "read": r.bytes_read, "ft_bytes": r.manifest.stats["finetuned_bytes"], "rss_MB": _hwm_mb()}}
+t, c = time.perf_counter(), _cpu_s()
+r = d.pack({base!r}, {ft!r}, {out!r}, ulp_hist={hist}, files=False, workers={workers}, parallel={parallel!r})
+res = {{"seconds": time.perf_counter() - t, "cpu_s": _cpu_s() - c, "bytes": r.patch_bytes, "changed": r.changed,
+        "numel": r.numel, "read": r.bytes_read, "ft_bytes": r.manifest.stats["finetuned_bytes"], "rss_MB": _hwm_mb(),
+        "worker_rss_MB": _workers_hwm_mb()}}
 if {hist}:
     res["bound"] = codec.order0_bits(r.changed, r.numel, r.ulp_hist) / 8
 print(json.dumps(res))
@@ -79,9 +88,10 @@ print(json.dumps(res))
 APPLY = HWM + """
 import json, time, rlsparse.delta as d
 import constriction, xxhash, zstandard  # imported before the clock starts, like the baselines' libraries
-t = time.perf_counter()
-r = d.apply({base!r}, {patch!r}, {out!r}, overwrite=True, workers={workers})
-print(json.dumps({{"seconds": time.perf_counter() - t, "bytes": r.bytes_written, "rss_MB": _hwm_mb()}}))
+t, c = time.perf_counter(), _cpu_s()
+r = d.apply({base!r}, {patch!r}, {out!r}, overwrite=True, workers={workers}, parallel={parallel!r})
+print(json.dumps({{"seconds": time.perf_counter() - t, "cpu_s": _cpu_s() - c, "bytes": r.bytes_written,
+                  "rss_MB": _hwm_mb(), "worker_rss_MB": _workers_hwm_mb()}}))
 """
 
 VERIFY = """
@@ -164,18 +174,21 @@ def warm(paths) -> None:
                     pass
 
 
-def bench_pair(label: str, base: str, ft: str, tmp: Path, workers: int, with_ws: bool, repeat: int = 1) -> dict:
+def bench_pair(label: str, base: str, ft: str, tmp: Path, workers: int, with_ws: bool, repeat: int = 1,
+               parallel: str = "auto") -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     patch = tmp / "p.rlpatch"
     load_before = os.getloadavg()[0]
-    _, _, sizes = run_child(PACK.format(base=base, ft=ft, out=str(patch), hist=True, workers=workers))
+    _, _, sizes = run_child(PACK.format(base=base, ft=ft, out=str(patch), hist=True, workers=workers, parallel=parallel))
     packs, applies = [], []
     for _ in range(max(1, repeat)):  # best of ``repeat``: the machine is shared
         warm([base, ft])
-        packs.append(run_child(PACK.format(base=base, ft=ft, out=str(patch), hist=False, workers=workers)))
+        packs.append(run_child(PACK.format(base=base, ft=ft, out=str(patch), hist=False, workers=workers,
+                                              parallel=parallel)))
         warm([base, patch])
         shutil.rmtree(tmp / "out", ignore_errors=True)  # a new folder each time: no old one to replace
-        applies.append(run_child(APPLY.format(base=base, patch=str(patch), out=str(tmp / "out"), workers=workers)))
+        applies.append(run_child(APPLY.format(base=base, patch=str(patch), out=str(tmp / "out"), workers=workers,
+                                                   parallel=parallel)))
     t_pack, rss_pack, timed = min(packs, key=lambda r: r[2]["seconds"])
     t_apply, rss_apply, applied = min(applies, key=lambda r: r[2]["seconds"])
     _, _, verify = run_child(VERIFY.format(a=ft, b=str(tmp / "out")))
@@ -192,8 +205,10 @@ def bench_pair(label: str, base: str, ft: str, tmp: Path, workers: int, with_ws:
         "order0_bound_bytes": sizes["bound"], "weightscope": ws,
         "ours_vs_bound": sizes["bytes"] / sizes["bound"] if sizes["bound"] else None,
         "pack_s": timed["seconds"], "pack_GBps": ft_bytes / timed["seconds"] / 1e9, "pack_rss_MB": rss_pack,
+        "pack_cpu_s": timed["cpu_s"], "pack_worker_rss_MB": timed["worker_rss_MB"],
         "pack_process_s": t_pack, "apply_s": applied["seconds"], "apply_GBps": ft_bytes / applied["seconds"] / 1e9,
-        "apply_rss_MB": rss_apply, "apply_process_s": t_apply, "bit_exact": verify["bit_changed"] == 0,
+        "apply_rss_MB": rss_apply, "apply_cpu_s": applied["cpu_s"], "apply_worker_rss_MB": applied["worker_rss_MB"],
+        "apply_process_s": t_apply, "parallel": parallel, "bit_exact": verify["bit_changed"] == 0,
         "checkpoint_bytes": ft_bytes, "repeat": max(1, repeat), "workers": workers,
         "pack_s_all": [r[2]["seconds"] for r in packs], "apply_s_all": [r[2]["seconds"] for r in applies],
         "load_average": [load_before, os.getloadavg()[0]],
@@ -206,13 +221,24 @@ def mb(x) -> str:
     return "-" if x is None else f"{x / 1e6:.2f}"
 
 
+def _rss(r: dict) -> str:
+    """Peak RSS of pack / apply: the process, and '+ n x w' for n worker processes whose largest
+    peaked at w (a worker's peak counts the pages it shares with its parent: an upper bound)."""
+    def one(kind: str) -> str:
+        w = r[f"{kind}_worker_rss_MB"]
+        extra = f"+{r['workers']}x{w:.0f}" if w else ""
+        return f"{r[f'{kind}_rss_MB']:.0f}{extra}"
+
+    return f"{one('pack')} / {one('apply')}"
+
+
 def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title="rlsparse delta vs baselines (sizes in MB; speeds: checkpoint GB per second, warm cache)")
     for col in ("pair", "changed", "ours", "zstd-9 XOR", "idx+val", "ZipNN", "order-0", "ours/bound",
-                "weightscope", "pack GB/s", "apply GB/s", "RSS pack/apply MB", "bit-exact", "load"):
+                "weightscope", "pack GB/s", "apply GB/s", "CPU s pack/apply", "RSS pack/apply MB", "bit-exact", "load"):
         t.add_column(col, justify="left" if col == "pair" else "right")
     for r in rows:
         ws = r["weightscope"]
@@ -221,7 +247,7 @@ def print_table(rows: list[dict]) -> None:
         t.add_row(r["pair"], f"{r['density']:.3%}", mb(r["ours_bytes"]), mb(r["zstd9_xor_bytes"]),
                   mb(r["index_value_bytes"]), mb(r["zipnn_bytes"]), mb(r["order0_bound_bytes"]),
                   f"{r['ours_vs_bound']:.3f}", ws_txt, f"{r['pack_GBps']:.2f}", f"{r['apply_GBps']:.2f}",
-                  f"{r['pack_rss_MB']:.0f}/{r['apply_rss_MB']:.0f}", "yes" if r["bit_exact"] else "NO",
+                  f"{r['pack_cpu_s']:.2f}/{r['apply_cpu_s']:.2f}", _rss(r), "yes" if r["bit_exact"] else "NO",
                   "/".join(f"{x:.1f}" for x in r["load_average"]))
     Console(width=250).print(t)
     for r in rows:
@@ -234,8 +260,8 @@ def print_table(rows: list[dict]) -> None:
               f"{r['index_value_bytes'] / r['ours_bytes']:.1f}x than index+value, {r['zipnn_bytes'] / r['ours_bytes']:.1f}x "
               f"than ZipNN, {r['checkpoint_bytes'] / r['ours_bytes']:.0f}x than the checkpoint; "
               f"pack {r['pack_s']:.2f} s = {r['pack_GBps']:.2f} GB/s (target 1.0), apply {r['apply_s']:.2f} s = "
-              f"{r['apply_GBps']:.2f} GB/s (target 1.5), best of {r['repeat']}, peak RSS {r['pack_rss_MB']:.0f}/"
-              f"{r['apply_rss_MB']:.0f} MB (target 1024); zstd-9 XOR {r['zstd9_xor_s']:.1f} s = "
+              f"{r['apply_GBps']:.2f} GB/s (target 1.5), best of {r['repeat']} ({r['parallel']}: CPU "
+              f"{r['pack_cpu_s']:.2f} / {r['apply_cpu_s']:.2f} s), peak RSS {_rss(r)} MB (target 1024); zstd-9 XOR {r['zstd9_xor_s']:.1f} s = "
               f"{gb / r['zstd9_xor_s']:.2f} GB/s ({r['zstd9_xor_s'] / r['pack_s']:.1f}x our pack time), "
               f"ZipNN {r['zipnn_s']:.1f} s = {gb / r['zipnn_s']:.2f} GB/s ({r['zipnn_s'] / r['pack_s']:.1f}x our pack "
               f"time){ws_txt}")
@@ -246,9 +272,12 @@ def main() -> None:
     ap.add_argument("--synthetic", type=float, default=50e6, help="parameters of the synthetic pair (850e6: large)")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--pair", nargs=2, action="append", metavar=("BASE", "FT"), default=[])
-    ap.add_argument("--no-real", action="store_true", help="skip the real pairs under " + REAL_RUNS)
+    ap.add_argument("--no-real", action="store_true",
+                    help=f"skip the real pairs found under {REAL_RUNS}, {REAL_RFT} and {REAL_GRPO.format('*')}")
     ap.add_argument("--no-weightscope", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--parallel", choices=("auto", "threads", "processes"), default="auto",
+                    help="our pack/apply in worker processes or threads (default: %(default)s, as the CLI)")
     ap.add_argument("--repeat", type=int, default=3, help="pack and apply runs per pair; the best is reported")
     ap.add_argument("--tmp", default="/tmp/delta-bench")
     ap.add_argument("--json", metavar="PATH")
@@ -263,22 +292,28 @@ def main() -> None:
         b, f, _ = write_pair(root, args.synthetic)
         pairs.append((f"synthetic {args.synthetic / 1e6:.0f}M, 20% changed by 1-3 ULP", str(b), str(f)))
     real = Path(REAL_RUNS)
-    if not args.no_real and real.is_dir():
+    if not args.no_real:
         for label, a, b in (("real 135M: base -> 1 step", REAL_BASE, real / "step-1"),
                             ("real 135M: step 1 -> step 2", real / "step-1", real / "step-2"),
-                            ("real 135M: base -> 30 steps", REAL_BASE, real / "step-30")):
+                            ("real 135M: base -> 30 steps", REAL_BASE, real / "step-30"),
+                            ("real 135M: base -> 30 RFT steps lr 1e-6", REAL_BASE, Path(REAL_RFT)),
+                            ("real 135M: GRPO lr 1e-6 step 5 -> 6", *(Path(REAL_GRPO.format("1e-6"), f"step-{k}")
+                                                                       for k in (5, 6))),
+                            ("real 135M: GRPO lr 1e-5 step 5 -> 6", *(Path(REAL_GRPO.format("1e-5"), f"step-{k}")
+                                                                       for k in (5, 6)))):
             if Path(a).exists() and Path(b).exists():
                 pairs.append((label, str(a), str(b)))
     pairs += [(f"{a} -> {b}", a, b) for a, b in args.pair]
     rows = []
     for i, (label, a, b) in enumerate(pairs):
         print(f"[{i + 1}/{len(pairs)}] {label}", file=sys.stderr, flush=True)
-        rows.append(bench_pair(label, a, b, tmp / f"pair-{i}", args.workers, not args.no_weightscope, args.repeat))
+        rows.append(bench_pair(label, a, b, tmp / f"pair-{i}", args.workers, not args.no_weightscope, args.repeat,
+                               args.parallel))
     print_table(rows)
     print(f"load average at the end: {os.getloadavg()} on {os.cpu_count()} cores (per pair: the 'load' column, "
           "before/after; on a shared machine speeds are lower bounds)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"schema_version": 2, "cpus": os.cpu_count(), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"schema_version": 3, "cpus": os.cpu_count(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Entropy coder choice for patches: our ANS chunk codes vs zstd -19 on the same streams.
+"""Entropy coder choice for patches: our chunk codes (schema version 1: ANS; version 2: zstd level
+1 over our symbols) vs zstd -19 on the same streams, with each coder's CPU time.
 
 For every chunk of the chosen tensors: our coded chunk (``codec.encode_chunk``) against zstd -19
 of the gaps between changed indices and of the zigzagged ULP differences, raw (uint32 gaps,
@@ -10,6 +11,7 @@ dtype-width differences) and split into byte planes; and the order-0 bound of th
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 import zstandard
@@ -35,7 +37,8 @@ def main() -> None:
     a, b = Checkpoint.open(args.base), Checkpoint.open(args.finetuned)
     ra, rb = TensorReader(), TensorReader()
     z = zstandard.ZstdCompressor(level=19)
-    tot = dict(ans=0, zstd19_planes=0, zstd19_raw=0, changed=0, numel=0)
+    tot = dict(ans=0, v2=0, zstd19_planes=0, zstd19_raw=0, changed=0, numel=0)
+    cpu = dict(ans=0.0, v2=0.0)
     hist: dict[int, int] = {}
     keys = args.match.split(",")
     for name in sorted(n for n in a.tensors if any(k in n for k in keys)):
@@ -43,7 +46,12 @@ def main() -> None:
         for s in range(0, ia.numel, CHUNK):
             n = min(CHUNK, ia.numel - s)
             old, new = ra.read(ia, s, n).copy(), rb.read(ib, s, n).copy()
-            tot["ans"] += len(codec.encode_chunk(old, new, True)[2])
+            for key, version in (("ans", 1), ("v2", 2)):
+                t = time.process_time()
+                enc, _, data = codec.encode_chunk(old, new, True, version=version)
+                codec.decode_chunk(enc, data, old, n, old.dtype, True, "bench", version=version)
+                cpu[key] += time.process_time() - t
+                tot[key] += len(data)
             idx = np.flatnonzero(old != new)
             gaps = (np.diff(idx, prepend=-1) - 1).astype(np.uint32)
             delta = codec.ulp_delta(old[idx], new[idx], True)
@@ -55,8 +63,9 @@ def main() -> None:
                 hist[int(v)] = hist.get(int(v), 0) + int(c)
     bound = codec.order0_bits(tot["changed"], tot["numel"], hist) / 8
     print(f"{tot['changed']:,} of {tot['numel']:,} elements changed ({tot['changed'] / tot['numel']:.3%})")
-    for k in ("ans", "zstd19_planes", "zstd19_raw"):
-        print(f"{k:>14}: {tot[k]:>10,} bytes = {tot[k] / bound:.3f} x the order-0 bound ({bound:,.0f} bytes)")
+    for k in ("ans", "v2", "zstd19_planes", "zstd19_raw"):
+        extra = f"; encode + decode {cpu[k]:.3f} s CPU" if k in cpu else ""
+        print(f"{k:>14}: {tot[k]:>10,} bytes = {tot[k] / bound:.3f} x the order-0 bound ({bound:,.0f} bytes){extra}")
 
 
 if __name__ == "__main__":

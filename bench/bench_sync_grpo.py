@@ -159,7 +159,8 @@ def baselines(args) -> None:
             continue
         a, b = str(out / "ckpt" / f"step-{k - 1}"), str(out / "ckpt" / f"step-{k}")
         patch = out / "baseline.rlpatch"
-        _, _, packed = run_child(PACK.format(base=a, ft=b, out=str(patch), hist=True, workers=args.workers))
+        _, _, packed = run_child(PACK.format(base=a, ft=b, out=str(patch), hist=True, workers=args.workers,
+                                             parallel="auto"))
         _, _, xor = run_child(XOR_ZSTD.format(base=a, ft=b))
         patch.unlink(missing_ok=True)
         rec = {"step": k, "changed": packed["changed"], "numel": packed["numel"], "file_patch_bytes": packed["bytes"],

@@ -37,6 +37,10 @@ class UsageError(RlsparseError):
     """Options that contradict each other or are out of range."""
 
 
+class WorkerError(RlsparseError):
+    """A worker process died (killed by a signal, out of memory) before its work was done."""
+
+
 class MissingDependencyError(RlsparseError):
     """An optional dependency is not installed; the message carries the install hint."""
 

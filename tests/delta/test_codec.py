@@ -104,3 +104,4 @@ def test_plane_estimate_of_large_16_bit_chunks_equals_per_plane_reference():
     planes = bits.view(np.uint8).reshape(-1, 2)
     reference = sum(codec._entropy_bytes(np.bincount(planes[:, i], minlength=256)) for i in range(2))
     assert codec.estimate_planes(bits) == reference
+

@@ -1,7 +1,10 @@
-"""The patch format is a contract: a checked-in patch still applies, and today's coder writes
-the very same coded bytes and manifest entries for the same pair.
+"""The patch format is a contract: checked-in patches of every schema version still apply, and
+today's coder writes the very same coded bytes and manifest entries for the same pair as the
+golden patch of the current version (and, chunk by chunk, as the version-1 golden patch when
+asked for version 1's coder).
 
-Regenerate (only on a deliberate format change, with a schema_version bump):
+Write the golden patch of the current version (only on a deliberate format change, with a
+schema_version bump; never overwrite an older version's file):
     python tests/delta/test_golden.py
 """
 
@@ -11,14 +14,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import rlsparse.delta as delta
-from rlsparse.delta.format import PatchReader
+from rlsparse.delta import codec
+from rlsparse.delta.apply import spans_of
+from rlsparse.delta.format import SCHEMA_VERSION, PatchReader
+from rlsparse.io import dtypes
 
-from deltahelpers import assert_bit_identical, bits_tensor, config_files, load, write
+from deltahelpers import assert_bit_identical, bits_of, bits_tensor, config_files, load, write
 
-GOLDEN = Path(__file__).parent.parent / "data" / "golden.rlpatch"
+DATA = Path(__file__).parent.parent / "data"
+GOLDEN_V1 = DATA / "golden.rlpatch"  # schema version 1 (ANS symbol coder)
+GOLDEN = DATA / f"golden-v{SCHEMA_VERSION}.rlpatch"
 
 
 def golden_pair() -> tuple[dict, dict]:
@@ -61,9 +70,12 @@ def _write_pair(root: Path) -> tuple[Path, Path]:
     return write(root / "base", base), write(root / "ft", ft, config_files())
 
 
-def test_golden_patch_applies_bit_exactly(tmp_path):
+@pytest.mark.parametrize("golden", [GOLDEN_V1, GOLDEN], ids=["v1", "current"])
+def test_golden_patch_applies_bit_exactly(tmp_path, golden):
     base, ft = _write_pair(tmp_path)
-    delta.apply(base, GOLDEN, tmp_path / "out")
+    with PatchReader.open(golden) as g:
+        assert g.manifest.schema_version == (1 if golden == GOLDEN_V1 else SCHEMA_VERSION)
+    delta.apply(base, golden, tmp_path / "out")
     assert_bit_identical(load(tmp_path / "out"), load(ft))
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == config_files()["tokenizer.json"]
 
@@ -78,6 +90,27 @@ def test_todays_coder_writes_the_golden_bytes(tmp_path):
         actions = {e.name: e.action for e in g.manifest.tensors}
     assert actions["layer.weight"] == "delta" and actions["embed.weight"] == "whole"
     assert actions["removed.bias"] == "remove" and actions["added.bias"] == "whole"
+
+
+def test_version_1_coder_still_writes_the_v1_golden_chunks():
+    """Every chunk of the v1 golden patch, re-coded with version 1's symbol coder, byte for byte."""
+    base, ft = golden_pair()
+    checked = 0
+    with PatchReader.open(GOLDEN_V1) as g:
+        for e in g.manifest.tensors:
+            if e.action == "remove":
+                continue
+            new = bits_of(ft[e.name]).reshape(-1).numpy().view(dtypes.uint_view(e.dtype))
+            old = bits_of(base[e.name]).reshape(-1).numpy().view(dtypes.uint_view(e.dtype)) \
+                if e.action == "delta" else None
+            at = e.offset
+            for (s, c), (enc, size) in zip(spans_of(e), e.chunks):
+                got = codec.encode_chunk(None if old is None else old[s:s + c], new[s:s + c],
+                                         e.dtype in dtypes.FLOAT_CODES, version=1)
+                assert (got[0], got[2]) == (enc, g.read(at, size)), (e.name, s)
+                at += size
+                checked += 1
+    assert checked >= 8
 
 
 if __name__ == "__main__":  # regenerate

@@ -21,7 +21,10 @@ def add_parser(sub) -> None:
     pk.add_argument("--shard-size", default="5GB",
                     help="a patch with more coded data than this is written as a folder of shards (an index and "
                          "patch-0000k-of-0000N.rlpatch), e.g. 2GB; 0: always one file (default: %(default)s)")
-    pk.add_argument("--workers", type=int, default=2, help="coding threads (default: %(default)s)")
+    pk.add_argument("--workers", type=int, default=2, help="coding processes or threads (default: %(default)s)")
+    pk.add_argument("--parallel", choices=("auto", "threads", "processes"), default="auto",
+                    help="code in forked processes (one core each), in threads (one GIL: faster only for small "
+                         "models) or auto: processes from 64 MiB of checkpoint up (default: %(default)s)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     pk.add_argument("--chunk-elements", type=int, default=None, help=argparse_suppress())
     pk.set_defaults(func=run_pack)
@@ -33,7 +36,10 @@ def add_parser(sub) -> None:
     ap.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (must not exist)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT once the new one is complete")
     ap.add_argument("--max-shard-size", default="5GB", help="largest weight shard, e.g. 500MB (default: %(default)s)")
-    ap.add_argument("--workers", type=int, default=2, help="decoding threads (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=2, help="decoding processes or threads (default: %(default)s)")
+    ap.add_argument("--parallel", choices=("auto", "threads", "processes"), default="auto",
+                    help="decode in forked processes (one core each), in threads (one GIL: faster only for small "
+                         "models) or auto: processes from 64 MiB of checkpoint up (default: %(default)s)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     ap.set_defaults(func=run_apply)
 
@@ -92,7 +98,8 @@ def run_pack(args) -> int:
     if shard_bytes < 0:
         raise UsageError(f"--shard-size {args.shard_size}: expected a size of at least 0")
     res = rlsparse.delta.pack(args.base, args.finetuned, args.output, workers=args.workers, files=not args.no_files,
-                              progress=not args.quiet and sys.stderr.isatty(), shard_bytes=shard_bytes or None, **kwargs)
+                              progress=not args.quiet and sys.stderr.isatty(), shard_bytes=shard_bytes or None,
+                              parallel=args.parallel, **kwargs)
     if not args.quiet:
         full = res.manifest.stats["finetuned_bytes"]
         density = res.changed / res.numel if res.numel else 0.0
@@ -110,7 +117,7 @@ def run_apply(args) -> int:
     _workers(args.workers)
     res = rlsparse.delta.apply(args.base, args.patch, args.output, overwrite=args.overwrite,
                                max_shard_bytes=_size(args.max_shard_size), workers=args.workers,
-                               progress=not args.quiet and sys.stderr.isatty())
+                               progress=not args.quiet and sys.stderr.isatty(), parallel=args.parallel)
     if not args.quiet:
         print(f"wrote {res.path}: {res.tensors} tensors, {res.bytes_written:,} bytes in {res.shards} shard(s), "
               f"every hash verified; {res.seconds:.1f} s")

@@ -1,9 +1,12 @@
 """``rlsparse.delta.apply``: rebuild the finetuned model from its base and a patch.
 
 To a folder: the base streams through the shared engine (``diff.stream``) with ``ApplyKernel``:
-on a worker thread, each span of the base is hashed, decoded in place in the engine's buffer,
+on a worker, each span of the base is hashed, decoded in place in the engine's buffer,
 hashed again and written at its place in the output shard (``StreamingSafetensorsWriter.write_at``,
 no copy, no waiting for its turn); the hashes come back in order and are checked per tensor.
+The workers are forked processes (``diff.forked``; they inherit the open output shards and
+``pwrite`` into them) for large enough checkpoints, else threads: ``parallel`` chooses, as for
+``pack``.
 Everything is written into a temporary folder that is renamed into place only when every hash
 matched. In memory: ``apply_to_state_dict`` and
 ``apply_to_module`` first check every base hash (nothing is touched on a wrong base), then
@@ -27,9 +30,9 @@ import numpy as np
 
 from rlsparse.delta import codec
 from rlsparse.delta.format import PatchReader, TensorEntry, new_hasher
-from rlsparse.delta.pack import chunk_digest
+from rlsparse.delta.pack import chunk_digest, use_processes
 from rlsparse.delta.sources import tensor_bits
-from rlsparse.diff import stream
+from rlsparse.diff import forked, stream
 from rlsparse.errors import MismatchError, OutputError, PatchError
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import Checkpoint
@@ -122,7 +125,8 @@ class ApplyKernel:
         dig_old = chunk_digest(old) if old is not None and hash_old else None
         udt = dtypes.uint_view(e.dtype)
         new = codec.decode_chunk(enc, data, old, count, udt, e.dtype in dtypes.FLOAT_CODES,
-                                 f"{self.patch.where}: {e.name} chunk {k}", inplace=inplace)
+                                 f"{self.patch.where}: {e.name} chunk {k}", inplace=inplace,
+                                 version=self.patch.manifest.schema_version)
         if new.size != count:
             raise _corrupt(self.patch.where, e.name)
         return new, dig_old, chunk_digest(new)
@@ -184,6 +188,10 @@ class _ShardedOutput:
     def write_at(self, name: str, start: int, bits: np.ndarray) -> None:
         self._by_name[name].write_at(name, start, bits)
 
+    def count_written(self, name: str, nbytes: int) -> None:
+        """Bytes of ``name`` a forked worker wrote with ``write_at`` (its own copy counted them)."""
+        self._by_name[name].count_written(nbytes)
+
     def finish(self, folder: Path) -> None:
         while self._open:
             self._open.pop(0).__exit__(None, None, None)
@@ -197,7 +205,8 @@ class _ShardedOutput:
 
 
 def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, workers: int = 2, progress: bool = False) -> ApplyResult:
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, workers: int = 2, progress: bool = False,
+          parallel: str = "auto") -> ApplyResult:
     """Write ``base`` + ``patch`` as a Hugging Face folder at ``out``, bit-identical to the
     finetuned model the patch was packed from.
 
@@ -207,8 +216,10 @@ def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
         out: Output folder; must not exist unless ``overwrite``.
         overwrite: Replace an existing ``out`` (only once the new folder is complete).
         max_shard_bytes: Split the weights into shards of at most this size (plus an index).
-        workers: Decoding threads.
+        workers: Decoding processes or threads.
         progress: Progress bar on stderr.
+        parallel: "processes", "threads" or "auto", as for ``pack`` (the bits written are the
+            same either way).
 
     Returns:
         ApplyResult
@@ -236,7 +247,8 @@ def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
                 output = _ShardedOutput(tmp, deltas + wholes, max_shard_bytes).__enter__()
                 try:
                     with progress_bar(output.total, "apply", enabled=progress) as advance:
-                        _write_deltas(ck, reader, deltas, output, workers, advance)
+                        procs = use_processes(parallel, workers, output.total)
+                        _write_deltas(ck, reader, deltas, output, workers, advance, procs, tmp)
                         _write_wholes(reader, wholes, output, workers, advance)
                     output.finish(tmp)
                 except BaseException:
@@ -285,7 +297,8 @@ def _atomic_folder(out: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_deltas(ck: Checkpoint, reader: PatchReader, deltas, output: _ShardedOutput, workers, advance) -> None:
+def _write_deltas(ck: Checkpoint, reader: PatchReader, deltas, output: _ShardedOutput, workers, advance,
+                  processes: bool = False, spool_dir: Path | None = None) -> None:
     if not deltas:
         return
     kernel = ApplyKernel(reader, deltas, output)
@@ -301,14 +314,21 @@ def _write_deltas(ck: Checkpoint, reader: PatchReader, deltas, output: _ShardedO
             hashers[:] = [new_hasher(), new_hasher()]
         hashers[0].update(dig_old)
         hashers[1].update(dig_new)
-        advance(nbytes)
+        if processes:
+            output.count_written(e.name, nbytes)
+        else:
+            advance(nbytes)
         if span.last:
             if hashers[0].hexdigest() != e.base_hash:
                 raise _wrong_base(reader.where, e.name)
             if hashers[1].hexdigest() != e.hash:
                 raise _corrupt(reader.where, e.name)
 
-    stream.run(items, kernel, spans=spans, workers=workers, sink=sink)
+    if processes:
+        forked.run_forked(items, kernel, spans=spans, workers=workers, sink=sink, advance=advance, label="apply",
+                          spool_dir=spool_dir)
+    else:
+        stream.run(items, kernel, spans=spans, workers=workers, sink=sink)
 
 
 def _write_wholes(reader: PatchReader, wholes, output: _ShardedOutput, workers, advance) -> None:

@@ -15,12 +15,24 @@ width) on both sides. Four encodings; the smallest is chosen per chunk from symb
 
 Every integer sequence is coded by ``_encode_uints``: small values (< 16) are symbols of their
 own, larger ones a symbol for (bit length, next two bits) plus the remaining low bits stored
-raw; the symbols go through an order-0 ANS coder (``constriction``) whose model is the chunk's
-own symbol histogram, stored in front. Byte planes are coded as symbols directly. All maps are
-bijections on bits, so NaN payloads and signed zeros survive.
+raw. Byte planes are coded as symbols directly. All maps are bijections on bits, so NaN
+payloads and signed zeros survive. How a stream of symbols is entropy-coded is what the patch's
+schema version says:
+
+- version 1: an order-0 ANS coder (``constriction``) whose model is the stream's own symbol
+  histogram, stored in front. Within 1-2% of the order-0 entropy, but ~33 ns per symbol to
+  decode with the GIL held.
+- version 2 (written now): zstd (``zstandard``, level 1: its Huffman coder for literals, which
+  releases the GIL), over the symbols packed two per byte when all are below 16, else one per
+  byte. ~3-5% bigger symbol streams, 10-20x faster to code. Where two encodings of a chunk are
+  estimated within ``_TRY_RATIO`` of each other, both are coded and the smaller is kept
+  (Huffman codes skewed streams, such as the mostly-zero dense ULP differences, far above their
+  entropy, which the estimate does not see).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -32,6 +44,11 @@ ENCODING_NAMES = {SAME: "same", SPARSE_DELTA: "sparse-delta", SPARSE_BITS: "spar
 _DIRECT = 16  # values below this are symbols of their own
 _LAZY_MEAN_SYMBOL = 2.0  # decode with constriction's lazy model up to this mean symbol
 _ALPHABET = 256
+CODER_VERSION = 2  # the schema version whose symbol coder ``encode_chunk`` uses by default
+_ZSTD_LEVEL = 1  # Huffman-coded literals either way; level 3 was 0.1% smaller on a real pair's streams, slower
+_TRY_RATIO = 1.25  # version 2: code every candidate estimated within this factor of the best
+_SAME, _NIBBLES, _BYTES = range(3)  # version 2 symbol-stream modes
+_local = threading.local()
 _BITLEN16 = np.zeros(1 << 16, dtype=np.int64)
 _BITLEN16[1:] = np.floor(np.log2(np.arange(1, 1 << 16))).astype(np.int64) + 1
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -40,6 +57,15 @@ _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 def _constriction():
     return require("constriction", "delta")
+
+
+def _zstd():
+    """(compressor, decompressor) of this thread (zstd contexts are not thread-safe)."""
+    got = getattr(_local, "zstd", None)
+    if got is None:
+        zstandard = require("zstandard", "delta")
+        got = _local.zstd = (zstandard.ZstdCompressor(level=_ZSTD_LEVEL), zstandard.ZstdDecompressor())
+    return got
 
 
 # ---------------------------------------------------------------- ordered integer view
@@ -254,7 +280,10 @@ def _unpack_bits(raw: np.ndarray, m: int, k: int, work) -> np.ndarray:
     return np.packbits(full, axis=1, bitorder="little").view(np.dtype(work).newbyteorder("<")).reshape(m)
 
 
-def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None) -> None:
+def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None, version: int = CODER_VERSION) -> None:
+    if version >= 2:
+        _encode_symbols_zstd(out, sym, counts)
+        return
     if counts is None:
         counts = np.bincount(sym, minlength=_ALPHABET)
     used = np.flatnonzero(counts)
@@ -267,7 +296,27 @@ def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None
     out.blob(coder.get_compressed().tobytes())
 
 
-def _decode_symbols(inp: _In, n: int) -> np.ndarray:
+def _encode_symbols_zstd(out: _Out, sym: np.ndarray, counts: np.ndarray | None) -> None:
+    """Version 2: mode, then the symbols packed two per byte (all < 16) or one per byte, zstd."""
+    top = int(sym.max()) if sym.size else 0
+    if sym.size == 0 or (int(sym.min()) == top):
+        out.parts.append(varints((_SAME, top)))
+        return
+    s8 = sym.astype(np.uint8)
+    if top < 16:
+        if s8.size % 2:
+            s8 = np.append(s8, np.uint8(0))
+        raw = s8[0::2] | (s8[1::2] << np.uint8(4))
+        out.varint(_NIBBLES)
+    else:
+        raw = s8
+        out.varint(_BYTES)
+    out.blob(_zstd()[0].compress(raw.data))
+
+
+def _decode_symbols(inp: _In, n: int, version: int = CODER_VERSION) -> np.ndarray:
+    if version >= 2:
+        return _decode_symbols_zstd(inp, n)
     counts = np.zeros(_ALPHABET, dtype=np.float64)
     k = inp.varint()
     if k > _ALPHABET:
@@ -295,21 +344,53 @@ def _decode_symbols(inp: _In, n: int) -> np.ndarray:
     return np.asarray(sym, dtype=np.int32)
 
 
-def _encode_uints(out: _Out, v) -> None:
+def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
+    mode = inp.varint()
+    if mode == _SAME:
+        top = inp.varint()
+        if top >= _ALPHABET:
+            raise inp._fail()
+        return np.full(n, top, dtype=np.int32)
+    if mode not in (_NIBBLES, _BYTES):
+        raise inp._fail()
+    size = (n + 1) // 2 if mode == _NIBBLES else n
+    try:
+        raw = _zstd()[1].decompress(inp.blob(), max_output_size=size)
+    except Exception:  # zstandard.ZstdError: damaged frame
+        raise inp._fail() from None
+    if len(raw) != size:
+        raise inp._fail()
+    b = np.frombuffer(raw, dtype=np.uint8)
+    if mode == _BYTES:
+        return b.astype(np.int32)
+    sym = np.empty(2 * size, dtype=np.int32)
+    sym[0::2] = b & np.uint8(15)
+    sym[1::2] = b >> np.uint8(4)
+    return sym[:n]
+
+
+def _encode_uints(out: _Out, v, version: int = CODER_VERSION) -> None:
     sym, nbits, extra, sym_counts = _symbolize(v) if isinstance(v, np.ndarray) else v
-    _encode_symbols(out, sym, sym_counts)
+    _encode_symbols(out, sym, sym_counts, version)
     # the raw low bits of values with the same bit count, packed together (ascending count)
     if not nbits.any():
         return
-    counts = np.bincount(nbits, minlength=65)
-    order = np.argsort(nbits, kind="stable")
-    first = np.cumsum(counts) - counts  # where each bit count's values start in ``order``
-    for k in np.flatnonzero(counts[1:]) + 1:
-        out.parts.append(_pack_bits(extra[order[first[k]:first[k] + counts[k]]], int(k)))
+    for k, where in _by_bit_count(nbits, np.bincount(nbits, minlength=65)):
+        out.parts.append(_pack_bits(extra[where], k))
 
 
-def _decode_uints(inp: _In, n: int, dtype) -> np.ndarray:
-    sym = _decode_symbols(inp, n)
+def _by_bit_count(nbits: np.ndarray, counts: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(k, positions of the values with k raw bits, ascending) for each k > 0 that occurs."""
+    ks = np.flatnonzero(counts[1:]) + 1
+    if len(ks) <= 3:  # few groups (dense ULP steps): a mask each is 4x cheaper than a stable sort
+        return [(int(k), np.flatnonzero(nbits == k)) for k in ks]
+    order = np.argsort(nbits, kind="stable")  # many groups (gaps of sparse updates): cheaper
+    first = np.cumsum(counts) - counts
+    return [(int(k), order[first[k]:first[k] + counts[k]]) for k in ks]
+
+
+def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.ndarray:
+    sym = _decode_symbols(inp, n, version)
     if n and int(sym.max()) < _DIRECT:  # every value is its own symbol (dense ULP steps): no raw bits
         return sym.astype(dtype)
     nbits = _SYM_NBITS[sym]
@@ -326,57 +407,65 @@ def _decode_uints(inp: _In, n: int, dtype) -> np.ndarray:
             raise inp._fail()
         raw = np.frombuffer(inp.mv[inp.pos:inp.pos + total], dtype=np.uint8)
         inp.pos += total
-        order = np.argsort(nbits, kind="stable")
-        first = np.cumsum(counts) - counts  # where each bit count's values start in ``order``
         byte0 = np.cumsum(group_bytes) - group_bytes
-        if int(nbits.max()) <= 56:  # every value's bits lie in one unaligned 64-bit window: one pass
-            order = order[counts[0]:]
-            ks = nbits[order].astype(np.int64)
-            bitpos = byte0[ks] * 8 + (np.arange(counts[0], n) - first[ks]) * ks
-            buf = np.zeros(total + 8, dtype=np.uint8)
-            buf[:total] = raw
-            windows = np.ndarray((total + 1,), dtype="<u8", buffer=buf, strides=(1,))
+        ks = np.flatnonzero(counts[1:]) + 1
+        if int(nbits.max()) > 56:  # bits that may not fit one 64-bit window: group by group
+            for k, where in _by_bit_count(nbits, counts):
+                v[where] |= _unpack_bits(raw[byte0[k]:byte0[k] + group_bytes[k]], len(where), k, work)
+            return v.astype(dtype)
+        buf = np.zeros(total + 8, dtype=np.uint8)
+        buf[:total] = raw
+        windows = np.ndarray((total + 1,), dtype="<u8", buffer=buf, strides=(1,))
+        if len(ks) <= 3:  # few groups (dense ULP steps): a mask each, cheaper than a stable sort
+            for k, where in _by_bit_count(nbits, counts):
+                bitpos = int(byte0[k]) * 8 + np.arange(where.size, dtype=np.int64) * k
+                vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
+                v[where] |= (vals & np.uint64((1 << k) - 1)).astype(work)
+        else:  # many groups (gaps of sparse updates): one sort, one pass (few numpy calls per chunk)
+            order = np.argsort(nbits, kind="stable")[counts[0]:]
+            first = np.cumsum(counts) - counts  # where each bit count's values start in the sort
+            kk = nbits[order].astype(np.int64)
+            bitpos = byte0[kk] * 8 + (np.arange(counts[0], n) - first[kk]) * kk
             vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
-            v[order] |= (vals & ((np.uint64(1) << ks.astype(np.uint64)) - np.uint64(1))).astype(work)
-        else:
-            for k in np.flatnonzero(counts[1:]) + 1:
-                where = order[first[k]:first[k] + counts[k]]
-                v[where] |= _unpack_bits(raw[byte0[k]:byte0[k] + group_bytes[k]], len(where), int(k), work)
+            v[order] |= (vals & ((np.uint64(1) << kk.astype(np.uint64)) - np.uint64(1))).astype(work)
     return v.astype(dtype)
 
 
-def _encode_planes(out: _Out, bits: np.ndarray) -> None:
+def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION) -> None:
     size = bits.dtype.itemsize
     planes = bits.view(np.uint8).reshape(-1, size)
     for i in range(size):
-        _encode_symbols(out, np.ascontiguousarray(planes[:, i]).astype(np.int32))
+        _encode_symbols(out, np.ascontiguousarray(planes[:, i]).astype(np.int32), version=version)
 
 
-def _decode_planes(inp: _In, n: int, dtype) -> np.ndarray:
+def _decode_planes(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.ndarray:
     size = np.dtype(dtype).itemsize
     planes = np.empty((n, size), dtype=np.uint8)
     for i in range(size):
-        planes[:, i] = _decode_symbols(inp, n)
+        planes[:, i] = _decode_symbols(inp, n, version)
     return planes.reshape(-1).view(dtype)
 
 
 # ---------------------------------------------------------------- chunks
 
-def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool) -> tuple[int, int, bytes]:
-    """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base).
+def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
+                 version: int = CODER_VERSION) -> tuple[int, int, bytes]:
+    """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base), with the
+    symbol coder of patch schema ``version``.
 
     Returns (encoding, changed elements, bytes); ``SAME`` chunks carry no bytes.
     """
     n = new.size
     if old is None:
         out = _Out()
-        _encode_planes(out, new)
+        _encode_planes(out, new, version)
         return DENSE_BITS, n, out.getvalue()
     idx = np.flatnonzero(old != new)
     k = idx.size
     if k == 0:
         return SAME, 0, b""
     candidates: dict[int, float] = {}
+    streams: dict[int, tuple] = {}
     if k <= n // 2:
         gaps = _symbolize((np.diff(idx, prepend=-1) - 1).astype(np.uint32 if n < 1 << 32 else np.uint64))
         gap_size = estimate_uints(gaps)
@@ -384,29 +473,45 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool) -> tup
         delta = _symbolize(ulp_delta(o, w, is_float))
         candidates[SPARSE_DELTA] = gap_size + estimate_uints(delta)
         candidates[SPARSE_BITS] = gap_size + estimate_planes(w)
-    if k >= n // 8:
+        streams[SPARSE_DELTA] = (gaps, delta)
+        streams[SPARSE_BITS] = (gaps, w)
+    # Version 2 codes skewed dense streams far above their entropy (Huffman: >= 1 bit a symbol),
+    # so dense encodings are only worth estimating from a third of the elements changed up.
+    if k >= (n // 8 if version < 2 else n // 3):
         dense = _symbolize(ulp_delta(old, new, is_float))
         candidates[DENSE_DELTA] = estimate_uints(dense)
         candidates[DENSE_BITS] = estimate_planes(new)
+        streams[DENSE_DELTA] = (dense,)
+        streams[DENSE_BITS] = (new,)
     best = min(candidates, key=candidates.__getitem__)
+    if version < 2:
+        return best, k, _code(best, k, streams[best], version)
+    tries = [e for e in candidates if candidates[e] <= _TRY_RATIO * candidates[best]]
+    coded = [(_code(e, k, streams[e], version), e) for e in tries]
+    data, best = min(coded, key=lambda c: len(c[0]))
+    return best, k, data
+
+
+def _code(encoding: int, k: int, streams: tuple, version: int) -> bytes:
     out = _Out()
     out.varint(k)
-    if best in (SPARSE_DELTA, SPARSE_BITS):
-        _encode_uints(out, gaps)
-        if best == SPARSE_DELTA:
-            _encode_uints(out, delta)
+    if encoding in (SPARSE_DELTA, SPARSE_BITS):
+        _encode_uints(out, streams[0], version)
+        if encoding == SPARSE_DELTA:
+            _encode_uints(out, streams[1], version)
         else:
-            _encode_planes(out, w)
-    elif best == DENSE_DELTA:
-        _encode_uints(out, dense)
+            _encode_planes(out, streams[1], version)
+    elif encoding == DENSE_DELTA:
+        _encode_uints(out, streams[0], version)
     else:
-        _encode_planes(out, new)
-    return best, k, out.getvalue()
+        _encode_planes(out, streams[0], version)
+    return out.getvalue()
 
 
 def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_float: bool,
-                 where: str, inplace: bool = False) -> np.ndarray:
-    """Rebuild the new bits of a chunk (``n`` elements of unsigned ``dtype``).
+                 where: str, inplace: bool = False, version: int = CODER_VERSION) -> np.ndarray:
+    """Rebuild the new bits of a chunk (``n`` elements of unsigned ``dtype``) coded with the
+    symbol coder of patch schema ``version``.
 
     ``inplace=True`` writes the result over ``old`` and returns it (no copy of the chunk);
     otherwise ``old`` is left as it is (an unchanged chunk returns ``old`` itself).
@@ -417,29 +522,29 @@ def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_
         return old
     inp = _In(data, where)
     if encoding == DENSE_BITS and old is None:
-        return _decode_planes(inp, n, dtype)
+        return _decode_planes(inp, n, dtype, version)
     if old is None:
         raise PatchError(f"{where}: chunk needs base data that the patch does not map; the patch is corrupt")
     k = inp.varint()
     if k > n:
         raise inp._fail()
     if encoding in (SPARSE_DELTA, SPARSE_BITS):
-        gaps = _decode_uints(inp, k, np.int64)
+        gaps = _decode_uints(inp, k, np.int64, version)
         idx = np.cumsum(gaps + 1) - 1
         if k and (idx[-1] >= n or gaps.min() < 0):
             raise inp._fail()
         if encoding == SPARSE_DELTA:
-            values = apply_ulp_delta(old[idx], _decode_uints(inp, k, dtype), is_float)
+            values = apply_ulp_delta(old[idx], _decode_uints(inp, k, dtype, version), is_float)
         else:
-            values = _decode_planes(inp, k, dtype)
+            values = _decode_planes(inp, k, dtype, version)
         new = old if inplace else old.copy()
         new[idx] = values
         return new
     if encoding in (DENSE_DELTA, DENSE_BITS):
         if encoding == DENSE_DELTA:
-            new = apply_ulp_delta(old, _decode_uints(inp, n, dtype), is_float)
+            new = apply_ulp_delta(old, _decode_uints(inp, n, dtype, version), is_float)
         else:
-            new = _decode_planes(inp, n, dtype)
+            new = _decode_planes(inp, n, dtype, version)
         if inplace:
             old[:] = new
             return old

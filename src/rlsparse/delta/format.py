@@ -1,6 +1,7 @@
 """The patch file: one safetensors file (no pickle) that describes itself.
 
-Layout (``schema_version`` 1), two ``U8`` tensors:
+Layout (``schema_version`` 1 and 2: the same; 2 codes symbol streams with zstd instead of ANS,
+see ``codec``), two ``U8`` tensors:
 
 - ``manifest``: the manifest (:class:`Manifest`) as zstd-compressed JSON: per tensor its dtype,
   shape, what to do (``delta`` against the base tensor of the same name, ``whole`` for tensors
@@ -29,12 +30,14 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rlsparse.delta.codec import CODER_VERSION
 from rlsparse.errors import PatchError
 from rlsparse.io import dtypes
 from rlsparse.io.safetensors_format import MAX_HEADER
 
 FORMAT = "rlsparse.delta"
-SCHEMA_VERSION = 1
+# Written now; every older version is still read (1: ANS symbol coder, 2: zstd symbol coder).
+SCHEMA_VERSION = CODER_VERSION
 HASH = "xxh3_128"
 
 

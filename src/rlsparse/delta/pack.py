@@ -1,9 +1,11 @@
 """``rlsparse.delta.pack``: code a finetuned model as a patch against its base.
 
 Checkpoints on disk stream through the shared engine (``diff.stream``) with ``PackKernel``:
-each span of a tensor is coded on a worker thread (``codec.encode_chunk``) and its coded bytes
-are appended to the patch in span order. In-memory state dicts (weight sync) run the same
-kernel over the same spans on a thread pool.
+each span of a tensor is coded (``codec.encode_chunk``) and its coded bytes are appended to the
+patch in span order. The coding runs in forked worker processes (``diff.forked``: the ANS coder
+and the per-chunk numpy calls hold the GIL, so threads share one core) when the checkpoint is
+large enough to pay for the fork, else on worker threads (``parallel`` chooses). In-memory state
+dicts (weight sync) run the same kernel over the same spans on a thread pool.
 
 Identity: each chunk's stored bytes are hashed (xxh3-128) on the worker; a tensor's hash is the
 xxh3-128 of its chunks' digests in order, chunk boundaries as recorded in the patch. The base
@@ -23,7 +25,7 @@ import numpy as np
 from rlsparse.delta import codec
 from rlsparse.delta.format import FileEntry, Manifest, PatchWriter, TensorEntry, new_hasher
 from rlsparse.delta.sources import CheckpointSource, StateDictSource, open_source
-from rlsparse.diff import stream
+from rlsparse.diff import forked, stream
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import TensorInfo
 
@@ -32,6 +34,23 @@ from rlsparse.io.checkpoint import TensorInfo
 DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
 # A patch whose coded data is larger than this becomes a folder of shards (``delta.shards``).
 DEFAULT_SHARD_BYTES = 5 * 10**9
+# ``parallel="auto"`` forks worker processes from this many checkpoint bytes up: below it the
+# fork and the per-process start (~10-20 ms) cost more than a second core gives.
+AUTO_PROCESS_BYTES = 64 << 20
+PARALLEL_MODES = ("auto", "threads", "processes")
+
+
+def use_processes(parallel: str, workers: int, nbytes: int) -> bool:
+    """Whether pack/apply code in forked processes: ``parallel`` is "auto" (processes for
+    checkpoints of at least ``AUTO_PROCESS_BYTES`` with 2+ workers where fork exists),
+    "threads" or "processes" (forced; threads where fork does not exist)."""
+    from rlsparse.errors import UsageError
+
+    if parallel not in PARALLEL_MODES:
+        raise UsageError(f"parallel={parallel!r}: expected one of {', '.join(PARALLEL_MODES)}")
+    if parallel == "threads" or not forked.available():
+        return False
+    return parallel == "processes" or (workers >= 2 and nbytes >= AUTO_PROCESS_BYTES)
 
 
 def chunk_digest(bits: np.ndarray) -> bytes:
@@ -86,7 +105,7 @@ class PackKernel:
 
 def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
          workers: int = 2, files: bool = True, progress: bool = False, ulp_hist: bool = False,
-         shard_bytes: int | None = DEFAULT_SHARD_BYTES) -> PackResult:
+         shard_bytes: int | None = DEFAULT_SHARD_BYTES, parallel: str = "auto") -> PackResult:
     """Write the lossless patch that turns ``base`` into ``finetuned``.
 
     Args:
@@ -94,13 +113,16 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
         finetuned: Same kinds; every stored tensor is reproduced bit for bit by ``apply``.
         out: Patch file path; None returns the patch as bytes (``PackResult.data``).
         chunk_elements: Elements per coded span (memory and parallelism unit).
-        workers: Coding threads.
+        workers: Coding processes or threads.
         files: Copy the finetuned folder's non-weight files (config, tokenizer) into the patch.
         progress: Progress bar with bytes/s and ETA on stderr.
         ulp_hist: Also collect the histogram of changes in units in the last place (for the
             order-0 bound in ``bench/``).
         shard_bytes: A patch with more coded data than this is written as a folder of shards
             at ``out`` (an index and ``patch-0000k-of-0000N.rlpatch``); None: always one file.
+        parallel: "processes" (forked workers, one core each), "threads" (one GIL: faster only
+            for small models) or "auto" (processes from ``AUTO_PROCESS_BYTES`` of checkpoint up,
+            for checkpoints on disk). The patch is the same byte for byte either way.
 
     Returns:
         PackResult
@@ -125,8 +147,13 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
             with progress_bar(total, "pack", enabled=progress) as advance:
                 sink = _Sink(entries, writer, hist)
                 if isinstance(bsrc, CheckpointSource) and isinstance(fsrc, CheckpointSource):
-                    res = stream.run(items, kernel, chunk_elements=chunk_elements, workers=workers,
-                                     sink=sink, advance=advance, mapped=True)
+                    if use_processes(parallel, workers, total):
+                        res = forked.run_forked(items, kernel, chunk_elements=chunk_elements, workers=workers,
+                                                sink=sink, advance=advance, mapped=True, label="pack",
+                                                spool_dir=Path(out).parent if out is not None else None)
+                    else:
+                        res = stream.run(items, kernel, chunk_elements=chunk_elements, workers=workers,
+                                         sink=sink, advance=advance, mapped=True)
                     bytes_read = res.bytes_read
                 else:
                     bytes_read = run_in_memory(items, kernel, chunk_elements, workers, sink,

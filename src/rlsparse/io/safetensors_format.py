@@ -283,6 +283,12 @@ class StreamingSafetensorsWriter:
             raise write_error(self.path, exc) from None
         start_writeback(self._fh.fileno(), first, nbytes)
 
+    def count_written(self, nbytes: int) -> None:
+        """Count bytes that another process wrote with ``write_at`` into this file (a forked
+        worker that inherited it), so the check on exit sees every byte."""
+        with self._lock:
+            self._positional += nbytes
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None and self._positional:
