@@ -2,8 +2,8 @@
 
 Checkpoints on disk stream through the shared engine (``diff.stream``) with ``PackKernel``:
 each span of a tensor is coded (``codec.encode_chunk``) and its coded bytes are appended to the
-patch in span order. The coding runs in forked worker processes (``diff.forked``: the ANS coder
-and the per-chunk numpy calls hold the GIL, so threads share one core) when the checkpoint is
+patch in span order. The coding runs in forked worker processes (``diff.forked``: the per-chunk
+numpy calls, and in format v1 the ANS coder, hold the GIL, so threads share one core) when the checkpoint is
 large enough to pay for the fork, else on worker threads (``parallel`` chooses). In-memory state
 dicts (weight sync) run the same kernel over the same spans on a thread pool.
 
@@ -35,7 +35,7 @@ DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
 # A patch whose coded data is larger than this becomes a folder of shards (``delta.shards``).
 DEFAULT_SHARD_BYTES = 5 * 10**9
 # ``parallel="auto"`` forks worker processes from this many checkpoint bytes up: below it the
-# fork and the per-process start (~10-20 ms) cost more than a second core gives.
+# fork and the per-process start (20-40 ms of CPU measured for two workers) cost more than a second core gives.
 AUTO_PROCESS_BYTES = 64 << 20
 PARALLEL_MODES = ("auto", "threads", "processes")
 
