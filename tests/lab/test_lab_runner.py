@@ -91,7 +91,8 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
         assert 0 < p["net_drift"]["net_over_path"] <= 1 and 0 <= p["update_rank_random_control"] <= 1
         # the cell's runtime by phase, measured (training is the trainer's own clock)
         assert set(p["phase_seconds"]) == {"training", "training_setup", "evaluation", "evaluation_load", "sparsity",
-                                           "update_rank", "rank_control", "load_models", "probe_kl", "delta_norm"}
+                                           "update_rank", "rank_control", "load_models", "probe_base", "probe_kl",
+                                           "delta_norm"}
         assert p["phase_seconds"]["training"] == p["seconds"] and p["phase_seconds"]["evaluation"] == p["eval_seconds"]
         assert all(v >= 0 for v in p["phase_seconds"].values())
     assert results["recipes"]["t_grpo"]["points"][0]["clip_active_share"] is None  # max_grad_norm 0: no clipping

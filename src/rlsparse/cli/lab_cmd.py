@@ -44,6 +44,10 @@ def add_lab_parser(sub) -> None:
     run.add_argument("--threads", type=_threads, default=None,
                      help="CPU threads for torch: a number or 'auto' (the machine's cores); default: the suite's "
                           "('auto' for the real base), else 1")
+    run.add_argument("--jobs", type=_threads, default=None,
+                     help="cells run side by side in this many worker processes (each with threads/jobs torch "
+                          "threads): a number or 'auto' (the cores, at most 4; 1 on cuda); default: the suite's "
+                          "('auto' for the real base), else 1")
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
     run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")
@@ -145,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
                       compute={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[args.compute],
                       weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
-                      progress=args.progress,
+                      progress=args.progress, jobs=args.jobs,
                       base=BaseConfig().with_overrides(args.base), real_base=real, seeds=seeds, grid=args.grid)
     run_dir = run_lab(names, opts, resume=args.resume)
     print(f"run folder: {run_dir}")

@@ -190,22 +190,36 @@ def completion_token_logprobs(model, tokenizer, pairs: list[tuple[str, str]], ba
         yield logits, ids[:, keep + 1].to(device), target[:, keep + 1].to(device)
 
 
-def probe_kl(base_model, finetuned_model, tokenizer, pairs: list[tuple[str, str]]) -> float:
+def probe_kl(base_model, finetuned_model, tokenizer, pairs: list[tuple[str, str]], base_logprobs=None) -> float:
     """Token-level KL(base || finetuned) averaged over the completion tokens of a fixed probe set.
 
     Both models are in eval mode (no dropout); at every completion position the full next-token
     distributions are compared: sum_v p_base(v) (log p_base(v) - log p_ft(v)).
+
+    ``base_logprobs`` (``probe_logprobs`` of the base on the same pairs) stands in for the base's
+    forward: the same tensors, so the same KL bit for bit, without recomputing them for every finetune
+    (``base_model`` may then be None).
     """
     import torch
 
+    if base_logprobs is None:
+        base_logprobs = probe_logprobs(base_model, tokenizer, pairs)
     total, count = 0.0, 0
-    for (lb, _, mask), (lf, _, _) in zip(completion_token_logprobs(base_model, tokenizer, pairs),
-                                         completion_token_logprobs(finetuned_model, tokenizer, pairs)):
-        pb, pf = torch.log_softmax(lb[mask], -1), torch.log_softmax(lf[mask], -1)
+    for pb, (lf, _, mask) in zip(base_logprobs, completion_token_logprobs(finetuned_model, tokenizer, pairs)):
+        pf = torch.log_softmax(lf[mask], -1)
         kl = (pb.exp() * (pb - pf)).sum(-1)
         total += float(kl.double().sum())
         count += int(mask.sum())
     return total / count if count else float("nan")
+
+
+def probe_logprobs(model, tokenizer, pairs: list[tuple[str, str]]) -> list:
+    """The model's next-token log-probabilities at the probe set's completion positions, one
+    ``[tokens, vocab]`` tensor per batch of ``completion_token_logprobs`` (what ``probe_kl`` needs
+    from the base)."""
+    import torch
+
+    return [torch.log_softmax(logits[mask], -1) for logits, _, mask in completion_token_logprobs(model, tokenizer, pairs)]
 
 
 def dataset_nll(model, tokenizer, pairs: list[tuple[str, str]]) -> float:

@@ -22,6 +22,9 @@ from rlsparse.lab.real import file_sha256
 
 TRAINED_SCHEMA_VERSION = 1
 FILE = "trained.json"
+# The held-out evaluation of the same checkpoint, under the same rules: a cell trained by a worker
+# process is evaluated there once, and the run's assembly pass reads it back.
+EVALUATED = "evaluated.json"
 
 
 def checkpoint_sha256(folder: str | os.PathLike) -> str | None:
@@ -58,22 +61,23 @@ def _canonical(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=float))
 
 
-def save(folder: str | os.PathLike, cell: dict, trained: dict) -> None:
-    """Record a training's log beside its just-saved checkpoint (atomically, after the checkpoint)."""
+def save(folder: str | os.PathLike, cell: dict, trained: dict, file: str = FILE) -> None:
+    """Record a training's log (or, with ``file=EVALUATED``, its evaluation) beside its just-saved
+    checkpoint (atomically, after the checkpoint)."""
     folder = Path(folder)
-    write_json(folder / FILE, {"schema_version": TRAINED_SCHEMA_VERSION, "cell": _canonical(cell),
+    write_json(folder / file, {"schema_version": TRAINED_SCHEMA_VERSION, "cell": _canonical(cell),
                                "checkpoint_sha256": checkpoint_sha256(folder), "trained": trained},
                indent=1, sort_keys=True, allow_nan=True, default=float)
 
 
-def load(folder: str | os.PathLike, cell: dict) -> dict | None:
+def load(folder: str | os.PathLike, cell: dict, file: str = FILE) -> dict | None:
     """The training log of ``folder``'s checkpoint if it is complete and provably this cell's, else None.
 
     Example:
         >>> trained = load(folder, cell) or train_and_save(...)
     """
     folder = Path(folder)
-    path = folder / FILE
+    path = folder / file
     if not path.is_file():
         return None
     try:
