@@ -1,7 +1,8 @@
 """Synthetic Llama-shaped bf16 checkpoint pairs for benchmarks (written straight to safetensors).
 
 The finetuned side changes a fixed fraction of elements (default 20%, RL-like) by 1-3 bf16
-units in the last place, plus a few larger moves, so the diff does real work at every tolerance.
+units in the last place (a position drawn twice moves by the sum), plus a few larger moves, so the
+diff does real work at every tolerance. The same arguments write the same bytes in every process.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def write_pair(root: Path, target_params: float, density: float = 0.2, shard_byt
         flat = b.view(-1).view(torch.int16)
         k = int(flat.numel() * density)
         idx = torch.randint(0, flat.numel(), (k,), generator=g)
-        flat[idx] += torch.randint(1, 4, (k,), generator=g, dtype=torch.int16)
+        # accumulate: a position drawn twice moves by the sum; a plain `flat[idx] +=` keeps one of the
+        # duplicate writes, whichever thread lands last, so the pair differed from run to run
+        flat.index_put_((idx,), torch.randint(1, 4, (k,), generator=g, dtype=torch.int16), accumulate=True)
         shard_a[name], shard_b[name] = a, b
         size += a.numel() * 2
         if size >= shard_bytes:

@@ -293,3 +293,20 @@ def test_table4_is_judged_against_the_stricter_null():
     # the runner's seed rows get the two cells' sparsities from their points
     assert seeds_only.data["rows"][0]["sparsity_a"] == 0.5 and seeds_only.data["rows"][0]["sparsity_b"] == 0.6
     assert table4.finding(_overlap(0.47, 0.466, 0.46), PRE).verdict == "does not reproduce at this scale"
+
+
+def test_seeds_of_a_set_of_names_comes_out_sorted_whatever_the_hash_seed():
+    """A finding's seed list used to follow set order, so report.md changed with PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from rlsparse.lab.verdicts.common import seeds_of\n"
+            "names = ['simpo', 'ppo', 'prime', 'grpo_nokl', 'dpo_id', 'dpo_ood', 'rloo', 'grpo', 'orpo', 'kto']\n"
+            "res = {'recipes': {n: {'recipe': {'seed': 0}, 'points': [{'seed': 1}, {'seed': 0}]} for n in names}}\n"
+            "print(list(seeds_of(res, set(names))), seeds_of(res, names)['kto'])")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(h)},
+                           capture_output=True, text=True, check=True).stdout for h in (1, 2, 3)}
+    assert len(outs) == 1
+    names = ['dpo_id', 'dpo_ood', 'grpo', 'grpo_nokl', 'kto', 'orpo', 'ppo', 'prime', 'rloo', 'simpo']
+    assert outs.pop().strip() == f"{names} [0, 1]"

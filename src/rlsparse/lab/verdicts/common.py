@@ -107,8 +107,11 @@ def gain(point: dict, family: str):
 
 
 def seeds_of(results: dict, names) -> dict:
+    """Seeds behind a finding, by recipe. Names given as a set come out sorted, so the report's
+    text does not depend on the string hash seed (report.md is byte-stable across processes)."""
+    order = sorted(names) if isinstance(names, (set, frozenset)) else names
     return {n: sorted({seed_of(results, n, p) for p in results["recipes"][n]["points"]})
-            for n in names if n in results["recipes"]}
+            for n in order if n in results["recipes"]}
 
 
 def not_measured(key: str, title: str, paper: str, why: str, rule: str = "", control: str = "") -> Finding:
