@@ -178,7 +178,7 @@ def _child(items, kernel, spans, ranges, counter, spool_fd: int, conn, mapped: b
                 pos += len(data)
 
             res = stream.run(items, kernel, spans=spans[a:b], workers=1, sink=collect, mapped=mapped,
-                             advance=progress)
+                             advance=progress, inline=True)
             progress(0, flush=True)
             conn.send(("shard", s, records, res.partials, res.bytes_read))
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which raises it
