@@ -148,6 +148,7 @@ def _symbol_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 _SYM16, _NBITS16, _SYM_BASE, _SYM_NBITS = _symbol_tables()
+_SYM_BASE_AS = {np.uint32: _SYM_BASE.astype(np.uint32), np.uint64: _SYM_BASE}  # decode's work types (no cast per chunk)
 
 
 def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -350,7 +351,7 @@ def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
         top = inp.varint()
         if top >= _ALPHABET:
             raise inp._fail()
-        return np.full(n, top, dtype=np.int32)
+        return np.full(n, top, dtype=np.uint8)
     if mode not in (_NIBBLES, _BYTES):
         raise inp._fail()
     size = (n + 1) // 2 if mode == _NIBBLES else n
@@ -362,8 +363,8 @@ def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
         raise inp._fail()
     b = np.frombuffer(raw, dtype=np.uint8)
     if mode == _BYTES:
-        return b.astype(np.int32)
-    sym = np.empty(2 * size, dtype=np.int32)
+        return b
+    sym = np.empty(2 * size, dtype=np.uint8)
     sym[0::2] = b & np.uint8(15)
     sym[1::2] = b >> np.uint8(4)
     return sym[:n]
@@ -391,15 +392,20 @@ def _by_bit_count(nbits: np.ndarray, counts: np.ndarray) -> list[tuple[int, np.n
 
 def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.ndarray:
     sym = _decode_symbols(inp, n, version)
-    if n and int(sym.max()) < _DIRECT:  # every value is its own symbol (dense ULP steps): no raw bits
+    # One histogram of the symbols gives the largest symbol and how many values have each raw-bit
+    # count (the tables map symbols to bit counts), instead of a pass over the values for each.
+    sym_counts = np.bincount(sym, minlength=_ALPHABET)
+    if len(sym_counts) > _ALPHABET:
+        raise inp._fail()
+    if n and not sym_counts[_DIRECT:].any():  # every value is its own symbol (dense ULP steps): no raw bits
         return sym.astype(dtype)
-    nbits = _SYM_NBITS[sym]
+    counts = np.bincount(_SYM_NBITS, weights=sym_counts, minlength=65).astype(np.int64)
+    ks = np.flatnonzero(counts[1:]) + 1  # the raw-bit counts that occur, ascending
     width = 8 * np.dtype(dtype).itemsize
-    if int(nbits.max(initial=0)) + 3 > width:
+    if len(ks) and int(ks[-1]) + 3 > width:
         raise inp._fail()
     work = np.uint32 if width <= 32 else np.uint64
-    v = _SYM_BASE[sym].astype(work)
-    counts = np.bincount(nbits, minlength=65)
+    v = _SYM_BASE_AS[work][sym]
     if counts[0] != n:
         group_bytes = (counts * np.arange(65) + 7) // 8  # each bit count's raw bits, byte-padded
         total = int(group_bytes.sum())
@@ -408,8 +414,8 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
         raw = np.frombuffer(inp.mv[inp.pos:inp.pos + total], dtype=np.uint8)
         inp.pos += total
         byte0 = np.cumsum(group_bytes) - group_bytes
-        ks = np.flatnonzero(counts[1:]) + 1
-        if int(nbits.max()) > 56:  # bits that may not fit one 64-bit window: group by group
+        if int(ks[-1]) > 56:  # bits that may not fit one 64-bit window: group by group
+            nbits = _SYM_NBITS[sym]
             for k, where in _by_bit_count(nbits, counts):
                 v[where] |= _unpack_bits(raw[byte0[k]:byte0[k] + group_bytes[k]], len(where), k, work)
             return v.astype(dtype)
@@ -417,18 +423,23 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
         buf[:total] = raw
         windows = np.ndarray((total + 1,), dtype="<u8", buffer=buf, strides=(1,))
         if len(ks) <= 3:  # few groups (dense ULP steps): a mask each, cheaper than a stable sort
+            nbits = _SYM_NBITS[sym]
             for k, where in _by_bit_count(nbits, counts):
                 bitpos = int(byte0[k]) * 8 + np.arange(where.size, dtype=np.int64) * k
                 vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
                 v[where] |= (vals & np.uint64((1 << k) - 1)).astype(work)
         else:  # many groups (gaps of sparse updates): one sort, one pass (few numpy calls per chunk)
-            order = np.argsort(nbits, kind="stable")[counts[0]:]
-            first = np.cumsum(counts) - counts  # where each bit count's values start in the sort
-            kk = nbits[order].astype(np.int64)
-            bitpos = byte0[kk] * 8 + (np.arange(counts[0], n) - first[kk]) * kk
-            vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
-            v[order] |= (vals & ((np.uint64(1) << kk.astype(np.uint64)) - np.uint64(1))).astype(work)
-    return v.astype(dtype)
+            order = np.argsort(_SYM_NBITS[sym], kind="stable")[counts[0]:]
+            # In that order the values of each bit count k are consecutive: value j of group k
+            # starts at bit 8 * byte0[k] + j * k. Per group: the offset and mask, repeated.
+            reps = counts[ks]
+            kk = np.repeat(ks.astype(np.uint64), reps)
+            start = byte0[ks] * 8 - (np.cumsum(reps) - reps) * ks  # bit of "value 0" if groups were unpadded
+            bitpos = np.repeat(start.astype(np.uint64), reps) + np.arange(order.size, dtype=np.uint64) * kk
+            vals = windows[bitpos >> np.uint64(3)] >> (bitpos & np.uint64(7))
+            vals &= np.repeat((np.uint64(1) << ks.astype(np.uint64)) - np.uint64(1), reps)
+            v[order] |= vals.astype(work, copy=False)
+    return v.astype(dtype, copy=False)
 
 
 def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION) -> None:
