@@ -460,9 +460,10 @@ def _decode_planes(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.
 # ---------------------------------------------------------------- chunks
 
 def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
-                 version: int = CODER_VERSION) -> tuple[int, int, bytes]:
+                 version: int = CODER_VERSION, changed: np.ndarray | None = None) -> tuple[int, int, bytes]:
     """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base), with the
-    symbol coder of patch schema ``version``.
+    symbol coder of patch schema ``version``. ``changed``: the ascending indices where the two
+    differ, if the caller found them already (``np.flatnonzero(old != new)`` otherwise).
 
     Returns (encoding, changed elements, bytes); ``SAME`` chunks carry no bytes.
     """
@@ -471,7 +472,7 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
         out = _Out()
         _encode_planes(out, new, version)
         return DENSE_BITS, n, out.getvalue()
-    idx = np.flatnonzero(old != new)
+    idx = np.flatnonzero(old != new) if changed is None else changed
     k = idx.size
     if k == 0:
         return SAME, 0, b""
