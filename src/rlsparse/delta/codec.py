@@ -144,10 +144,14 @@ def _symbol_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     sym_nbits = np.where(q >= 0, q // 4 + 2, 0)
     sym_base = np.where(q >= 0, (4 | (q & 3)).astype(np.uint64) << sym_nbits.astype(np.uint64),
                         np.arange(_ALPHABET, dtype=np.uint64))
-    return sym.astype(np.int32), nbits.astype(np.uint8), sym_base, sym_nbits.astype(np.uint8)
+    return sym.astype(np.uint8), nbits.astype(np.uint8), sym_base, sym_nbits.astype(np.uint8)
 
 
 _SYM16, _NBITS16, _SYM_BASE, _SYM_NBITS = _symbol_tables()
+# Symbols are bytes (uint8: less memory traffic than int32); the raw low bits of a 16-bit value
+# are ``v & _LOW16[v]``; the raw-bit count of each symbol, as int64 for exact sums over histograms.
+_LOW16 = ((np.uint32(1) << _NBITS16.astype(np.uint32)) - np.uint32(1)).astype(np.uint16)
+_SYM_NBITS64 = _SYM_NBITS.astype(np.int64)
 _SYM_BASE_AS = {np.uint32: _SYM_BASE.astype(np.uint32), np.uint64: _SYM_BASE}  # decode's work types (no cast per chunk)
 
 
@@ -161,12 +165,11 @@ def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 def _symbols_of(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     top = int(v.max()) if v.size else 0
     if top < _DIRECT:  # every value is its own symbol (dense ULP steps): no lookups, no raw bits
-        return v.astype(np.int32), np.zeros(v.size, np.uint8), np.zeros(v.size, v.dtype)
+        return v.astype(np.uint8), np.zeros(v.size, np.uint8), np.zeros(v.size, v.dtype)
     if v.dtype.itemsize > 2 and top < 1 << 16:
         v = v.astype(np.uint16)
     if v.dtype.itemsize <= 2:  # the common case (16-bit dtypes, small gaps): table lookups
-        nbits = _NBITS16[v]
-        return _SYM16[v], nbits, v & ((np.uint16(1) << nbits.astype(np.uint16)) - np.uint16(1))
+        return _SYM16[v], _NBITS16[v], v & _LOW16[v]
     length = _bit_length(v)
     big = length > 4
     nbits = np.where(big, length - 3, 0)
@@ -174,7 +177,7 @@ def _symbols_of(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     top = (v64 >> nbits.astype(np.uint64)) & np.uint64(3)
     sym = np.where(big, _DIRECT + (length - 5) * 4 + top.astype(np.int64), v64.astype(np.int64))
     extra = v64 & ((np.uint64(1) << nbits.astype(np.uint64)) - np.uint64(1))
-    return sym.astype(np.int32), nbits.astype(np.uint8), extra
+    return sym.astype(np.uint8), nbits.astype(np.uint8), extra
 
 
 def _entropy_bytes(counts: np.ndarray) -> float:
@@ -185,8 +188,8 @@ def _entropy_bytes(counts: np.ndarray) -> float:
 
 def estimate_uints(v) -> float:
     """Estimated coded size in bytes of ``_encode_uints(v)`` (``v``: values or their symbols)."""
-    _, nbits, _, counts = _symbolize(v) if isinstance(v, np.ndarray) else v
-    return _entropy_bytes(counts) + float(nbits.sum()) / 8
+    _, _, _, counts = _symbolize(v) if isinstance(v, np.ndarray) else v
+    return _entropy_bytes(counts) + float((counts * _SYM_NBITS64).sum()) / 8  # raw bits: counted per symbol
 
 
 def estimate_planes(bits: np.ndarray) -> float:
@@ -293,17 +296,21 @@ def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None
         return
     c = _constriction()
     coder = c.stream.stack.AnsCoder()
-    coder.encode_reverse(sym, c.stream.model.Categorical(counts.astype(np.float64), perfect=False))
+    coder.encode_reverse(sym.astype(np.int32), c.stream.model.Categorical(counts.astype(np.float64), perfect=False))
     out.blob(coder.get_compressed().tobytes())
 
 
 def _encode_symbols_zstd(out: _Out, sym: np.ndarray, counts: np.ndarray | None) -> None:
     """Version 2: mode, then the symbols packed two per byte (all < 16) or one per byte, zstd."""
-    top = int(sym.max()) if sym.size else 0
-    if sym.size == 0 or (int(sym.min()) == top):
+    if counts is not None:  # the histogram has the smallest and largest symbol: no pass over them
+        used = np.flatnonzero(counts)
+        low, top = (int(used[0]), int(used[-1])) if used.size else (0, 0)
+    else:
+        low, top = (int(sym.min()), int(sym.max())) if sym.size else (0, 0)
+    if sym.size == 0 or low == top:
         out.parts.append(varints((_SAME, top)))
         return
-    s8 = sym.astype(np.uint8)
+    s8 = sym.astype(np.uint8, copy=False)
     if top < 16:
         if s8.size % 2:
             s8 = np.append(s8, np.uint8(0))
@@ -373,10 +380,12 @@ def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
 def _encode_uints(out: _Out, v, version: int = CODER_VERSION) -> None:
     sym, nbits, extra, sym_counts = _symbolize(v) if isinstance(v, np.ndarray) else v
     _encode_symbols(out, sym, sym_counts, version)
-    # the raw low bits of values with the same bit count, packed together (ascending count)
-    if not nbits.any():
+    # the raw low bits of values with the same bit count, packed together (ascending count);
+    # how many values have each count follows from the symbols' histogram
+    counts = np.bincount(_SYM_NBITS, weights=sym_counts, minlength=65).astype(np.int64)
+    if counts[0] == len(nbits):
         return
-    for k, where in _by_bit_count(nbits, np.bincount(nbits, minlength=65)):
+    for k, where in _by_bit_count(nbits, counts):
         out.parts.append(_pack_bits(extra[where], k))
 
 
@@ -446,7 +455,7 @@ def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION) ->
     size = bits.dtype.itemsize
     planes = bits.view(np.uint8).reshape(-1, size)
     for i in range(size):
-        _encode_symbols(out, np.ascontiguousarray(planes[:, i]).astype(np.int32), version=version)
+        _encode_symbols(out, np.ascontiguousarray(planes[:, i]), version=version)
 
 
 def _decode_planes(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.ndarray:
