@@ -46,10 +46,11 @@ def instrument() -> collections.Counter:
 
         setattr(owner, name, timed)
 
-    wrap(codec, "encode_chunk", "encode (compare + code)")
+    wrap(codec, "encode_chunk", "encode (+ compare before)")
     wrap(codec, "decode_chunk", "decode")
     wrap(codec, "_encode_symbols", "of which ANS + header")
     wrap(codec, "_decode_symbols", "of which ANS + header")
+    wrap(pk, "changes_and_digests", "compare + hash (blocked)")
     wrap(pk, "chunk_digest", "hash (xxh3)")
     ap.chunk_digest = pk.chunk_digest
     wrap(reader.TensorReader, "read", "read (preadv copy)")

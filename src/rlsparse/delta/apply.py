@@ -129,7 +129,8 @@ class ApplyKernel:
                                  version=self.patch.manifest.schema_version)
         if new.size != count:
             raise _corrupt(self.patch.where, e.name)
-        return new, dig_old, chunk_digest(new)
+        same = enc == codec.SAME and dig_old is not None  # the same bits: the same digest
+        return new, dig_old, dig_old if same else chunk_digest(new)
 
     def compute(self, chunk: stream.Chunk):
         s = chunk.span

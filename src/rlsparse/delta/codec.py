@@ -144,10 +144,15 @@ def _symbol_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     sym_nbits = np.where(q >= 0, q // 4 + 2, 0)
     sym_base = np.where(q >= 0, (4 | (q & 3)).astype(np.uint64) << sym_nbits.astype(np.uint64),
                         np.arange(_ALPHABET, dtype=np.uint64))
-    return sym.astype(np.int32), nbits.astype(np.uint8), sym_base, sym_nbits.astype(np.uint8)
+    return sym.astype(np.uint8), nbits.astype(np.uint8), sym_base, sym_nbits.astype(np.uint8)
 
 
 _SYM16, _NBITS16, _SYM_BASE, _SYM_NBITS = _symbol_tables()
+# Symbols are bytes (uint8: less memory traffic than int32); the raw low bits of a 16-bit value
+# are ``v & _LOW16[v]``; the raw-bit count of each symbol, as int64 for exact sums over histograms.
+_LOW16 = ((np.uint32(1) << _NBITS16.astype(np.uint32)) - np.uint32(1)).astype(np.uint16)
+_SYM_NBITS64 = _SYM_NBITS.astype(np.int64)
+_SYM_BASE_AS = {np.uint32: _SYM_BASE.astype(np.uint32), np.uint64: _SYM_BASE}  # decode's work types (no cast per chunk)
 
 
 def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -160,12 +165,11 @@ def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 def _symbols_of(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     top = int(v.max()) if v.size else 0
     if top < _DIRECT:  # every value is its own symbol (dense ULP steps): no lookups, no raw bits
-        return v.astype(np.int32), np.zeros(v.size, np.uint8), np.zeros(v.size, v.dtype)
+        return v.astype(np.uint8), np.zeros(v.size, np.uint8), np.zeros(v.size, v.dtype)
     if v.dtype.itemsize > 2 and top < 1 << 16:
         v = v.astype(np.uint16)
     if v.dtype.itemsize <= 2:  # the common case (16-bit dtypes, small gaps): table lookups
-        nbits = _NBITS16[v]
-        return _SYM16[v], nbits, v & ((np.uint16(1) << nbits.astype(np.uint16)) - np.uint16(1))
+        return _SYM16[v], _NBITS16[v], v & _LOW16[v]
     length = _bit_length(v)
     big = length > 4
     nbits = np.where(big, length - 3, 0)
@@ -173,7 +177,7 @@ def _symbols_of(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     top = (v64 >> nbits.astype(np.uint64)) & np.uint64(3)
     sym = np.where(big, _DIRECT + (length - 5) * 4 + top.astype(np.int64), v64.astype(np.int64))
     extra = v64 & ((np.uint64(1) << nbits.astype(np.uint64)) - np.uint64(1))
-    return sym.astype(np.int32), nbits.astype(np.uint8), extra
+    return sym.astype(np.uint8), nbits.astype(np.uint8), extra
 
 
 def _entropy_bytes(counts: np.ndarray) -> float:
@@ -184,8 +188,8 @@ def _entropy_bytes(counts: np.ndarray) -> float:
 
 def estimate_uints(v) -> float:
     """Estimated coded size in bytes of ``_encode_uints(v)`` (``v``: values or their symbols)."""
-    _, nbits, _, counts = _symbolize(v) if isinstance(v, np.ndarray) else v
-    return _entropy_bytes(counts) + float(nbits.sum()) / 8
+    _, _, _, counts = _symbolize(v) if isinstance(v, np.ndarray) else v
+    return _entropy_bytes(counts) + float((counts * _SYM_NBITS64).sum()) / 8  # raw bits: counted per symbol
 
 
 def estimate_planes(bits: np.ndarray) -> float:
@@ -292,17 +296,21 @@ def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None
         return
     c = _constriction()
     coder = c.stream.stack.AnsCoder()
-    coder.encode_reverse(sym, c.stream.model.Categorical(counts.astype(np.float64), perfect=False))
+    coder.encode_reverse(sym.astype(np.int32), c.stream.model.Categorical(counts.astype(np.float64), perfect=False))
     out.blob(coder.get_compressed().tobytes())
 
 
 def _encode_symbols_zstd(out: _Out, sym: np.ndarray, counts: np.ndarray | None) -> None:
     """Version 2: mode, then the symbols packed two per byte (all < 16) or one per byte, zstd."""
-    top = int(sym.max()) if sym.size else 0
-    if sym.size == 0 or (int(sym.min()) == top):
+    if counts is not None:  # the histogram has the smallest and largest symbol: no pass over them
+        used = np.flatnonzero(counts)
+        low, top = (int(used[0]), int(used[-1])) if used.size else (0, 0)
+    else:
+        low, top = (int(sym.min()), int(sym.max())) if sym.size else (0, 0)
+    if sym.size == 0 or low == top:
         out.parts.append(varints((_SAME, top)))
         return
-    s8 = sym.astype(np.uint8)
+    s8 = sym.astype(np.uint8, copy=False)
     if top < 16:
         if s8.size % 2:
             s8 = np.append(s8, np.uint8(0))
@@ -350,7 +358,7 @@ def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
         top = inp.varint()
         if top >= _ALPHABET:
             raise inp._fail()
-        return np.full(n, top, dtype=np.int32)
+        return np.full(n, top, dtype=np.uint8)
     if mode not in (_NIBBLES, _BYTES):
         raise inp._fail()
     size = (n + 1) // 2 if mode == _NIBBLES else n
@@ -362,8 +370,8 @@ def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
         raise inp._fail()
     b = np.frombuffer(raw, dtype=np.uint8)
     if mode == _BYTES:
-        return b.astype(np.int32)
-    sym = np.empty(2 * size, dtype=np.int32)
+        return b
+    sym = np.empty(2 * size, dtype=np.uint8)
     sym[0::2] = b & np.uint8(15)
     sym[1::2] = b >> np.uint8(4)
     return sym[:n]
@@ -372,10 +380,12 @@ def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
 def _encode_uints(out: _Out, v, version: int = CODER_VERSION) -> None:
     sym, nbits, extra, sym_counts = _symbolize(v) if isinstance(v, np.ndarray) else v
     _encode_symbols(out, sym, sym_counts, version)
-    # the raw low bits of values with the same bit count, packed together (ascending count)
-    if not nbits.any():
+    # the raw low bits of values with the same bit count, packed together (ascending count);
+    # how many values have each count follows from the symbols' histogram
+    counts = np.bincount(_SYM_NBITS, weights=sym_counts, minlength=65).astype(np.int64)
+    if counts[0] == len(nbits):
         return
-    for k, where in _by_bit_count(nbits, np.bincount(nbits, minlength=65)):
+    for k, where in _by_bit_count(nbits, counts):
         out.parts.append(_pack_bits(extra[where], k))
 
 
@@ -391,15 +401,20 @@ def _by_bit_count(nbits: np.ndarray, counts: np.ndarray) -> list[tuple[int, np.n
 
 def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.ndarray:
     sym = _decode_symbols(inp, n, version)
-    if n and int(sym.max()) < _DIRECT:  # every value is its own symbol (dense ULP steps): no raw bits
+    # One histogram of the symbols gives the largest symbol and how many values have each raw-bit
+    # count (the tables map symbols to bit counts), instead of a pass over the values for each.
+    sym_counts = np.bincount(sym, minlength=_ALPHABET)
+    if len(sym_counts) > _ALPHABET:
+        raise inp._fail()
+    if n and not sym_counts[_DIRECT:].any():  # every value is its own symbol (dense ULP steps): no raw bits
         return sym.astype(dtype)
-    nbits = _SYM_NBITS[sym]
+    counts = np.bincount(_SYM_NBITS, weights=sym_counts, minlength=65).astype(np.int64)
+    ks = np.flatnonzero(counts[1:]) + 1  # the raw-bit counts that occur, ascending
     width = 8 * np.dtype(dtype).itemsize
-    if int(nbits.max(initial=0)) + 3 > width:
+    if len(ks) and int(ks[-1]) + 3 > width:
         raise inp._fail()
     work = np.uint32 if width <= 32 else np.uint64
-    v = _SYM_BASE[sym].astype(work)
-    counts = np.bincount(nbits, minlength=65)
+    v = _SYM_BASE_AS[work][sym]
     if counts[0] != n:
         group_bytes = (counts * np.arange(65) + 7) // 8  # each bit count's raw bits, byte-padded
         total = int(group_bytes.sum())
@@ -408,8 +423,8 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
         raw = np.frombuffer(inp.mv[inp.pos:inp.pos + total], dtype=np.uint8)
         inp.pos += total
         byte0 = np.cumsum(group_bytes) - group_bytes
-        ks = np.flatnonzero(counts[1:]) + 1
-        if int(nbits.max()) > 56:  # bits that may not fit one 64-bit window: group by group
+        if int(ks[-1]) > 56:  # bits that may not fit one 64-bit window: group by group
+            nbits = _SYM_NBITS[sym]
             for k, where in _by_bit_count(nbits, counts):
                 v[where] |= _unpack_bits(raw[byte0[k]:byte0[k] + group_bytes[k]], len(where), k, work)
             return v.astype(dtype)
@@ -417,25 +432,30 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
         buf[:total] = raw
         windows = np.ndarray((total + 1,), dtype="<u8", buffer=buf, strides=(1,))
         if len(ks) <= 3:  # few groups (dense ULP steps): a mask each, cheaper than a stable sort
+            nbits = _SYM_NBITS[sym]
             for k, where in _by_bit_count(nbits, counts):
                 bitpos = int(byte0[k]) * 8 + np.arange(where.size, dtype=np.int64) * k
                 vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
                 v[where] |= (vals & np.uint64((1 << k) - 1)).astype(work)
         else:  # many groups (gaps of sparse updates): one sort, one pass (few numpy calls per chunk)
-            order = np.argsort(nbits, kind="stable")[counts[0]:]
-            first = np.cumsum(counts) - counts  # where each bit count's values start in the sort
-            kk = nbits[order].astype(np.int64)
-            bitpos = byte0[kk] * 8 + (np.arange(counts[0], n) - first[kk]) * kk
-            vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
-            v[order] |= (vals & ((np.uint64(1) << kk.astype(np.uint64)) - np.uint64(1))).astype(work)
-    return v.astype(dtype)
+            order = np.argsort(_SYM_NBITS[sym], kind="stable")[counts[0]:]
+            # In that order the values of each bit count k are consecutive: value j of group k
+            # starts at bit 8 * byte0[k] + j * k. Per group: the offset and mask, repeated.
+            reps = counts[ks]
+            kk = np.repeat(ks.astype(np.uint64), reps)
+            start = byte0[ks] * 8 - (np.cumsum(reps) - reps) * ks  # bit of "value 0" if groups were unpadded
+            bitpos = np.repeat(start.astype(np.uint64), reps) + np.arange(order.size, dtype=np.uint64) * kk
+            vals = windows[bitpos >> np.uint64(3)] >> (bitpos & np.uint64(7))
+            vals &= np.repeat((np.uint64(1) << ks.astype(np.uint64)) - np.uint64(1), reps)
+            v[order] |= vals.astype(work, copy=False)
+    return v.astype(dtype, copy=False)
 
 
 def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION) -> None:
     size = bits.dtype.itemsize
     planes = bits.view(np.uint8).reshape(-1, size)
     for i in range(size):
-        _encode_symbols(out, np.ascontiguousarray(planes[:, i]).astype(np.int32), version=version)
+        _encode_symbols(out, np.ascontiguousarray(planes[:, i]), version=version)
 
 
 def _decode_planes(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.ndarray:
@@ -449,9 +469,10 @@ def _decode_planes(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.
 # ---------------------------------------------------------------- chunks
 
 def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
-                 version: int = CODER_VERSION) -> tuple[int, int, bytes]:
+                 version: int = CODER_VERSION, changed: np.ndarray | None = None) -> tuple[int, int, bytes]:
     """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base), with the
-    symbol coder of patch schema ``version``.
+    symbol coder of patch schema ``version``. ``changed``: the ascending indices where the two
+    differ, if the caller found them already (``np.flatnonzero(old != new)`` otherwise).
 
     Returns (encoding, changed elements, bytes); ``SAME`` chunks carry no bytes.
     """
@@ -460,7 +481,7 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
         out = _Out()
         _encode_planes(out, new, version)
         return DENSE_BITS, n, out.getvalue()
-    idx = np.flatnonzero(old != new)
+    idx = np.flatnonzero(old != new) if changed is None else changed
     k = idx.size
     if k == 0:
         return SAME, 0, b""
@@ -469,7 +490,7 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
     if k <= n // 2:
         gaps = _symbolize((np.diff(idx, prepend=-1) - 1).astype(np.uint32 if n < 1 << 32 else np.uint64))
         gap_size = estimate_uints(gaps)
-        o, w = old[idx], new[idx]
+        o, w = np.take(old, idx), np.take(new, idx)  # take: ~25% cheaper than [idx] here
         delta = _symbolize(ulp_delta(o, w, is_float))
         candidates[SPARSE_DELTA] = gap_size + estimate_uints(delta)
         candidates[SPARSE_BITS] = gap_size + estimate_planes(w)
@@ -534,7 +555,7 @@ def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_
         if k and (idx[-1] >= n or gaps.min() < 0):
             raise inp._fail()
         if encoding == SPARSE_DELTA:
-            values = apply_ulp_delta(old[idx], _decode_uints(inp, k, dtype, version), is_float)
+            values = apply_ulp_delta(np.take(old, idx), _decode_uints(inp, k, dtype, version), is_float)
         else:
             values = _decode_planes(inp, k, dtype, version)
         new = old if inplace else old.copy()

@@ -38,6 +38,8 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 # fork and the per-process start (20-40 ms of CPU measured for two workers) cost more than a second core gives.
 AUTO_PROCESS_BYTES = 64 << 20
 PARALLEL_MODES = ("auto", "threads", "processes")
+# Compare and hash a chunk this many elements at a time (256 KB of bf16 per side stays in cache).
+_BLOCK_ELEMENTS = 128 * 1024
 
 
 def use_processes(parallel: str, workers: int, nbytes: int) -> bool:
@@ -57,6 +59,26 @@ def chunk_digest(bits: np.ndarray) -> bytes:
     h = new_hasher()
     h.update(memoryview(np.ascontiguousarray(bits)).cast("B"))
     return h.digest()
+
+
+def changes_and_digests(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, tuple[bytes, bytes]]:
+    """``(np.flatnonzero(old != new), (chunk_digest(old), chunk_digest(new)))`` in one pass over
+    the memory: compared and hashed a block at a time, while the block is in the CPU cache
+    (three passes over a page-cache view cost ~10% more CPU on a real pair)."""
+    old, new = np.ascontiguousarray(old), np.ascontiguousarray(new)
+    h_old, h_new = new_hasher(), new_hasher()
+    parts = []
+    for a in range(0, new.size, _BLOCK_ELEMENTS):
+        o, w = old[a:a + _BLOCK_ELEMENTS], new[a:a + _BLOCK_ELEMENTS]
+        h_old.update(memoryview(o).cast("B"))
+        h_new.update(memoryview(w).cast("B"))
+        found = np.flatnonzero(o != w)
+        if found.size:
+            parts.append(found + a if a else found)
+    if len(parts) == 1:
+        return parts[0], (h_old.digest(), h_new.digest())
+    idx = np.concatenate(parts) if parts else np.empty(0, dtype=np.intp)
+    return idx, (h_old.digest(), h_new.digest())
 
 
 @dataclass
@@ -90,13 +112,15 @@ class PackKernel:
         is_float = chunk.item.infos[-1].dtype in dtypes.FLOAT_CODES
         new = chunk.raw[-1]
         old = chunk.raw[0] if len(chunk.raw) == 2 else None
-        enc, changed, data = codec.encode_chunk(old, new, is_float)
+        if old is None:
+            idx, digests = None, (None, chunk_digest(new))
+        else:
+            idx, digests = changes_and_digests(old, new)
+        enc, changed, data = codec.encode_chunk(old, new, is_float, changed=idx)
         hist = None
         if self.ulp_hist and old is not None and changed:
-            idx = np.flatnonzero(old != new)
             vals, counts = np.unique(codec.ulp_delta(old[idx], new[idx], is_float), return_counts=True)
             hist = dict(zip(vals.tolist(), counts.tolist()))
-        digests = (chunk_digest(old) if old is not None else None, chunk_digest(new))
         return None, (enc, changed, data, digests, hist)
 
     def merge(self, acc, partial):

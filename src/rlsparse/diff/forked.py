@@ -4,9 +4,10 @@ Threads share one GIL: a kernel whose work holds it (the delta coder: the ANS co
 small numpy calls per chunk) gets about one core from any number of threads. Here the spans are
 cut into byte-balanced shards of contiguous spans (``distributed.plan_shards``: tensor boundaries
 preferred), and ``workers`` forked children take shards from a shared counter and run
-``stream.run`` on each (one compute thread each; every child reads the files itself, through
-the page cache). Nothing is pickled on the way in: fork hands the children the items and the
-kernel, open output files included (a kernel may ``os.pwrite`` at its places in them). On the way
+``stream.run`` on each, inline (each child reads and computes its spans in order on one
+thread, through the page cache: no read-ahead thread to hand chunks and the GIL to). Nothing
+is pickled on the way in: fork hands the children the items and the kernel, open output files
+included (a kernel may ``os.pwrite`` at its places in them). On the way
 out, each child appends its pieces, pickled, to its own spool file (memory stays bounded however
 big the pieces are) and reports each finished shard over a pipe; the parent hands the pieces to
 ``sink`` in span order and merges the partials in shard order, so the output is ``stream.run``'s.
@@ -178,7 +179,7 @@ def _child(items, kernel, spans, ranges, counter, spool_fd: int, conn, mapped: b
                 pos += len(data)
 
             res = stream.run(items, kernel, spans=spans[a:b], workers=1, sink=collect, mapped=mapped,
-                             advance=progress)
+                             advance=progress, inline=True)
             progress(0, flush=True)
             conn.send(("shard", s, records, res.partials, res.bytes_read))
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which raises it

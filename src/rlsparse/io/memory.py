@@ -22,10 +22,15 @@ def reuse_freed_buffers(mmap_threshold: int = 64 << 20, trim_threshold: int = 25
     global _done
     if _done or not sys.platform.startswith("linux"):
         return _done
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc without mallopt
+    # glibc's soname first: ``find_library`` runs ``ldconfig`` (~2 ms and a process, paid by every
+    # forked delta worker, each of which calls this once)
+    for lookup in (lambda: "libc.so.6", lambda: ctypes.util.find_library("c")):
+        try:
+            mallopt = ctypes.CDLL(lookup()).mallopt
+            break
+        except (OSError, AttributeError, TypeError):  # musl or another libc without mallopt
+            continue
+    else:
         return False
     ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     _done = ok

@@ -1,0 +1,42 @@
+"""``pack.changes_and_digests`` (compare and hash a block at a time) returns exactly what the
+three separate passes return: the changed indices and both chunk digests."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pack = importlib.import_module("rlsparse.delta.pack")  # the module (``rlsparse.delta.pack`` is also the function)
+
+WIDTHS = [np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+@settings(max_examples=80, deadline=None)
+@given(width=st.sampled_from(WIDTHS), n=st.integers(0, 700), block=st.sampled_from([1, 7, 64, 1 << 17]),
+       density=st.sampled_from([0.0, 0.01, 0.3, 1.0]), seed=st.integers(0, 2**31 - 1))
+def test_blocked_pass_equals_separate_passes(width, n, block, density, seed):
+    rng = np.random.default_rng(seed)
+    old = rng.integers(0, np.iinfo(width).max, size=n, dtype=width, endpoint=True)
+    new = old.copy()
+    where = rng.random(n) < density
+    new[where] ^= width(1)
+    saved = pack._BLOCK_ELEMENTS
+    pack._BLOCK_ELEMENTS = block  # block boundaries anywhere, including after every element
+    try:
+        idx, (dig_old, dig_new) = pack.changes_and_digests(old, new)
+    finally:
+        pack._BLOCK_ELEMENTS = saved
+    assert idx.dtype == np.intp and np.array_equal(idx, np.flatnonzero(old != new))
+    assert (dig_old, dig_new) == (pack.chunk_digest(old), pack.chunk_digest(new))
+
+
+def test_views_that_are_not_contiguous_are_hashed_as_their_elements():
+    old = np.arange(1000, dtype=np.uint16)[::2]
+    new = old.copy()
+    new[[3, 400]] += 1
+    idx, digests = pack.changes_and_digests(old, new)
+    assert idx.tolist() == [3, 400]
+    assert digests == (pack.chunk_digest(np.ascontiguousarray(old)), pack.chunk_digest(new))
