@@ -17,6 +17,7 @@ checkpoint is bit-identical to a one-process, one-thread run (the tests check it
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -80,7 +81,8 @@ def plan(run, recipes: list, conjecture: list) -> list[Task]:
         entry_due = not runner._cached_entry(run, recipe)
         for seed in recipe.seeds:
             seeded = replace(recipe, seed=seed)
-            todo = [lr for lr in recipe.learning_rates if runner._finished(_cell_folder(run, recipe, lr, seed)) is None]
+            todo = [lr for lr in recipe.learning_rates
+                    if runner._finished(runner.cell_folder(run, recipe, lr, seed)) is None]
             # A recipe that first SFTs the base trains every cell of a seed from that one pre-SFT model:
             # its cells stay one task, so the pre-SFT model is trained once and never by two workers.
             groups = [todo] if recipe.pre_sft and todo else [[lr] for lr in todo]
@@ -146,6 +148,8 @@ def run_tasks(run, tasks: list[Task], jobs: int, threads: int, log) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
+
+    from rlsparse.lab.runner import _clock
 
     priority = _chain_costs(tasks)
     pending = {t.label: t for t in tasks}
@@ -219,25 +223,14 @@ def _chain_costs(tasks: list[Task]) -> dict[str, float]:
 
 
 def _same_lr(a, b) -> bool:
-    return a is not None and b is not None and abs(a - b) <= 1e-9 * max(abs(a), abs(b))
-
-
-def _cell_folder(run, recipe, lr: float, seed: int) -> Path:
-    from rlsparse.lab.runner import _point_label
-
-    return run.opts.out / "runs" / recipe.name / _point_label(lr, seed, recipe.seeds[0])
+    """The runner's learning-rate match (``math.isclose``, rel_tol 1e-9); None matches nothing."""
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
 
 
 def _read_json(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 # The worker process's run (built once by ``_init_worker``) and the label of the task it runs now.
@@ -273,6 +266,6 @@ def _work(task: Task) -> None:
             _, entry = runner.run_cell(run, recipe, args["seed"], lr, entry, state, with_entry=args["entry"])
     else:
         recipe = args["recipe"]
-        points = [runner._finished(_cell_folder(run, recipe, lr, seed))
+        points = [runner._finished(runner.cell_folder(run, recipe, lr, seed))
                   for seed in recipe.seeds for lr in recipe.learning_rates]
         runner.conjecture_part(run, recipe, [p for p in points if p is not None], args["part"])

@@ -590,7 +590,7 @@ def run_cell(run: _Run, recipe: Recipe, seed: int, lr: float, entry: dict | None
     entry = _cached_entry(run, recipe) if entry is None else entry
     state = {} if state is None else state
     seeded = replace(recipe, seed=seed)
-    folder = run.opts.out / "runs" / recipe.name / _point_label(lr, seed, recipe.seeds[0])
+    folder = cell_folder(run, recipe, lr, seed)
     label = f"{recipe.name} lr={lr:g} seed {seed}"
     done = _finished(folder)
     if done is not None:
@@ -659,6 +659,11 @@ def _seed_overlaps(run: _Run, recipe: Recipe, points: list[dict]) -> list[dict]:
             ov = measure.seed_overlap(run.base_path, run.opts.out / a["checkpoint"], run.opts.out / b["checkpoint"], tmp)
         out.append({"learning_rate": lr, "seeds": recipe.seeds[:2], **ov})
     return out
+
+
+def cell_folder(run: _Run, recipe: Recipe, lr: float, seed: int) -> Path:
+    """Where one cell (recipe x learning rate x seed) of a run lands."""
+    return run.opts.out / "runs" / recipe.name / _point_label(lr, seed, recipe.seeds[0])
 
 
 def _point_label(lr: float, seed: int, first_seed: int) -> str:
