@@ -225,3 +225,32 @@ def test_every_real_recipe_builds_a_valid_trainer_config(tmp_path):
             for key, value in recipe.trl.items():
                 got = getattr(args, key)
                 assert (got.value if hasattr(got, "value") else got) == value, (name, key)
+
+
+def test_a_run_can_be_extended_with_more_seeds_but_not_with_other_ones(tiny_base, tmp_path):
+    from rlsparse.lab.runner import LabOptions, run_lab
+
+    recipe = write_recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3])
+    out = tmp_path / "run"
+    opts = lambda seeds: LabOptions(out=out, model=str(tiny_base), report=False, conjecture=False,  # noqa: E731
+                                    n_test=16, seeds=seeds)
+    run_lab([recipe], opts(None), log=lambda m: None)
+    first = json.loads((out / "results.json").read_text())["recipes"]["t_sft"]
+    (seed,) = {p["seed"] for p in first["points"]}
+    kept = out / "runs" / "t_sft" / "lr-1e-3" / "model.safetensors"
+    kept_stat = kept.stat().st_mtime_ns
+    lines = []
+    run_lab([recipe], opts([seed, seed + 7]), log=lines.append, resume=True)
+    more = json.loads((out / "results.json").read_text())["recipes"]["t_sft"]
+    assert kept.stat().st_mtime_ns == kept_stat  # the first seed's cell was not trained again
+    assert lines.count(f"[1/2] t_sft lr=0.001 seed {seed}: finished earlier, kept (resume)") == 1
+    assert any(line.startswith(f"[2/2] t_sft lr=0.001 seed {seed + 7}:") and "kept" not in line for line in lines)
+    assert more["points"][0] == first["points"][0] and more["points"][1]["seed"] == seed + 7
+    assert (out / "runs" / "t_sft" / f"lr-1e-3-seed{seed + 7}" / "metrics.json").is_file()
+    assert [o["seeds"] for o in more["seed_overlap"]] == [[seed, seed + 7]]  # Table 4's seed row now exists
+    recorded = json.loads((out / "run.json").read_text())["recipes"]
+    assert [r["seeds"] for r in recorded if r["name"] == "t_sft"] == [[seed, seed + 7]]
+    # Dropping or reordering the seeds the run already has is refused: its cells would be mislabelled.
+    for seeds in ([seed + 7], [seed + 7, seed]):
+        with pytest.raises(UsageError, match=r"recipes \['t_sft'\] were started with other seeds"):
+            run_lab([recipe], opts(seeds), log=lambda m: None, resume=True)

@@ -139,6 +139,14 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def cell_dict(self) -> dict:
+        """What makes one cell of this recipe what it is: every field but the list of ``seeds``.
+
+        A cell is one seed (``seed``) at one learning rate; which other seeds the run has does not
+        change it, so a run extended with more seeds keeps its finished cells.
+        """
+        return {k: v for k, v in asdict(self).items() if k != "seeds"}
+
 
 def _valid_grid(grid) -> bool:
     if not isinstance(grid, dict) or set(grid) != {"learning_rates", "checkpoints"}:

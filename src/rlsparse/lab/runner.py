@@ -395,7 +395,7 @@ def train_cell(run: _Run, recipe: Recipe, lr: float, rows: list[dict], start: Pa
     start = Path(start or run.base_path)
     if start not in run.start_hashes:
         run.start_hashes[start] = trained_record.checkpoint_sha256(start)
-    return {"recipe": recipe.to_dict(), "learning_rate": lr, "start": _relative(run, start),
+    return {"recipe": recipe.cell_dict(), "learning_rate": lr, "start": _relative(run, start),
             "start_sha256": run.start_hashes[start], "rows_sha256": trained_record.rows_sha256(rows),
             "mask_sha256": trained_record.mask_sha256(mask), "step": recipe.steps if step is None else step,
             "checkpoint_dtype": run.opts.checkpoint_dtype, "precision": resolve_precision(run.opts)}
@@ -643,7 +643,9 @@ def _cached_entry(run: _Run, recipe: Recipe) -> dict:
     if not path.is_file():
         return {}
     entry = json.loads(path.read_text())
-    return entry if entry.get("recipe") == json.loads(json.dumps(recipe.to_dict())) else {}
+    # The data summary belongs to the recipe's first seed: more seeds added later do not change it.
+    cached = {k: v for k, v in (entry.get("recipe") or {}).items() if k != "seeds"}
+    return entry if cached == json.loads(json.dumps(recipe.cell_dict())) else {}
 
 
 def _seed_overlaps(run: _Run, recipe: Recipe, points: list[dict]) -> list[dict]:
@@ -1103,9 +1105,17 @@ def _check_same_run(previous: dict | None, current: dict) -> None:
         raise UsageError(f"cannot resume: the run was started with other settings ({diffs}); "
                          "resume with the same options or start a new --out")
     old = {r["name"]: r for r in previous.get("recipes", [])}
-    # Fields a newer rlsparse added to recipes are not a change; every field both sessions know must match.
+    # Fields a newer rlsparse added to recipes are not a change; every field both sessions know must
+    # match, except that a recipe may gain seeds after the ones it had (--seeds 0,1,2 after seed 0):
+    # its finished cells stay what they were.
     moved = [r["name"] for r in current["recipes"] if r["name"] in old
-             and any(old[r["name"]][k] != v for k, v in r.items() if k in old[r["name"]])]
+             and any(old[r["name"]][k] != v for k, v in r.items() if k in old[r["name"]] and k != "seeds")]
+    shrunk = [r["name"] for r in current["recipes"] if r["name"] in old and "seeds" in old[r["name"]]
+              and r["seeds"][:len(old[r["name"]]["seeds"])] != old[r["name"]]["seeds"]]
+    if shrunk:
+        raise UsageError(f"cannot resume: recipes {shrunk} were started with other seeds "
+                         f"({', '.join(str(old[n]['seeds']) for n in shrunk)}); resume with those seeds first "
+                         "and any new ones after them (e.g. --seeds 0,1,2 after 0), or start a new --out")
     if moved:
         raise UsageError(f"cannot resume: recipes {moved} changed since the run started (their finished cells "
                          "would mix two settings); restore them or start a new --out")
