@@ -254,3 +254,27 @@ def test_a_run_can_be_extended_with_more_seeds_but_not_with_other_ones(tiny_base
     for seeds in ([seed + 7], [seed + 7, seed]):
         with pytest.raises(UsageError, match=r"recipes \['t_sft'\] were started with other seeds"):
             run_lab([recipe], opts(seeds), log=lambda m: None, resume=True)
+
+
+def test_resume_compares_the_preregistration_by_content_not_by_the_path_it_was_read_from(tiny_base, tmp_path):
+    from rlsparse.lab.preregistration import default_path, load_preregistration
+    from rlsparse.lab.runner import LabOptions, run_lab
+
+    recipe = write_recipe(tmp_path, "t_sft", algorithm="sft", data="ground_truth", learning_rates=[1e-3])
+    out = tmp_path / "run"
+    text = default_path().read_text()
+    here, there, other = tmp_path / "a.json", tmp_path / "checkout2.json", tmp_path / "b.json"
+    here.write_text(text)
+    there.write_text(text)  # the same file in another checkout (a detached worktree, a new clone)
+    doc = json.loads(text)
+    doc["learned_gain"] = doc["learned_gain"] + 0.01
+    other.write_text(json.dumps(doc))
+    opts = lambda p: LabOptions(out=out, model=str(tiny_base), report=False, conjecture=False, n_test=16,  # noqa: E731
+                                preregistration=load_preregistration(p))
+    run_lab([recipe], opts(here), log=lambda m: None)
+    lines = []
+    run_lab([recipe], opts(there), log=lines.append, resume=True)
+    assert any("finished earlier, kept (resume)" in line for line in lines)
+    with pytest.raises(UsageError, match=r"cannot resume: .*\(preregistration: sha256, values differ\)") as err:
+        run_lab([recipe], opts(other), log=lambda m: None, resume=True)
+    assert len(str(err.value)) < 300  # one readable line, not two whole documents

@@ -1096,12 +1096,26 @@ _SAME_ACROSS_SESSIONS = ("base", "real_base", "dataset", "eval_family", "n_test"
                          "max_new_tokens", "precision", "preregistration")
 
 
+def _settled(key: str, value):
+    """A run setting as resuming compares it: the pre-registration is its content, not the path it was read from."""
+    if key == "preregistration" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "source"}
+    return value
+
+
+def _what_changed(key: str, then, now) -> str:
+    if isinstance(then, dict) and isinstance(now, dict):  # name the keys, not two whole documents
+        keys = sorted(k for k in set(then) | set(now) if _settled(key, then).get(k) != _settled(key, now).get(k))
+        return f"{key}: {', '.join(map(str, keys))} differ"
+    return f"{key}: {then!r} then, {now!r} now"
+
+
 def _check_same_run(previous: dict | None, current: dict) -> None:
     if previous is None:
         return
-    changed = [k for k in _SAME_ACROSS_SESSIONS if k in previous and previous[k] != current[k]]
+    changed = [k for k in _SAME_ACROSS_SESSIONS if k in previous and _settled(k, previous[k]) != _settled(k, current[k])]
     if changed:
-        diffs = "; ".join(f"{k}: {previous[k]!r} then, {current[k]!r} now" for k in changed)
+        diffs = "; ".join(_what_changed(k, previous[k], current[k]) for k in changed)
         raise UsageError(f"cannot resume: the run was started with other settings ({diffs}); "
                          "resume with the same options or start a new --out")
     old = {r["name"]: r for r in previous.get("recipes", [])}
