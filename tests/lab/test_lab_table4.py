@@ -253,3 +253,22 @@ def test_a_sweep_of_three_seeds_gets_its_further_seed_pairs(tmp_path):
         ref = _brute(run, r["a_checkpoint"], r["b_checkpoint"])
         assert (r["changed_a"], r["changed_b"], r["intersection"]) == (ref["changed_a"], ref["changed_b"],
                                                                        ref["intersection"])
+
+
+def test_a_declared_pair_run_with_three_seeds_gets_a_row_per_seed_both_ran(tmp_path):
+    run, results = _run(tmp_path, [{"a": "dpo_id", "b": "prime", "factor": "algorithm"}])
+    for name, shift in (("dpo_id", 20), ("prime", 30)):
+        for seed in (1, 2):
+            folder = f"runs/{name}/lr-1e-5-seed{seed}"
+            _finetuned(run / "base", run / folder, shift + seed, 0.2)
+            if name == "dpo_id" or seed == 1:  # prime ran seeds 0 and 1 only: seed 2 has no partner
+                results["recipes"][name]["points"].append(_point(folder, seed))
+    rows = [r for r in overlaps.table4_rows(run, results)["rows"] if r["factor"] == "algorithm"]
+    assert [r["seeds"] for r in rows] == [[0, 0], [1, 1]]
+    assert [r["b_checkpoint"] for r in rows] == ["runs/prime/lr-1e-5", "runs/prime/lr-1e-5-seed1"]
+    for r in rows:
+        ref = _brute(run, r["a_checkpoint"], r["b_checkpoint"])
+        assert (r["changed_a"], r["changed_b"], r["intersection"]) == (ref["changed_a"], ref["changed_b"],
+                                                                       ref["intersection"])
+    assert [table4.label(r) for r in rows] == ["algorithm: dpo_id vs prime lr 1e-05 seed 0",
+                                               "algorithm: dpo_id vs prime lr 1e-05 seed 1"]

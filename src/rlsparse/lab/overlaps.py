@@ -7,7 +7,8 @@ Nothing here trains. The rows come from what the run already holds:
   with one seed and a Conjecture 1 result is paired here with that result's reseeded full run
   (same recipe, start, data recipe and learning rate; seed + 1);
 - data and algorithm: the pairs the run's suite declares (``Suite.table4_pairs``: two recipes and
-  the factor that differs), at every learning rate both ran, first seed of each.
+  the factor that differs), at every learning rate both ran, once per seed both ran (the first
+  seed of each if they share none).
 
 A pair whose recipe is not in the run (a partial run of a suite) or whose checkpoint is gone
 becomes a "not measured" row saying which: a suite's pairs name all of its recipes, and a run of a
@@ -82,18 +83,18 @@ def planned_rows(results: dict, pairs: list[dict]) -> list[dict]:
             rows.append({**row, "not_measured": f"recipe{'s' if len(missing) > 1 else ''} {' and '.join(missing)} "
                                                 "did not run in this run"})
             continue
-        pa, pb = (_first_seed(results["recipes"][n]["points"]) for n in (a, b))
-        common = sorted(set(pa) & set(pb))
-        if not common:
-            rows.append({**row, "not_measured": f"no learning rate in common ({sorted(pa)} vs {sorted(pb)})"})
-        for lr in common:
-            one = {**row, "learning_rate": lr, "seeds": [pa[lr].get("seed"), pb[lr].get("seed")],
-                   "a_checkpoint": pa[lr]["checkpoint"], "b_checkpoint": pb[lr]["checkpoint"],
-                   "start": pa[lr].get("start", "base")}
-            if pb[lr].get("start", "base") != one["start"]:
-                one["not_measured"] = (f"the two cells start from different models ({one['start']} vs "
-                                       f"{pb[lr].get('start', 'base')}): no common base to diff against")
-            rows.append(one)
+        for pa, pb in _seed_matched(results["recipes"][a]["points"], results["recipes"][b]["points"]):
+            common = sorted(set(pa) & set(pb))
+            if not common:
+                rows.append({**row, "not_measured": f"no learning rate in common ({sorted(pa)} vs {sorted(pb)})"})
+            for lr in common:
+                one = {**row, "learning_rate": lr, "seeds": [pa[lr].get("seed"), pb[lr].get("seed")],
+                       "a_checkpoint": pa[lr]["checkpoint"], "b_checkpoint": pb[lr]["checkpoint"],
+                       "start": pa[lr].get("start", "base")}
+                if pb[lr].get("start", "base") != one["start"]:
+                    one["not_measured"] = (f"the two cells start from different models ({one['start']} vs "
+                                           f"{pb[lr].get('start', 'base')}): no common base to diff against")
+                rows.append(one)
     return rows
 
 
@@ -118,10 +119,19 @@ def _other_seed_pairs(results: dict) -> list[dict]:
     return rows
 
 
-def _first_seed(points: list[dict]) -> dict[float, dict]:
-    seeds = [p.get("seed") for p in points]
-    first = seeds[0] if seeds else None
-    return {p["learning_rate"]: p for p in points if p.get("seed") == first}
+def _seed_matched(points_a: list[dict], points_b: list[dict]) -> list[tuple[dict, dict]]:
+    """The two recipes' cells by learning rate, once per seed both ran (in the first recipe's seed
+    order), so a declared pair run with seeds 0, 1, 2 gives three rows per learning rate; two
+    recipes with no seed in common are paired on their first seeds."""
+    def by_lr(points, seed):
+        return {p["learning_rate"]: p for p in points if p.get("seed") == seed}
+
+    seeds_a = list(dict.fromkeys(p.get("seed") for p in points_a))
+    seeds_b = list(dict.fromkeys(p.get("seed") for p in points_b))
+    shared = [s for s in seeds_a if s in seeds_b]
+    if not shared:
+        return [(by_lr(points_a, seeds_a[0] if seeds_a else None), by_lr(points_b, seeds_b[0] if seeds_b else None))]
+    return [(by_lr(points_a, s), by_lr(points_b, s)) for s in shared]
 
 
 def table4_rows(run_dir: str | Path, results: dict, log=None) -> dict:

@@ -56,7 +56,11 @@ def _excess(row: dict, null: str) -> float | None:
 def label(row: dict) -> str:
     cells = row["a"] if row["a"] == row["b"] else f"{row['a']} vs {row['b']}"
     lr = f" lr {row['learning_rate']:g}" if row.get("learning_rate") is not None else ""
-    seeds = f" seeds {row['seeds'][0]}/{row['seeds'][1]}" if row.get("factor") == "seed" and row.get("seeds") else ""
+    pair = row.get("seeds") or []
+    if row.get("factor", "seed") == "seed":
+        seeds = f" seeds {pair[0]}/{pair[1]}" if pair else ""
+    else:  # a declared pair: both cells share the seed (one row per seed)
+        seeds = f" seed {pair[0]}" if len(pair) == 2 and pair[0] == pair[1] and pair[0] is not None else ""
     return f"{row.get('factor', 'seed')}: {cells}{lr}{seeds}"
 
 
