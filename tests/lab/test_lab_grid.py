@@ -86,6 +86,9 @@ def test_grid_checkpoints_are_measured_like_cells(grid_run, tiny_base):
         assert by[(1e-2, 2)]["changed"]["0"] > by[(1e-3, 2)]["changed"]["0"]
         assert trained_record.checkpoint_sha256(out / by[(1e-2, 1)]["checkpoint"]) != \
             trained_record.checkpoint_sha256(out / by[(1e-2, 2)]["checkpoint"])
+        # the largest learning rate is trained and measured first (a grid stopped early holds it)
+        assert (out / by[(1e-2, 2)]["checkpoint"] / "metrics.json").stat().st_mtime_ns < \
+            (out / by[(1e-3, 1)]["checkpoint"] / "metrics.json").stat().st_mtime_ns
 
 
 def test_grid_checkpoints_equal_separate_runs_of_that_many_steps(grid_run, tiny_base, tmp_path):

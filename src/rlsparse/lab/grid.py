@@ -54,8 +54,11 @@ def run_grid(run, recipe: Recipe, progress=None) -> dict:
     trained_as = grid_recipe(replace(recipe, seed=recipe.seeds[0]))
     steps = trained_as.grid["checkpoints"]
     rows = start = start_acc = None
-    points = []
-    for lr in trained_as.learning_rates:
+    by_lr: dict[float, list[dict]] = {}
+    # Largest learning rate first: it is the one most likely to reach the matched gain, so a grid
+    # stopped early (hours on a CPU) already holds its most telling run. Points keep the grid's order.
+    for lr in sorted(trained_as.learning_rates, reverse=True):
+        points = by_lr.setdefault(lr, [])
         label = f"{recipe.name} grid lr={lr:g} ({len(steps)} checkpoints to step {max(steps)})"
         folders = {s: _folder(run, recipe, lr, s) for s in steps}
         done = {s: runner._finished(f) for s, f in folders.items()}
@@ -91,6 +94,7 @@ def run_grid(run, recipe: Recipe, progress=None) -> dict:
             for s in steps))
         if progress:
             progress.finish(label, time.time() - begun)
+    points = [p for lr in trained_as.learning_rates for p in by_lr[lr]]
     summary = run.opts.out / "grid" / recipe.name / "entry.json"
     if rows is not None:
         runner._write_json(summary, {"rows": len(rows), "base_accuracy": start_acc})
