@@ -150,3 +150,49 @@ def test_probe_kl_from_cached_base_logprobs_is_bit_identical(tiny_base):
     assert measure.probe_kl(base, tuned, tok, pairs) == reference
     # reused for a second finetune: the cached tensors are not consumed or changed by the first use
     assert measure.probe_kl(None, tuned, tok, pairs, base_logprobs=cached) == reference
+
+
+def test_auto_jobs_take_no_more_workers_than_the_available_memory_holds(monkeypatch):
+    import os
+
+    from rlsparse.lab import parallel
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    per_worker = 1_000_000 * parallel.WORKER_BYTES_PER_PARAMETER
+    for available, want in ((10 * per_worker, 4), (3 * per_worker - 1, 2), (per_worker // 2, 1), (None, 4)):
+        monkeypatch.setattr(parallel, "available_memory", lambda: available)
+        assert parallel.resolve_jobs("auto", "cpu", runnable=20, parameters=1_000_000) == want
+    monkeypatch.setattr(parallel, "available_memory", lambda: per_worker)
+    assert parallel.resolve_jobs("auto", "cpu", runnable=20, parameters=None) == 4  # size unknown: cores decide
+    assert parallel.resolve_jobs(3, "cpu", runnable=20, parameters=1_000_000) == 3  # a number is taken as given
+    assert parallel.resolve_jobs("auto", "cuda", runnable=20, parameters=1_000_000) == 1
+
+
+def test_available_memory_reads_the_kernels_estimate():
+    from rlsparse.lab import parallel
+
+    got = parallel.available_memory()
+    if Path("/proc/meminfo").is_file():
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        assert abs(got - int(line.split()[1]) * 1024) < 1 << 30  # read moments apart
+    else:
+        assert got is None
+
+
+def test_the_run_says_when_memory_chose_fewer_workers_than_cores(monkeypatch, tiny_base):
+    import os
+    from types import SimpleNamespace
+
+    from rlsparse.io.checkpoint import Checkpoint
+    from rlsparse.lab import parallel
+
+    params = sum(t.numel for t in Checkpoint.open(tiny_base).tensors.values())
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 2 * params * parallel.WORKER_BYTES_PER_PARAMETER)
+    lines = []
+    assert runner._resolve_jobs("auto", "cpu", 10, SimpleNamespace(base_path=tiny_base), lines.append) == 2
+    assert len(lines) == 1 and lines[0].startswith("--jobs auto: 2 workers, as many as")
+    lines.clear()
+    monkeypatch.setattr(parallel, "available_memory", lambda: 100 * params * parallel.WORKER_BYTES_PER_PARAMETER)
+    assert runner._resolve_jobs("auto", "cpu", 10, SimpleNamespace(base_path=tiny_base), lines.append) == 4
+    assert lines == []  # the cores (at most 4) decided, not memory

@@ -1005,7 +1005,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         from rlsparse.lab import parallel
 
         tasks = parallel.plan(run, recipes, conj)
-    jobs = _resolve_jobs(opts.jobs, opts.device, len(tasks))
+    jobs = _resolve_jobs(opts.jobs, opts.device, len(tasks), run, log)
     worker_threads = max(1, opts.threads // jobs)
     run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
                 "created": previous["created"] if previous else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1158,12 +1158,20 @@ def apply_suite(opts: LabOptions, suite) -> list[str]:
     return list(suite.quick_recipes if opts.quick else suite.recipes)
 
 
-def _resolve_jobs(jobs, device: str, runnable: int) -> int:
+def _resolve_jobs(jobs, device: str, runnable: int, run: "_Run", log) -> int:
     if jobs in (None, 1):
         return 1
-    from rlsparse.lab.parallel import resolve_jobs
+    from rlsparse.io.checkpoint import Checkpoint
+    from rlsparse.lab import parallel
 
-    return resolve_jobs(jobs, device, runnable)
+    parameters = sum(t.numel for t in Checkpoint.open(run.base_path).tensors.values()) if jobs == "auto" else None
+    chosen = parallel.resolve_jobs(jobs, device, runnable, parameters)
+    fit = parallel.memory_jobs(parameters)
+    if fit is not None and chosen == fit < parallel.resolve_jobs(jobs, device, runnable):
+        log(f"--jobs auto: {chosen} worker{'s' if chosen > 1 else ''}, as many as "
+            f"{parallel.available_memory() / 1e9:.1f} GB of available memory holds at "
+            f"~{parameters * parallel.WORKER_BYTES_PER_PARAMETER / 1e9:.1f} GB each; pass --jobs N to choose")
+    return chosen
 
 
 def resolve_threads(threads: int | str | None) -> int:
