@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from rlsparse.lab import data as labdata
@@ -140,6 +142,59 @@ def test_net_drift_of_the_trace_by_hand():
     assert cb.drift["net_over_path"] == pytest.approx((1.5 + 0.5) / (1.5 + 2.5))
     assert cb.drift["mean_ratio"] == pytest.approx((1.0 + 0.2) / 2)
     assert cb.drift["moved"] == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), steps=st.integers(1, 9), points=st.integers(1, 5))
+def test_checkpoint_series_of_the_trace_equal_a_brute_force_over_every_step(seed, steps, points):
+    """Figures 2, 6 and 7(b) from the trace equal counting on a bf16 copy saved after every step."""
+    from rlsparse.lab.trace import sparsity_trace
+
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3, bias=False))
+    with torch.no_grad():
+        for p in model.parameters():  # bf16 values, as a model loaded from a bf16 checkpoint holds
+            p.copy_(torch.randn(p.shape, generator=gen).to(torch.bfloat16).float())
+    cb = sparsity_trace(model, total_steps=steps, points=points)
+    first = [p.detach().clone() for p in model.parameters()]
+
+    def bf16_all():
+        return torch.cat([p.detach().to(torch.bfloat16).float().ravel() for p in model.parameters()])
+
+    saved = [bf16_all()]
+
+    class State:
+        global_step = 0
+
+    state = State()
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), first):
+                # a few weights move a lot, some a little (under 1e-5 or under bf16's spacing), some back
+                size = torch.where(torch.rand(p.shape, generator=gen) < 0.3, 0.05, 1e-6)
+                hit = torch.rand(p.shape, generator=gen) < 0.5
+                p += torch.where(hit, size * torch.randn(p.shape, generator=gen), torch.zeros(p.shape))
+                if step == steps:  # some weights return exactly to where they started: cancelled
+                    back = torch.rand(p.shape, generator=gen) < 0.2
+                    p.copy_(torch.where(back, p0, p.detach()))
+        state.global_step = step
+        cb.on_step_end(None, state, None)
+        saved.append(bf16_all())
+    cb.on_train_end(None, state, None)
+    s = cb.series
+    changed = [(x - saved[0]).abs() > 1e-5 for x in saved]
+    ever = torch.stack(changed[1:]).any(0)
+    final = changed[-1]
+    assert s["numel"] == saved[0].numel()
+    assert (s["ever"], s["final"], s["cancelled"], s["never"]) == (
+        int(ever.sum()), int(final.sum()), int((ever & ~final).sum()), int((~ever).sum()))
+    assert s["never"] + s["cancelled"] + s["final"] == s["numel"]
+    assert [d["step"] for d in s["per_step"]] == list(range(1, steps + 1))
+    for d in s["per_step"]:
+        assert d["share"] == int(((saved[d["step"]] - saved[d["step"] - 1]).abs() > 1e-5).sum()) / s["numel"]
+    assert [d["step"] for d in s["outside_final"]] == [t["step"] for t in cb.trace[1:]]
+    for d in s["outside_final"]:
+        assert d["share"] == int((changed[d["step"]] & ~final).sum()) / s["numel"]
 
 
 def test_table5_control_data_vary_only_the_targets():

@@ -63,6 +63,12 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
         # the live bf16 view at the last step is exactly what the saved bf16 checkpoint shows
         assert trace[-1]["bf16"] == pytest.approx(p["sparsity"]["1e-05"], abs=1e-12)
         assert trace[-1]["fp32"] <= trace[-1]["bf16"]
+        # the checkpoint series: its final part is exactly the saved checkpoint's changed elements
+        s = p["series"]
+        assert s["final"] == p["changed"]["1e-05"] and s["never"] + s["cancelled"] + s["final"] == s["numel"]
+        assert s["ever"] >= s["final"] and [d["step"] for d in s["per_step"]] == [1, 2]
+        # step 1's share is the change from the start, i.e. the traced bf16 view at step 1
+        assert s["per_step"][0]["share"] == pytest.approx(1 - trace[1]["bf16"], abs=1e-12)
     grpo = results["recipes"]["t_grpo"]["points"][0]
     assert grpo["trainer"] == "GRPOTrainer"
     assert grpo["trl_config"]["beta"] == 0.04 and grpo["trl_config"]["max_grad_norm"] == 0.0
@@ -98,7 +104,11 @@ def test_lab_run_and_report_through_the_cli(tiny_base, tmp_path, capsys):
     assert results["recipes"]["t_grpo"]["points"][0]["clip_active_share"] is None  # max_grad_norm 0: no clipping
     assert set(results["controls"]["spacing_share"]) == {"0", "1e-08", "1e-07", "1e-06", "1e-05", "1e-04"}
     assert len(run["preregistration"]["sha256"]) == 64
-    for f in ("report.html", "report.md", "report.json", "figures/sparsity_vs_lr.png", "figures/conjecture_loss.png"):
+    report = json.loads((out / "report.json").read_text())
+    series = next(f for f in report["findings"] if f["key"] == "series")
+    assert series["verdict"] != "not measured" and set(series["data"]["runs"]) >= {"t_dpo lr 0.01 seed 1"}
+    for f in ("report.html", "report.md", "report.json", "figures/sparsity_vs_lr.png", "figures/conjecture_loss.png",
+              "figures/checkpoint_series.png"):
         assert (out / f).is_file(), f
     capsys.readouterr()
     assert _cli(["lab", "report", str(out)]) == 0

@@ -19,7 +19,8 @@ from rlsparse.errors import CheckpointError
 from rlsparse.io.atomic import atomic_path, write_text
 from rlsparse.lab import overlaps, stats
 from rlsparse.lab.preregistration import for_run
-from rlsparse.lab.verdicts import conjecture, figure1, figure5, grid, kl_clip, precision, table2, table4, table5, table6
+from rlsparse.lab.verdicts import (conjecture, figure1, figure5, grid, kl_clip, precision, series, table2, table4, table5,
+                                   table6)
 from rlsparse.lab.verdicts import plots as verdict_plots
 from rlsparse.lab.verdicts import render as verdict_text
 from rlsparse.lab.verdicts.common import RL_ALGORITHMS, Finding
@@ -111,7 +112,7 @@ def findings(results: dict) -> list[Finding]:
             table2.finding(results, prereg), _layer_finding(results), table4.finding(results, prereg),
             kl_clip.finding(results, prereg),
             conjecture.finding(results, prereg), conjecture.figure4(results, prereg), figure5.finding(results, prereg),
-            precision.finding(results, prereg)]
+            series.finding(results, prereg), precision.finding(results, prereg)]
 
 
 # Figures are drawn at the width the HTML page shows them (620 px at 90 dpi), so that 8-9 pt text
@@ -321,6 +322,7 @@ def _markdown(results: dict, items: list[Finding]) -> str:
         lines += [f"## {f.title}", "", f"**Verdict: {f.verdict}.** {f.sentence}", "", f"Paper: {f.paper}", "",
                   *verdict_text.finding_markdown(f), *(grid.markdown(f) if f.key == "grid" else []),
                   *(table4.markdown(f) if f.key == "table4" else []),
+                  *(series.markdown(f) if f.key == "series" and f.data.get("runs") else []),
                   f"Seeds: {', '.join(f'{k}={v}' for k, v in f.seeds.items()) or 'n/a'}", ""]
         if f.figure:
             lines += [f"![{f.key}](figures/{f.figure})", ""]
@@ -356,6 +358,7 @@ def _html(md_items: list[Finding], results: dict) -> str:
                      f"<p>{e(f.sentence)}</p><p><i>Paper:</i> {e(f.paper)}</p>{verdict_text.finding_html(f)}"
                      f"{grid.html_tables(f) if f.key == 'grid' else ''}"
                      f"{table4.html_table(f) if f.key == 'table4' else ''}"
+                     f"{series.html_table(f) if f.key == 'series' and f.data.get('runs') else ''}"
                      f"<p><i>Seeds:</i> {e(', '.join(f'{k}={v}' for k, v in f.seeds.items()))}</p></div></div>")
     fam = _eval_family(results)
     if not results["recipes"]:

@@ -407,7 +407,8 @@ def train_checkpoints(run: _Run, recipe: Recipe, lr: float, rows: list[dict], sa
 
     Training stops after the largest step of ``saves``; every checkpoint is followed by its
     ``trained.json`` (``cell`` with that step). Returns each step's training log (losses, step
-    costs, clip share, trace up to that step; the net-drift ratio at the last step only).
+    costs, clip share, trace up to that step; the net-drift ratio and the checkpoint-series counts
+    of ``trace.sparsity_trace`` at the last step only).
     """
     import warnings
 
@@ -435,13 +436,14 @@ def train_checkpoints(run: _Run, recipe: Recipe, lr: float, rows: list[dict], sa
     meta = {"recipe": recipe.name, "learning_rate": lr, "subnetwork_only": mask is not None, "precision": precision}
     logs: dict[int, dict] = {}
 
-    def record(step: int, history: list[dict], drift) -> dict:
+    def record(step: int, history: list[dict], drift, series=None) -> dict:
         kept = [h for h in _losses(history) if h.get("step", 0) <= step]
         return {"seconds": round(time.time() - begun, 2), "rows": len(rows), "log_history": kept,
                 "trainer": trainer_name, "trl_config": effective,
                 "step_cost": cost.summary(upto=step), "signal": signal_steps(kept),
                 "trace": [t for t in tracer.trace if t["step"] <= step] if tracer is not None else None,
-                "net_drift": drift, "clip_active_share": _clip_share(kept, effective.get("max_grad_norm")),
+                "net_drift": drift, "series": series,
+                "clip_active_share": _clip_share(kept, effective.get("max_grad_norm")),
                 **({"class_weights": class_weights} if class_weights else {})}
 
     class _Checkpoints(TrainerCallback):
@@ -484,7 +486,7 @@ def train_checkpoints(run: _Run, recipe: Recipe, lr: float, rows: list[dict], sa
         saver.on_step_begin(None, trainer.state, None)  # records of checkpoints saved at the last steps
         final = trainer.model
         history = list(trainer.state.log_history)
-        logs[last] = record(last, history, tracer.drift if tracer is not None else None)
+        logs[last] = record(last, history, *((tracer.drift, tracer.series) if tracer is not None else (None, None)))
     save_model(final, tok, saves[last], dtype=run.opts.checkpoint_dtype,
                meta={**meta, "step": last} if len(saves) > 1 else meta)
     trained_record.save(saves[last], {**cell, "step": last}, logs[last])

@@ -9,6 +9,17 @@ Two views of the same run (lab-notes: separate the number format from the optimi
 It also accumulates, per weight, the path length sum_t |Δ_t| of the fp32 master weights over every
 optimiser step, so that the net-drift ratio |sum_t Δ_t| / sum_t |Δ_t| (1 = every step pushed the
 weight the same way; near 0 = the steps cancelled) can be compared between RL and SFT.
+
+And the paper's checkpoint-series figures, read in the bf16 view at every optimiser step (as if a
+checkpoint were saved after each one; the paper saved fewer):
+
+- Figure 2: every element is *never updated* (its bf16 value within the tolerance of the start
+  after every step), *cancelled* (moved at some step, back within the tolerance at the end) or in
+  the *final* subnetwork;
+- Figure 6: at each traced step, the share of all elements changed then but not in the final
+  subnetwork;
+- Figure 7(b): per step, the share of elements whose bf16 value moved by more than the tolerance
+  in that one step (the sparsity of consecutive checkpoints, i and i + 1).
 """
 
 from __future__ import annotations
@@ -29,7 +40,10 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
     The callback's ``trace`` attribute is a list of {"step", "bf16", "fp32"} dicts; step 0 is
     the start. After training, ``drift`` is {"net_over_path": sum_i |net_i| / sum_i path_i,
     "mean_ratio": mean over moved weights of |net_i| / path_i, "moved": weights with path > 0}.
-    It keeps three fp32 copies of the weights (start, previous step, path length).
+    It keeps three fp32 copies of the weights (start, previous step, path length), one bool per
+    weight (ever changed) and one bit per weight at each traced step. After training, ``series``
+    is {"numel", "never", "cancelled", "final", "ever", "outside_final": [{"step", "share"}],
+    "per_step": [{"step", "share"}]} (Figures 2, 6 and 7(b); see the module docstring).
 
     Example:
         >>> cb = sparsity_trace(model, total_steps=300)
@@ -45,13 +59,44 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
 
     prev = {n: t.clone() for n, t in start.items()}
     path = {n: torch.zeros_like(t) for n, t in start.items()}
+    ever = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in start.items()}
+    numel = sum(t.numel() for t in start.values())
+    per_step: list[dict] = []
+    changed_at: dict[int, dict] = {}  # traced step -> packed bits of the elements changed then (Figure 6)
 
-    def accumulate() -> None:
+    def bf16(t):
+        return t.detach().to(torch.bfloat16).to(torch.float32)
+
+    def accumulate(step: int) -> None:
+        moved = 0
         with torch.no_grad():
             for n, p in model.named_parameters():
                 now = p.detach()
+                rounded = bf16(now)
+                moved += int(((rounded - bf16(prev[n])).abs() > tol).sum())
+                ever[n] |= (rounded - start_bf16[n]).abs() > tol
                 path[n] += (now.float() - prev[n].float()).abs()
                 prev[n].copy_(now)
+        per_step.append({"step": step, "share": moved / numel})
+
+    def series() -> dict:
+        """Figures 2, 6 and 7(b) from what was recorded (call after the last step)."""
+        import numpy as np
+
+        total_ever = cancelled = final = 0
+        outside = {s: 0 for s in changed_at}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                now = (bf16(p) - start_bf16[n]).abs() > tol
+                total_ever += int(ever[n].sum())
+                final += int(now.sum())
+                cancelled += int((ever[n] & ~now).sum())
+                off = np.packbits(~now.numpy().ravel())
+                for s, packed in changed_at.items():
+                    outside[s] += int(np.unpackbits(packed[n] & off).sum())
+        return {"numel": numel, "never": numel - total_ever, "cancelled": cancelled, "final": final,
+                "ever": total_ever, "outside_final": [{"step": s, "share": outside[s] / numel} for s in sorted(outside)],
+                "per_step": list(per_step)}
 
     def drift() -> dict:
         net_sum = path_sum = ratio_sum = 0.0
@@ -69,23 +114,28 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
                 "mean_ratio": ratio_sum / moved if moved else float("nan"), "moved": moved}
 
     def measure(step: int) -> dict:
-        numel = moved = changed = 0
+        import numpy as np
+
+        moved = changed = 0
+        bits = {}
         with torch.no_grad():
             for n, p in model.named_parameters():
                 now = p.detach()
-                numel += now.numel()
                 moved += int((now != start[n]).sum())
-                rounded = now.to(torch.bfloat16).to(torch.float32)
-                changed += int(((rounded - start_bf16[n]).abs() > tol).sum())
+                differs = (bf16(now) - start_bf16[n]).abs() > tol
+                changed += int(differs.sum())
+                bits[n] = np.packbits(differs.numpy().ravel())
+        if step > 0:
+            changed_at[step] = bits
         return {"step": step, "bf16": 1 - changed / numel, "fp32": 1 - moved / numel}
 
     class _Trace(_callback_base()):
         def __init__(self):
             self.trace = [measure(0)]
-            self.drift = None
+            self.drift = self.series = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            accumulate()
+            accumulate(state.global_step)
             due = state.global_step % every == 0 or state.global_step in extra
             if due and state.global_step != self.trace[-1]["step"]:
                 self.trace.append(measure(state.global_step))
@@ -94,5 +144,6 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
             if state.global_step != self.trace[-1]["step"]:
                 self.trace.append(measure(state.global_step))
             self.drift = drift()
+            self.series = series()
 
     return _Trace()

@@ -50,6 +50,12 @@ def plot(f: Finding, figdir: Path) -> bool:
         if f.figure:
             table4.plot(f, figdir / f.figure)
         return True
+    if f.key == "series":
+        from rlsparse.lab.verdicts import series
+
+        if f.figure:
+            series.plot(f, figdir / f.figure)
+        return True
     if f.key == "figure4":
         return True  # shares conjecture_loss.png, drawn with the Conjecture 1 finding
     if f.key == "sparsity_sft_vs_rl" and f.data.get("curves"):
