@@ -30,11 +30,12 @@ _ON_POLICY = ("grpo", "rloo", "ppo", "prime")
 # jobs="auto" uses at most this many workers: each holds a model, its optimizer state and a
 # reference/value copy, and past a few workers the cells run out before the workers do.
 MAX_AUTO_JOBS = 4
-# jobs="auto" also leaves each worker this much memory per parameter of the model it trains:
-# measured on the real base (SmolLM2-135M, 134.5M parameters, fp32 master weights, one torch
-# thread), the largest worker peaked at 10.9 GB resident (an on-policy cell: policy, reference,
-# optimizer state, sparsity trace, generation), i.e. ~81 bytes a parameter.
-WORKER_BYTES_PER_PARAMETER = 82
+# jobs="auto" also leaves each worker this much memory per parameter of the model it trains.
+# Measured on the real base (SmolLM2-135M, 134.5M parameters, fp32 master weights, one torch
+# thread, runs/rq6): two workers together held at most 21.6 GB resident (sampled every 20 s; on-policy
+# cells: policy, reference, optimizer state, sparsity trace, generation), ~80 bytes a parameter
+# each; one worker alone peaked at 12.2 GB. On a 23 GB machine two workers fit, with ~1 GB to spare.
+WORKER_BYTES_PER_PARAMETER = 80
 
 
 @dataclass
