@@ -137,7 +137,8 @@ def plot(f: Finding, path) -> None:
     left.invert_yaxis()
     left.set_xlim(0, 100)
     left.set_xlabel("share of all elements (%)")
-    left.legend(fontsize=7, loc="lower left")
+    left.set_title("Figure 2: never / cancelled / final", fontsize=8)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
     for i, (label, r) in enumerate(found.items()):
         colour = f"C{i % 10}"
         right.plot([d["step"] for d in r["per_step"]], [100 * d["share"] for d in r["per_step"]], "-", color=colour,
@@ -146,6 +147,7 @@ def plot(f: Finding, path) -> None:
                    ms=2, color=colour)
     right.axhline(100 * PAPER_PER_STEP, color="k", ls="--", lw=1, label="paper: ~7% per step")
     right.set_xlabel("step")
-    right.set_ylabel("% of elements: per step (solid), outside final (dotted)")
-    right.legend(fontsize=6)
+    right.set_ylabel("% of all elements")
+    right.set_title("per step (solid); outside final (dotted)", fontsize=8)
+    right.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     save_figure(fig, path)
