@@ -124,28 +124,33 @@ def plan(run, recipes: list, conjecture: list) -> list[Task]:
     return list(tasks.values())
 
 
-def resolve_jobs(jobs, device: str, runnable: int, parameters: int | None = None) -> int:
+def resolve_jobs(jobs, device: str, runnable: int, parameters: int | None = None,
+                 available: int | None = None) -> int:
     """Worker processes for a run: a count, or "auto" (1 on CUDA; else the cores this process may use,
     at most ``MAX_AUTO_JOBS``, at most the tasks that can run, and at most the workers the
-    available memory holds at ``WORKER_BYTES_PER_PARAMETER`` for a model of ``parameters``)."""
+    available memory (``available`` bytes, else read now) holds at ``WORKER_BYTES_PER_PARAMETER``
+    for a model of ``parameters``)."""
     if jobs is None:
         return 1
     if jobs == "auto":
         if device == "cuda":
             return 1  # one device: workers would queue on it
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        fit = memory_jobs(parameters)
+        fit = memory_jobs(parameters, available)
         return max(1, min(cores, MAX_AUTO_JOBS, runnable, fit if fit is not None else cores))
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise RlsparseError(f"jobs {jobs!r}: expected a positive integer or 'auto'")
     return jobs
 
 
-def memory_jobs(parameters: int | None) -> int | None:
-    """How many workers training a model of ``parameters`` the available memory holds (at least 1),
-    or None where either is unknown (then memory does not limit "auto")."""
-    available = available_memory()
-    if not parameters or available is None:
+def memory_jobs(parameters: int | None, available: int | None = None) -> int | None:
+    """How many workers training a model of ``parameters`` the available memory (``available``
+    bytes, else read now) holds (at least 1), or None where either is unknown (then memory does not
+    limit "auto")."""
+    if not parameters:
+        return None
+    available = available_memory() if available is None else available
+    if available is None:
         return None
     return max(1, available // (parameters * WORKER_BYTES_PER_PARAMETER))
 

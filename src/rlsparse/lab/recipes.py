@@ -145,7 +145,13 @@ class Recipe:
         A cell is one seed (``seed``) at one learning rate; which other seeds the run has does not
         change it, so a run extended with more seeds keeps its finished cells.
         """
-        return {k: v for k, v in asdict(self).items() if k != "seeds"}
+        return cell_fields(asdict(self))
+
+
+def cell_fields(recipe: dict) -> dict:
+    """A recipe's fields (as ``Recipe.to_dict`` writes them) without those that do not make a cell:
+    the list of ``seeds`` (see ``Recipe.cell_dict``)."""
+    return {k: v for k, v in recipe.items() if k != "seeds"}
 
 
 def _valid_grid(grid) -> bool:

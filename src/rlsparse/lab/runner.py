@@ -33,7 +33,7 @@ from rlsparse.lab import trained as trained_record
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
 from rlsparse.lab.cost import signal_steps
 from rlsparse.lab.preregistration import Preregistration, load_preregistration
-from rlsparse.lab.recipes import Recipe, load_recipe, load_suite, recipe_dir, recipe_names
+from rlsparse.lab.recipes import Recipe, cell_fields, load_recipe, load_suite, recipe_dir, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, prompt_texts, reward, split
 from rlsparse.lab.trace import sparsity_trace
 from rlsparse.report.progress import training_progress
@@ -646,8 +646,7 @@ def _cached_entry(run: _Run, recipe: Recipe) -> dict:
         return {}
     entry = json.loads(path.read_text())
     # The data summary belongs to the recipe's first seed: more seeds added later do not change it.
-    cached = {k: v for k, v in (entry.get("recipe") or {}).items() if k != "seeds"}
-    return entry if cached == json.loads(json.dumps(recipe.cell_dict())) else {}
+    return entry if cell_fields(entry.get("recipe") or {}) == json.loads(json.dumps(recipe.cell_dict())) else {}
 
 
 def _seed_overlaps(run: _Run, recipe: Recipe, points: list[dict]) -> list[dict]:
@@ -1125,7 +1124,7 @@ def _check_same_run(previous: dict | None, current: dict) -> None:
     # match, except that a recipe may gain seeds after the ones it had (--seeds 0,1,2 after seed 0):
     # its finished cells stay what they were.
     moved = [r["name"] for r in current["recipes"] if r["name"] in old
-             and any(old[r["name"]][k] != v for k, v in r.items() if k in old[r["name"]] and k != "seeds")]
+             and any(old[r["name"]][k] != v for k, v in cell_fields(r).items() if k in old[r["name"]])]
     shrunk = [r["name"] for r in current["recipes"] if r["name"] in old and "seeds" in old[r["name"]]
               and r["seeds"][:len(old[r["name"]]["seeds"])] != old[r["name"]]["seeds"]]
     if shrunk:
@@ -1167,11 +1166,11 @@ def _resolve_jobs(jobs, device: str, runnable: int, run: "_Run", log) -> int:
     from rlsparse.lab import parallel
 
     parameters = sum(t.numel for t in Checkpoint.open(run.base_path).tensors.values()) if jobs == "auto" else None
-    chosen = parallel.resolve_jobs(jobs, device, runnable, parameters)
-    fit = parallel.memory_jobs(parameters)
-    if fit is not None and chosen == fit < parallel.resolve_jobs(jobs, device, runnable):
+    available = parallel.available_memory() if parameters else None  # read once: the log says what decided
+    chosen = parallel.resolve_jobs(jobs, device, runnable, parameters, available)
+    if chosen < parallel.resolve_jobs(jobs, device, runnable):  # only memory can lower it further
         log(f"--jobs auto: {chosen} worker{'s' if chosen > 1 else ''}, as many as "
-            f"{parallel.available_memory() / 1e9:.1f} GB of available memory holds at "
+            f"{available / 1e9:.1f} GB of available memory holds at "
             f"~{parameters * parallel.WORKER_BYTES_PER_PARAMETER / 1e9:.1f} GB each; pass --jobs N to choose")
     return chosen
 
