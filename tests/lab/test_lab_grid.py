@@ -241,3 +241,65 @@ def test_the_pre_registered_grids_reach_the_papers_learning_rate():
     assert sorted(r.name for r in tiny) == ["dpo_id", "grpo", "prime", "sft_id", "sft_ood"]
     assert all(min(r.grid["learning_rates"]) == 5e-7 and r.quickened().grid["checkpoints"] == [25, 50, 100, 200]
                for r in tiny)
+
+
+def test_a_grid_stopped_part_way_shows_what_it_measured(grid_run):
+    from rlsparse.lab.report import render
+
+    tmp, recipes, out = grid_run
+    stopped = tmp / "stopped"
+    shutil.copytree(out, stopped, symlinks=True)
+    # as a run stopped during g_dpo's second learning rate leaves it: no results entry, no entry.json,
+    # and lr 1e-3 (trained after 1e-2) without its checkpoints' metrics
+    results = json.loads((stopped / "results.json").read_text())
+    del results["grid"]["g_dpo"]
+    (stopped / "results.json").write_text(json.dumps(results))
+    (stopped / "grid/g_dpo/entry.json").unlink()
+    for s in STEPS:
+        (stopped / f"grid/g_dpo/lr-1e-3/step-{s}/metrics.json").unlink()
+    render(stopped)
+    findings = {f["key"]: f for f in json.loads((stopped / "report.json").read_text())["findings"]}
+    dpo = findings["grid"]["data"]["recipes"]["g_dpo"]
+    on_disk = [json.loads((stopped / f"grid/g_dpo/lr-1e-2/step-{s}/metrics.json").read_text()) for s in STEPS]
+    assert [(p["lr"], p["step"], p["sparsity"]) for p in dpo["points"]] == \
+        [(1e-2, s, m["sparsity"]["1e-05"]) for s, m in zip(STEPS, on_disk)]
+    assert dpo["complete"] is False and dpo["planned"] == 4
+    assert findings["grid"]["data"]["recipes"]["g_sft"]["complete"] is True
+    assert "g_dpo (dpo, 2 checkpoints of 4 planned (the grid stopped part way)" in findings["grid"]["sentence"]
+    # the Figure 1 reading on the grid says it is provisional and which grid is unfinished
+    assert findings["figure1_grid"]["data"]["unfinished"] == ["g_dpo 2/4"]
+
+
+@pytest.mark.parametrize("rl, sft, verdict, difference", [
+    # RL frontier at +10 pts: between (0.9, +5) and (0.8, +15) = 0.85; SFT between (0.8, +5) and (0.4, +20) = 0.8 - 0.4/3
+    ([(0.95, 0.0, 0.01), (0.9, 0.05, 0.02), (0.8, 0.15, 0.04)], [(0.8, 0.05, 0.01), (0.4, 0.2, 0.03), (0.2, 0.3, 0.05)],
+     "reproduces", 0.85 - (0.8 - 0.4 / 3)),
+    # RL sparser by 10 points, but 60% sparse: below the paper's lowest (68.5%)
+    ([(0.9, 0.0, 0.01), (0.7, 0.05, 0.02), (0.5, 0.15, 0.04)], [(0.6, 0.05, 0.01), (0.3, 0.2, 0.03), (0.2, 0.3, 0.05)],
+     "partly reproduces", 0.6 - 0.5),
+    # SFT's frontier at +10 pts is 0.875: RL's 0.85 is 2.5 points less sparse
+    ([(0.95, 0.0, 0.01), (0.9, 0.05, 0.02), (0.8, 0.15, 0.04)], [(0.95, 0.05, 0.01), (0.8, 0.15, 0.03), (0.5, 0.3, 0.05)],
+     "does not reproduce at this scale", 0.85 - 0.875),
+    # RL's frontier stops at +8 points
+    ([(0.9, 0.0, 0.01), (0.8, 0.02, 0.02), (0.6, 0.08, 0.04)], [(0.8, 0.05, 0.01), (0.4, 0.2, 0.03), (0.2, 0.3, 0.05)],
+     "not measured", None),
+])
+def test_figure1_on_the_grid_compares_frontiers_at_the_matched_gain(rl, sft, verdict, difference):
+    from rlsparse.lab.report import findings
+
+    got = {f.key: f for f in findings(_grid_results(1_000_000, rl, sft))}["figure1_grid"]
+    assert got.verdict == verdict
+    if difference is None:
+        assert got.data["rl_minus_sft"] is None and got.data["sparsity_at_matched_gain"]["grpo"] is None
+    else:
+        assert got.data["rl_minus_sft"] == pytest.approx(difference)
+        assert f"RL minus SFT {100 * difference:+.1f} points" in got.sentence
+
+
+def test_figure1_on_the_grid_needs_both_an_rl_and_an_sft_grid():
+    from rlsparse.lab.report import findings
+
+    results = _grid_results(1_000_000, [(0.9, 0.0, 0.01), (0.8, 0.15, 0.04)], [(0.8, 0.05, 0.01), (0.4, 0.2, 0.03)])
+    del results["grid"]["sft_id"]
+    got = {f.key: f for f in findings(results)}["figure1_grid"]
+    assert got.verdict == "not measured" and "an SFT recipe" in got.sentence

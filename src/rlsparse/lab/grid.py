@@ -40,8 +40,48 @@ def cells(recipe: Recipe) -> int:
     return len(recipe.grid["learning_rates"]) if recipe.grid else 0
 
 
-def _folder(run, recipe: Recipe, lr: float, step: int) -> Path:
-    return run.opts.out / "grid" / recipe.name / f"lr-{runner._lr_label(lr)}" / f"step-{step}"
+def _folder(out: Path, name: str, lr: float, step: int) -> Path:
+    return out / "grid" / name / f"lr-{runner._lr_label(lr)}" / f"step-{step}"
+
+
+def entry_on_disk(out: Path, recipe: dict) -> dict | None:
+    """A recipe's grid entry read back from its finished checkpoints under ``out/grid/``, or None if none finished.
+
+    A grid takes hours on a CPU and its results entry is written when the whole grid is done; this
+    is what a run stopped earlier (or still running) has measured so far, so a report can show it.
+    ``complete`` says whether every (learning rate, step) checkpoint is there.
+
+    Args:
+        out: The run folder.
+        recipe: The recipe's record as ``run.json`` holds it (with its ``grid``).
+    """
+    lrs, steps = recipe["grid"]["learning_rates"], recipe["grid"]["checkpoints"]
+    points = []
+    for lr in lrs:
+        for s in steps:
+            done = runner._finished(_folder(out, recipe["name"], lr, s))
+            if done is not None:
+                points.append(done)
+    if not points:
+        return None
+    summary = out / "grid" / recipe["name"] / "entry.json"
+    return {"recipe": recipe, **(json.loads(summary.read_text()) if summary.is_file() else {}), "points": points,
+            "complete": len(points) == len(lrs) * len(steps)}
+
+
+def with_unfinished(out: Path, results: dict) -> dict:
+    """``results["grid"]`` with every grid the run folder holds checkpoints of, finished or not.
+
+    A recipe whose grid stopped part way (or is still training) has no results entry yet; its
+    finished checkpoints are read back from disk and marked ``complete: False``.
+    """
+    grids = dict(results.get("grid") or {})
+    for recipe in results["run"].get("recipes", []):
+        if recipe.get("grid") and recipe["name"] not in grids and (out / "grid" / recipe["name"]).is_dir():
+            found = entry_on_disk(out, recipe)
+            if found is not None:
+                grids[recipe["name"]] = found
+    return grids
 
 
 def run_grid(run, recipe: Recipe, progress=None) -> dict:
@@ -60,7 +100,7 @@ def run_grid(run, recipe: Recipe, progress=None) -> dict:
     for lr in sorted(trained_as.learning_rates, reverse=True):
         points = by_lr.setdefault(lr, [])
         label = f"{recipe.name} grid lr={lr:g} ({len(steps)} checkpoints to step {max(steps)})"
-        folders = {s: _folder(run, recipe, lr, s) for s in steps}
+        folders = {s: _folder(run.opts.out, recipe.name, lr, s) for s in steps}
         done = {s: runner._finished(f) for s, f in folders.items()}
         if all(d is not None for d in done.values()):
             points += [done[s] for s in steps]
@@ -98,4 +138,4 @@ def run_grid(run, recipe: Recipe, progress=None) -> dict:
     summary = run.opts.out / "grid" / recipe.name / "entry.json"
     if rows is not None:
         runner._write_json(summary, {"rows": len(rows), "base_accuracy": start_acc})
-    return {"recipe": recipe.to_dict(), **json.loads(summary.read_text()), "points": points}
+    return {"recipe": recipe.to_dict(), **json.loads(summary.read_text()), "points": points, "complete": True}

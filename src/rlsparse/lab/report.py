@@ -19,7 +19,7 @@ from rlsparse.errors import CheckpointError
 from rlsparse.io.atomic import atomic_path, write_text
 from rlsparse.lab import overlaps, stats
 from rlsparse.lab.preregistration import for_run
-from rlsparse.lab.verdicts import (conjecture, figure1, figure5, grid, kl_clip, precision, series, table2, table4, table5,
+from rlsparse.lab.verdicts import (conjecture, figure1, figure1_grid, figure5, grid, kl_clip, precision, series, table2, table4, table5,
                                    table6)
 from rlsparse.lab.verdicts import plots as verdict_plots
 from rlsparse.lab.verdicts import render as verdict_text
@@ -105,9 +105,12 @@ def findings(results: dict) -> list[Finding]:
     """Every finding computed from a run's ``results.json`` data (no plotting), judged with the
     thresholds pre-registered for that run (its ``run.json`` record, else the built-in file)."""
     prereg = for_run(results["run"])
-    if not results.get("recipes") and results.get("grid"):
-        return [grid.finding(results, prereg)]  # a --grid run: its section only
-    extra = [grid.finding(results, prereg)] if results.get("grid") else []
+    extra = []
+    if results.get("grid"):
+        on_grid = grid.finding(results, prereg)
+        extra = [on_grid, figure1_grid.finding(on_grid, prereg)]
+    if not results.get("recipes"):
+        return extra  # a --grid run: its sections only
     return extra + [figure1.finding(results, prereg), table5.finding(results, prereg), table6.finding(results, prereg),
             table2.finding(results, prereg), _layer_finding(results), table4.finding(results, prereg),
             kl_clip.finding(results, prereg),
@@ -407,6 +410,9 @@ def render(run_dir: str | os.PathLike, log=None) -> tuple[Path, Path]:
     if results.get("schema_version", 1) > REPORT_SCHEMA_VERSION:
         raise CheckpointError(f"{src} has schema_version {results['schema_version']}, newer than this rlsparse "
                               f"reads ({REPORT_SCHEMA_VERSION}); upgrade rlsparse")
+    from rlsparse.lab import grid as grid_run
+
+    results["grid"] = grid_run.with_unfinished(run_dir, results)  # a grid stopped part way shows what it measured
     if results.get("recipes"):
         results["table4"] = overlaps.table4_rows(run_dir, results, log=log)
     items = findings(results)

@@ -95,8 +95,10 @@ def finding(results: dict, prereg) -> Finding:
     for n in names:
         r = results["grid"][n]["recipe"]
         everything = _points(results, n)
+        planned = len(r["grid"]["learning_rates"]) * len(r["grid"]["checkpoints"]) if r.get("grid") else len(everything)
         recipes[n] = {"algorithm": r["algorithm"], "rl": r["algorithm"] in RL_ALGORITHMS, "points": everything,
-                      "frontier": pareto_frontier(everything), "family": r.get("family", "add")}
+                      "frontier": pareto_frontier(everything), "family": r.get("family", "add"),
+                      "complete": results["grid"][n].get("complete", True), "planned": planned}
     gains = sorted({prereg["learned_gain"], prereg["matched_gain"]})
     at_gain = {n: {f"{g:g}": read_at(v["frontier"], "gain", g) for g in gains} for n, v in recipes.items()}
     # Matched KL: the KL the SFT recipes' frontiers need for the matched gain (as Figure 1 matches KL);
@@ -117,7 +119,9 @@ def finding(results: dict, prereg) -> Finding:
         kl = at_kl.get(n) or {}
         at = (f", {pct(kl['value'])} at KL {kl_level:.3g}" if kl.get("value") is not None else
               f", KL {kl_level:.3g} out of range ({_range(kl.get('range'), lambda x: f'{x:.3g}')})" if kl_level else "")
-        parts.append(f"{n} ({v['algorithm']}, {len(v['points'])} checkpoints, {len(v['frontier'])} on the frontier): "
+        unfinished = "" if v["complete"] else f" of {v['planned']} planned (the grid stopped part way)"
+        parts.append(f"{n} ({v['algorithm']}, {len(v['points'])} checkpoints{unfinished}, {len(v['frontier'])} on the "
+                     "frontier): "
                      f"{where}{at}")
     sentence = "; ".join(parts) + "." if parts else "No grid checkpoint was measured."
     rule = (f"Context, not a paper claim. Each recipe's frontier is the set of its (learning rate, step) checkpoints "
