@@ -303,3 +303,22 @@ def test_figure1_on_the_grid_needs_both_an_rl_and_an_sft_grid():
     del results["grid"]["sft_id"]
     got = {f.key: f for f in findings(results)}["figure1_grid"]
     assert got.verdict == "not measured" and "an SFT recipe" in got.sentence
+
+
+def test_a_grid_on_worker_processes_saves_the_same_checkpoints(grid_run, tiny_base):
+    """--grid --jobs 2: one task per learning rate on two one-thread workers; every checkpoint is
+    bit-identical to the one-process run's and the measured points equal it (timings aside)."""
+    tmp, recipes, out = grid_run
+    par = tmp / "par"
+    log = []
+    runner.run_lab(recipes, _opts(tiny_base, par, grid=True, jobs=2, threads=2), log=log.append)
+    # four learning rates (two recipes x two) and the base accuracy they wait for
+    assert "running 5 tasks on 2 worker processes, 1 torch thread each" in log
+    one, two = (json.loads((d / "results.json").read_text())["grid"] for d in (out, par))
+    drop = {"seconds", "eval_seconds", "eval_load_seconds", "step_cost", "phase_seconds"}
+    for name in ("g_sft", "g_dpo"):
+        for a, b in zip(one[name]["points"], two[name]["points"], strict=True):
+            assert trained_record.checkpoint_sha256(out / a["checkpoint"]) == \
+                trained_record.checkpoint_sha256(par / b["checkpoint"])
+            assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+        assert {k: v for k, v in one[name].items() if k != "points"} == {k: v for k, v in two[name].items() if k != "points"}

@@ -45,7 +45,7 @@ def add_lab_parser(sub) -> None:
                      help="CPU threads for torch: a number or 'auto' (the machine's cores); default: the suite's "
                           "('auto' for the real base), else 1")
     run.add_argument("--jobs", type=_threads, default=None,
-                     help="cells run side by side in this many worker processes (each with threads/jobs torch "
+                     help="cells (with --grid: learning rates) run side by side in this many worker processes (each with threads/jobs torch "
                           "threads): a number or 'auto' (the cores, at most 4; 1 on cuda); default: the suite's "
                           "('auto' for the real base), else 1")
     run.add_argument("--no-trace", action="store_true",

@@ -84,58 +84,86 @@ def with_unfinished(out: Path, results: dict) -> dict:
     return grids
 
 
+def _prepared(run, trained_as: Recipe, shared: dict) -> dict:
+    """The grid's training rows, start model and start accuracy, built once per recipe and process;
+    the first build writes the recipe's data summary (``grid/<recipe>/entry.json``)."""
+    if not shared:
+        rows = runner.build_rows(run, trained_as)
+        start = runner._pre_sft(run, trained_as, rows) if trained_as.pre_sft else run.base_path
+        shared.update(rows=rows, start=start, start_acc=run.start_accuracy(trained_as, start))
+        runner._write_json(run.opts.out / "grid" / trained_as.name / "entry.json",
+                           {"rows": len(rows), "base_accuracy": shared["start_acc"]})
+    return shared
+
+
+def train_learning_rate(run, trained_as: Recipe, lr: float, shared: dict) -> dict[int, dict]:
+    """Train one learning rate of a grid to its last checkpoint and measure every checkpoint not yet
+    on disk (a checkpoint saved but unmeasured is measured, not retrained); returns them by step.
+
+    Args:
+        run: The lab run.
+        trained_as: ``grid_recipe`` of the recipe, with its seed.
+        lr: The learning rate.
+        shared: Per-recipe state reused across learning rates (empty at first: ``_prepared`` fills it).
+    """
+    steps = trained_as.grid["checkpoints"]
+    folders = {s: _folder(run.opts.out, trained_as.name, lr, s) for s in steps}
+    done = {s: runner._finished(f) for s, f in folders.items()}
+    if all(d is not None for d in done.values()):
+        return done
+    prep = _prepared(run, trained_as, shared)
+    rows, start = prep["rows"], prep["start"]
+    cell = runner.train_cell(run, trained_as, lr, rows, start=start)
+    todo = [s for s in steps if done[s] is None]
+    logs = {s: trained_record.load(folders[s], {**cell, "step": s}) for s in todo}
+    missing = [s for s in todo if logs[s] is None]
+    if missing:
+        run.log(f"  {trained_as.name} grid: lr={lr:g}, training to step {max(missing)} of {trained_as.steps} on "
+                f"{len(rows)} rows, saving steps {missing}")
+        logs.update(runner.train_checkpoints(run, trained_as, lr, rows, {s: folders[s] for s in missing}, cell,
+                                             start=start))
+    for s in todo:
+        measured = {**logs[s], **runner.evaluate_checkpoint(run, trained_as, folders[s])}
+        done[s] = runner._measure_point(run, start, folders[s], measured, prep["start_acc"])
+        done[s].update(learning_rate=lr, step=s, seed=trained_as.seed, start=runner._relative(run, start))
+        runner._write_json(folders[s] / "metrics.json", done[s])
+    fam = run.eval_key(trained_as)
+    run.log(f"    {trained_as.name} lr={lr:g}: " + ", ".join(
+        f"step {s} sparsity {done[s]['sparsity']['1e-05']:.1%} gain {100 * done[s]['accuracy_gain'][fam]:+.1f}"
+        for s in steps))
+    return done
+
+
+def train_learning_rates(run, recipe: Recipe, lrs: list[float]) -> None:
+    """A worker's share of a grid (``lab.parallel``): these learning rates of ``recipe``, measured to disk."""
+    trained_as, shared = grid_recipe(replace(recipe, seed=recipe.seeds[0])), {}
+    for lr in lrs:
+        train_learning_rate(run, trained_as, lr, shared)
+
+
 def run_grid(run, recipe: Recipe, progress=None) -> dict:
     """Train and measure one recipe's grid (first seed); returns its results entry with one point per checkpoint.
+
+    Checkpoints already on disk (a resumed run, or worker processes of ``lab.parallel``) are read back.
 
     Example:
         >>> entry = run_grid(run, load_recipe("grpo"))
         >>> [(p["learning_rate"], p["step"], p["sparsity"]["1e-05"]) for p in entry["points"]]
     """
     trained_as = grid_recipe(replace(recipe, seed=recipe.seeds[0]))
-    steps = trained_as.grid["checkpoints"]
-    rows = start = start_acc = None
-    by_lr: dict[float, list[dict]] = {}
+    steps, shared = trained_as.grid["checkpoints"], {}
+    by_lr: dict[float, dict[int, dict]] = {}
     # Largest learning rate first: it is the one most likely to reach the matched gain, so a grid
     # stopped early (hours on a CPU) already holds its most telling run. Points keep the grid's order.
     for lr in sorted(trained_as.learning_rates, reverse=True):
-        points = by_lr.setdefault(lr, [])
         label = f"{recipe.name} grid lr={lr:g} ({len(steps)} checkpoints to step {max(steps)})"
-        folders = {s: _folder(run.opts.out, recipe.name, lr, s) for s in steps}
-        done = {s: runner._finished(f) for s, f in folders.items()}
-        if all(d is not None for d in done.values()):
-            points += [done[s] for s in steps]
-            if progress:
-                progress.skip(label)
-            continue
         begun = time.time()
-        if rows is None:
-            rows = runner.build_rows(run, trained_as)
-            start = runner._pre_sft(run, trained_as, rows) if recipe.pre_sft else run.base_path
-            start_acc = run.start_accuracy(trained_as, start)
-        cell = runner.train_cell(run, trained_as, lr, rows, start=start)
-        todo = [s for s in steps if done[s] is None]
-        logs = {s: trained_record.load(folders[s], {**cell, "step": s}) for s in todo}
-        missing = [s for s in todo if logs[s] is None]
-        if missing:
-            run.log(f"  {recipe.name} grid: lr={lr:g}, training to step {max(missing)} of {trained_as.steps} on "
-                    f"{len(rows)} rows, saving steps {missing}")
-            logs.update(runner.train_checkpoints(run, trained_as, lr, rows, {s: folders[s] for s in missing}, cell,
-                                                 start=start))
-        for s in steps:
-            if done[s] is None:
-                measured = {**logs[s], **runner.evaluate_checkpoint(run, trained_as, folders[s])}
-                done[s] = runner._measure_point(run, start, folders[s], measured, start_acc)
-                done[s].update(learning_rate=lr, step=s, seed=trained_as.seed, start=runner._relative(run, start))
-                runner._write_json(folders[s] / "metrics.json", done[s])
-            points.append(done[s])
-        fam = run.eval_key(trained_as)
-        run.log(f"    {recipe.name} lr={lr:g}: " + ", ".join(
-            f"step {s} sparsity {done[s]['sparsity']['1e-05']:.1%} gain {100 * done[s]['accuracy_gain'][fam]:+.1f}"
-            for s in steps))
-        if progress:
+        fresh = any(runner._finished(_folder(run.opts.out, recipe.name, lr, s)) is None for s in steps)
+        by_lr[lr] = train_learning_rate(run, trained_as, lr, shared)
+        if progress and fresh:
             progress.finish(label, time.time() - begun)
-    points = [p for lr in trained_as.learning_rates for p in by_lr[lr]]
+        elif progress:
+            progress.skip(label)
+    points = [by_lr[lr][s] for lr in trained_as.learning_rates for s in steps]
     summary = run.opts.out / "grid" / recipe.name / "entry.json"
-    if rows is not None:
-        runner._write_json(summary, {"rows": len(rows), "base_accuracy": start_acc})
     return {"recipe": recipe.to_dict(), **json.loads(summary.read_text()), "points": points, "complete": True}

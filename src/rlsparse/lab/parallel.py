@@ -9,7 +9,8 @@ they take their mask from. ``run_tasks`` runs them on ``jobs`` spawned worker pr
 longest chain of remaining work first. Every task lands on disk the way a sequential run
 writes it (a cell's ``metrics.json`` last; trained and evaluated records beside each
 checkpoint), so the runner's ordinary pass then assembles ``results.json`` from disk exactly as
-``--resume`` does, without training anything again.
+``--resume`` does, without training anything again. A ``--grid`` run's units are each recipe's
+learning rates (one training, measured at each of its checkpoints).
 
 Each worker runs torch with ``threads // jobs`` threads. With one thread per worker every
 checkpoint is bit-identical to a one-process, one-thread run (the tests check it).
@@ -44,7 +45,7 @@ class Task:
 
     Attributes:
         label: Names the unit in logs and errors ("grpo lr=1e-05 seed 0").
-        kind: "base_accuracy", "samples", "cell" or "conjecture".
+        kind: "base_accuracy", "samples", "cell", "grid" (learning rates of a recipe's grid) or "conjecture".
         args: What the worker needs besides the run (recipe, seed, learning rates, part).
         cost: Relative cost, to run the longest chain of work first.
         deps: Labels of the tasks that must finish first.
@@ -57,8 +58,9 @@ class Task:
     deps: set[str] = field(default_factory=set)
 
 
-def plan(run, recipes: list, conjecture: list) -> list[Task]:
-    """The tasks of a run not yet finished on disk (``conjecture``: the recipes to run Conjecture 1 for)."""
+def plan(run, recipes: list, conjecture: list, grid: bool = False) -> list[Task]:
+    """The tasks of a run not yet finished on disk (``conjecture``: the recipes to run Conjecture 1 for;
+    ``grid``: plan each recipe's learning-rate x steps grid, one task per learning rate, instead of its sweep)."""
     from rlsparse.lab import runner
 
     tasks: dict[str, Task] = {}
@@ -82,7 +84,12 @@ def plan(run, recipes: list, conjecture: list) -> list[Task]:
     if not cached.is_file() or any(f not in _read_json(cached) for f in families):
         base_acc = {"base accuracy"}
         tasks["base accuracy"] = Task("base accuracy", "base_accuracy", {"recipes": recipes}, 0.3)
-    for recipe in recipes:
+    for recipe in recipes if grid else []:
+        from rlsparse.lab.grid import grid_recipe
+
+        trained_as = grid_recipe(replace(recipe, seed=recipe.seeds[0]))  # what run_grid trains: its rows, its samples
+        tasks.update(_grid_tasks(run, recipe, base_acc | samples_task(trained_as)))
+    for recipe in recipes if not grid else []:
         weight = 2.0 if recipe.algorithm in _ON_POLICY else 1.0
         entry_due = not runner._cached_entry(run, recipe)
         for seed in recipe.seeds:
@@ -122,6 +129,21 @@ def plan(run, recipes: list, conjecture: list) -> list[Task]:
                 deps |= samples_task(replace(recipe, seed=first))
             tasks[label] = Task(label, "conjecture", {"recipe": recipe, "part": part}, weight, deps)
     return list(tasks.values())
+
+
+def _grid_tasks(run, recipe, deps: set[str]) -> dict[str, Task]:
+    """One task per learning rate of a recipe's grid with a checkpoint not yet measured (a recipe that
+    first SFTs the base: one task, so its pre-SFT model is trained once)."""
+    from rlsparse.lab import grid, runner
+
+    steps = recipe.grid["checkpoints"]
+    todo = [lr for lr in sorted(recipe.grid["learning_rates"], reverse=True)
+            if any(runner._finished(grid._folder(run.opts.out, recipe.name, lr, s)) is None for s in steps)]
+    weight = (2.0 if recipe.algorithm in _ON_POLICY else 1.0) * max(steps)
+    groups = [todo] if recipe.pre_sft and todo else [[lr] for lr in todo]
+    labels = [f"{recipe.name} grid lr={'/'.join(f'{lr:g}' for lr in lrs)}" for lrs in groups]
+    return {label: Task(label, "grid", {"recipe": recipe, "lrs": lrs}, weight * len(lrs), set(deps))
+            for label, lrs in zip(labels, groups)}
 
 
 def resolve_jobs(jobs, device: str, runnable: int, parameters: int | None = None,
@@ -294,6 +316,10 @@ def _work(task: Task) -> None:
             run.base_accuracy(recipe)
     elif task.kind == "samples":
         run.policy_samples(args["recipe"], runner.training_problems(run, args["recipe"]))
+    elif task.kind == "grid":
+        from rlsparse.lab import grid
+
+        grid.train_learning_rates(run, args["recipe"], args["lrs"])
     elif task.kind == "cell":
         recipe, state, entry = args["recipe"], {}, None if args["entry"] else {}
         for lr in args["lrs"]:

@@ -91,7 +91,7 @@ class LabOptions:
         jobs: Worker processes running the cells side by side (``lab.parallel``): a number, "auto"
             (on CPU the cores, at most 4 and at most the runnable tasks; 1 on CUDA) or None (the
             suite's setting, "auto" for the real base; else 1). Each worker gets ``threads // jobs``
-            torch threads (at least 1). ``--grid`` runs stay in one process.
+            torch threads (at least 1). With ``grid`` the tasks are the grids' learning rates.
     """
 
     out: Path
@@ -1002,10 +1002,10 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     _link_base(out, run.base_path)
     conj = [r for r in recipes if r.conjecture] if opts.conjecture and not opts.grid else []
     tasks = []
-    if opts.jobs not in (None, 1) and not opts.grid:
+    if opts.jobs not in (None, 1):
         from rlsparse.lab import parallel
 
-        tasks = parallel.plan(run, recipes, conj)
+        tasks = parallel.plan(run, recipes, conj, grid=opts.grid)
     jobs = _resolve_jobs(opts.jobs, opts.device, len(tasks), run, log)
     worker_threads = max(1, opts.threads // jobs)
     run_meta = {"schema_version": RUN_SCHEMA_VERSION, "kind": "rlsparse-lab-run",
@@ -1038,6 +1038,13 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         results["recipes"], results["conjecture"] = earlier.get("recipes", {}), earlier.get("conjecture", {})
     elif earlier.get("grid"):
         results["grid"] = earlier["grid"]
+    if jobs > 1 and tasks:
+        from rlsparse.lab import parallel
+
+        log(f"running {len(tasks)} tasks on {jobs} worker processes, {worker_threads} torch thread"
+            f"{'s' if worker_threads != 1 else ''} each")
+        parallel.run_tasks(run, tasks, jobs, worker_threads, log)
+        log("assembling the results from the finished cells")
     if opts.grid:
         from rlsparse.lab import grid
 
@@ -1048,13 +1055,6 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
                 f"checkpoints at steps {recipe.grid['checkpoints']}")
             results["grid"][recipe.name] = grid.run_grid(run, recipe, progress)
             _write_json(out / "results.json", results)
-    if jobs > 1 and tasks:
-        from rlsparse.lab import parallel
-
-        log(f"running {len(tasks)} tasks on {jobs} worker processes, {worker_threads} torch thread"
-            f"{'s' if worker_threads != 1 else ''} each")
-        parallel.run_tasks(run, tasks, jobs, worker_threads, log)
-        log("assembling the results from the finished cells")
     progress = Progress(sum(len(r.learning_rates) * len(r.seeds) for r in recipes) + len(conj), log)
     for recipe in recipes if not opts.grid else []:
         log(f"recipe {recipe.name} ({recipe.algorithm}, {recipe.data}, family {recipe.family})")
