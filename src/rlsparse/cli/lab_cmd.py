@@ -45,9 +45,9 @@ def add_lab_parser(sub) -> None:
                      help="CPU threads for torch: a number or 'auto' (the machine's cores); default: the suite's "
                           "('auto' for the real base), else 1")
     run.add_argument("--jobs", type=_threads, default=None,
-                     help="cells (with --grid: learning rates) run side by side in this many worker processes (each with threads/jobs torch "
-                          "threads): a number or 'auto' (the cores, at most 4; 1 on cuda); default: the suite's "
-                          "('auto' for the real base), else 1")
+                     help="cells (with --grid: learning rates) run side by side in this many worker processes (each "
+                          "with threads/jobs torch threads): a number or 'auto' (the cores, at most 4; 1 on cuda); "
+                          "default: the suite's ('auto' for the real base), else 1")
     run.add_argument("--no-trace", action="store_true",
                      help="do not record sparsity along training (saves one fp32 copy of the model in memory)")
     run.add_argument("--no-conjecture", action="store_true", help="skip the Conjecture 1 subnetwork reruns")

@@ -19,8 +19,8 @@ from rlsparse.errors import CheckpointError
 from rlsparse.io.atomic import atomic_path, write_text
 from rlsparse.lab import overlaps, stats
 from rlsparse.lab.preregistration import for_run
-from rlsparse.lab.verdicts import (conjecture, figure1, figure1_grid, figure5, grid, kl_clip, precision, series, table2, table4, table5,
-                                   table6)
+from rlsparse.lab.verdicts import (conjecture, figure1, figure1_grid, figure5, grid, kl_clip, precision, series, table2,
+                                   table4, table5, table6)
 from rlsparse.lab.verdicts import plots as verdict_plots
 from rlsparse.lab.verdicts import render as verdict_text
 from rlsparse.lab.verdicts.common import RL_ALGORITHMS, Finding
