@@ -550,6 +550,31 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
     return v.astype(dtype, copy=False)
 
 
+def _symbols_and_raw(inp: _In, n: int, width_bits: int, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`_decode_uints` reads, undecoded: (symbols, the raw-bit bytes, the first bit of
+    each raw-bit count's group), with the same checks."""
+    sym = _decode_symbols(inp, n, version)
+    counts = np.bincount(_SYM_NBITS, weights=np.bincount(sym, minlength=_ALPHABET), minlength=65).astype(np.int64)
+    ks = np.flatnonzero(counts[1:]) + 1
+    if len(ks) and int(ks[-1]) + 3 > width_bits:
+        raise inp._fail()
+    group_bytes = (counts * np.arange(65) + 7) // 8
+    nbytes = int(group_bytes.sum())
+    if inp.pos + nbytes > len(inp.mv):
+        raise inp._fail()
+    raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
+    inp.pos += nbytes
+    return _readonly(sym), _readonly(raw), (np.cumsum(group_bytes) - group_bytes) * 8
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: the compiled decoder is compiled once per kind of array it is given, and
+    symbols come writable or not depending on how they were stored."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION) -> None:
     size = bits.dtype.itemsize
     planes = bits.view(np.uint8).reshape(-1, size)
@@ -629,12 +654,14 @@ def _code(encoding: int, k: int, streams: tuple, version: int) -> bytes:
 
 
 def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_float: bool,
-                 where: str, inplace: bool = False, version: int = CODER_VERSION) -> np.ndarray:
+                 where: str, inplace: bool = False, version: int = CODER_VERSION, compiled=None) -> np.ndarray:
     """Rebuild the new bits of a chunk (``n`` elements of unsigned ``dtype``) coded with the
     symbol coder of patch schema ``version``.
 
     ``inplace=True`` writes the result over ``old`` and returns it (no copy of the chunk);
     otherwise ``old`` is left as it is (an unchanged chunk returns ``old`` itself).
+    ``compiled``: ``compiled.sparse_delta_apply`` to decode sparse ULP-step chunks of dtypes up
+    to 32 bits in one compiled pass (the same bits), or None for numpy throughout.
     """
     if encoding == SAME:
         if old is None:
@@ -648,6 +675,12 @@ def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_
     k = inp.varint()
     if k > n:
         raise inp._fail()
+    if encoding == SPARSE_DELTA and compiled is not None and version >= 2 and np.dtype(dtype).itemsize <= 4:
+        new = old if inplace else old.copy()
+        gaps, deltas = _symbols_and_raw(inp, k, 64, version), _symbols_and_raw(inp, k, 8 * new.itemsize, version)
+        if not compiled(new, *gaps, *deltas, _SYM_BASE, _SYM_NBITS, 8 * new.itemsize, is_float):
+            raise inp._fail()
+        return new
     if encoding in (SPARSE_DELTA, SPARSE_BITS):
         gaps = _decode_uints(inp, k, np.int64, version)
         idx = np.cumsum(gaps + 1) - 1
