@@ -314,6 +314,8 @@ def _compiled_decoder(reader: PatchReader, deltas: list[TensorEntry]):
         from rlsparse.delta import compiled
     except ImportError:  # numba is in the ``delta`` extra; without it numpy decodes the same bits
         return None
+    except RuntimeError:  # numba finds no writable cache folder (NUMBA_CACHE_DIR): numpy, as above
+        return None
     udts = {np.dtype(dtypes.uint_view(e.dtype)) for e in deltas}
     compiled.warm(sorted((d for d in udts if d.itemsize <= 4), key=lambda d: d.itemsize))
     return compiled.sparse_delta_apply
