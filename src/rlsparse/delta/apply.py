@@ -39,8 +39,9 @@ from rlsparse.io.checkpoint import Checkpoint
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # Changed elements in a patch from which its sparse ULP-step chunks are decoded by the compiled
-# decoder (``compiled``: ~0.3 s of CPU to load per apply, ~35 ns of numpy work saved per changed
-# element, measured on the dense synthetic pair: it pays from ~10M changed elements up).
+# decoder (``compiled``): loading it costs ~0.3-0.4 s of CPU per apply, and it saved ~21 ns of
+# CPU per changed element on the dense synthetic pair (decode 5.1 -> 1.9 s for 154M changes), so
+# it pays from ~15-20M changed elements up.
 COMPILED_FROM = 20_000_000
 
 
