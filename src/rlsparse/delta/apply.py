@@ -39,7 +39,7 @@ from rlsparse.io.checkpoint import Checkpoint
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # Changed elements in a patch from which its sparse ULP-step chunks are decoded by the compiled
-# decoder (``compiled``): loading it costs ~0.3-0.4 s of CPU per apply, and it saved ~21 ns of
+# decoder (``compiled``): loading it costs ~0.4 s of CPU per apply, and it saved ~21 ns of
 # CPU per changed element on the dense synthetic pair (decode 5.1 -> 1.9 s for 154M changes), so
 # it pays from ~15-20M changed elements up.
 COMPILED_FROM = 20_000_000
