@@ -7,7 +7,7 @@ changes tens of millions of elements (dense updates, SFT) those passes are most 
 same bits (tested against the numpy decoder) and refuses positions outside the chunk.
 
 Importing this module imports numba, and the first call loads the compiled function from
-numba's cache (compiles it, the first time on a machine): ~0.3 s of CPU per process, more than
+numba's cache (compiles it, the first time on a machine): ~0.4 s of CPU per process, more than
 a whole apply of a 269 MB checkpoint. So ``apply`` imports it only for patches with many changed
 elements (``apply.COMPILED_FROM``), and compiles it (:func:`warm`) before its workers fork.
 """
