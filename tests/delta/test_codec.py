@@ -105,3 +105,68 @@ def test_plane_estimate_of_large_16_bit_chunks_equals_per_plane_reference():
     reference = sum(codec._entropy_bytes(np.bincount(planes[:, i], minlength=256)) for i in range(2))
     assert codec.estimate_planes(bits) == reference
 
+
+
+# The raw low bits were packed with numpy's bit arrays (one byte per bit) before the word
+# packing; the format is those bytes, so the reference stays here, and only here.
+def _reference_pack_bits(vals: np.ndarray, k: int) -> bytes:
+    le = vals.astype(vals.dtype.newbyteorder("<"), copy=False)
+    bits = np.unpackbits(le.view(np.uint8).reshape(-1, vals.dtype.itemsize), axis=1, count=k, bitorder="little")
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def _reference_unpack_bits(raw: np.ndarray, m: int, k: int, work) -> np.ndarray:
+    size = np.dtype(work).itemsize
+    bits = np.unpackbits(raw, count=m * k, bitorder="little").reshape(m, k)
+    full = np.zeros((m, 8 * size), dtype=np.uint8)
+    full[:, :k] = bits
+    return np.packbits(full, axis=1, bitorder="little").view(np.dtype(work).newbyteorder("<")).reshape(m)
+
+
+@settings(max_examples=150, deadline=None)
+@given(width=st.sampled_from(WIDTHS), data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_bit_packing_equals_the_bit_array_reference(width, data, seed):
+    bits = 8 * np.dtype(width).itemsize
+    k = data.draw(st.integers(1, bits), label="k")
+    # both sides of the switch to word packing, and odd lengths (a partial row of eight values)
+    m = data.draw(st.one_of(st.integers(0, 40), st.integers(codec._WORD_PACK_FROM - 9, codec._WORD_PACK_FROM + 40),
+                            st.integers(0, 3 * codec._WORD_PACK_FROM)), label="m")
+    vals = np.random.default_rng(seed).integers(0, np.iinfo(width).max, size=m, dtype=width, endpoint=True)
+    packed = codec._pack_bits(vals, k)  # bits above k are ignored, as by the reference
+    assert packed == _reference_pack_bits(vals, k)
+    work = np.uint64 if bits == 64 else np.uint32
+    raw = np.frombuffer(packed, dtype=np.uint8)
+    back = codec._unpack_bits(raw, m, k, work)
+    assert back.dtype == work and np.array_equal(back, _reference_unpack_bits(raw, m, k, work))
+    low = vals.astype(np.uint64) & np.uint64((1 << k) - 1 if k < 64 else 2**64 - 1)
+    assert np.array_equal(back.astype(np.uint64), low)
+
+
+@settings(max_examples=60, deadline=None)
+@given(width=st.sampled_from(WIDTHS), n=st.integers(1, 6000), big_share=st.sampled_from([0.0, 0.01, 0.2, 0.3, 1.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_integer_streams_code_the_same_bytes_whichever_values_are_looked_up(width, n, big_share, seed):
+    # Values below 16 are their own symbols; where few values are larger, only those are looked
+    # up and grouped (``_FEW_RAW``). Both ways must write, and read back, the very same bytes.
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(width).max
+    v = rng.integers(0, 16, size=n).astype(width)
+    big = rng.random(n) < big_share
+    v[big] = rng.integers(16, top, size=int(big.sum()), dtype=width, endpoint=True) >> rng.integers(
+        0, max(1, 8 * np.dtype(width).itemsize - 5), size=int(big.sum())).astype(width)
+    v[big] = np.maximum(v[big], width(16))
+    coded = {}
+    saved = codec._FEW_RAW
+    try:
+        for few in (0, 10**9):  # always / never the lookup of the larger values alone
+            codec._FEW_RAW = few
+            out = codec._Out()
+            codec._encode_uints(out, v)
+            coded[few] = out.getvalue()
+            for read_few in (0, 10**9):
+                codec._FEW_RAW = read_few
+                back = codec._decode_uints(codec._In(coded[few], "t"), n, width)
+                assert back.dtype == width and np.array_equal(back, v)
+    finally:
+        codec._FEW_RAW = saved
+    assert coded[0] == coded[10**9]

@@ -155,21 +155,38 @@ _SYM_NBITS64 = _SYM_NBITS.astype(np.int64)
 _SYM_BASE_AS = {np.uint32: _SYM_BASE.astype(np.uint32), np.uint64: _SYM_BASE}  # decode's work types (no cast per chunk)
 
 
-def _symbolize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(symbol, raw-bit count, raw bits) per value, and the symbols' histogram (counted once
-    for both the size estimate and the coder)."""
-    sym, nbits, extra = _symbols_of(v)
-    return sym, nbits, extra, np.bincount(sym, minlength=_ALPHABET)
+_FEW_RAW = 4  # at most 1 in this many values has raw bits: look up and group only those
 
 
-def _symbols_of(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _symbolize(v: np.ndarray) -> tuple:
+    """(symbol per value, raw bits, the symbols' histogram): the histogram is counted once for
+    both the size estimate and the coder. Raw bits are (positions, raw-bit counts, raw bits):
+    positions None where the counts and bits are given for every value, else the ascending
+    positions of the values that have raw bits (all others have none)."""
+    sym, where, nbits, extra = _symbols_of(v)
+    return sym, (where, nbits, extra), np.bincount(sym, minlength=_ALPHABET)
+
+
+_NO_RAW = (np.zeros(0, np.intp), np.zeros(0, np.uint8), np.zeros(0, np.uint8))
+
+
+def _symbols_of(v: np.ndarray) -> tuple:
     top = int(v.max()) if v.size else 0
     if top < _DIRECT:  # every value is its own symbol (dense ULP steps): no lookups, no raw bits
-        return v.astype(np.uint8), np.zeros(v.size, np.uint8), np.zeros(v.size, v.dtype)
+        return (v.astype(np.uint8), *_NO_RAW)
     if v.dtype.itemsize > 2 and top < 1 << 16:
         v = v.astype(np.uint16)
     if v.dtype.itemsize <= 2:  # the common case (16-bit dtypes, small gaps): table lookups
-        return _SYM16[v], _NBITS16[v], v & _LOW16[v]
+        big = np.flatnonzero(v >= _DIRECT)
+        if big.size * _FEW_RAW <= v.size:
+            # mostly direct symbols (gaps of dense updates): the others looked up alone
+            sym = v.astype(np.uint8)
+            vb = v[big]
+            at = vb.astype(np.intp)
+            sym[big] = _SYM16[at]
+            return sym, big, _NBITS16[at], vb & _LOW16[at]
+        at = v.astype(np.intp)  # once: each lookup would convert a uint16 index again (3x slower)
+        return _SYM16[at], None, _NBITS16[at], v & _LOW16[at]
     length = _bit_length(v)
     big = length > 4
     nbits = np.where(big, length - 3, 0)
@@ -177,7 +194,7 @@ def _symbols_of(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     top = (v64 >> nbits.astype(np.uint64)) & np.uint64(3)
     sym = np.where(big, _DIRECT + (length - 5) * 4 + top.astype(np.int64), v64.astype(np.int64))
     extra = v64 & ((np.uint64(1) << nbits.astype(np.uint64)) - np.uint64(1))
-    return sym.astype(np.uint8), nbits.astype(np.uint8), extra
+    return sym.astype(np.uint8), None, nbits.astype(np.uint8), extra
 
 
 def _entropy_bytes(counts: np.ndarray) -> float:
@@ -188,7 +205,7 @@ def _entropy_bytes(counts: np.ndarray) -> float:
 
 def estimate_uints(v) -> float:
     """Estimated coded size in bytes of ``_encode_uints(v)`` (``v``: values or their symbols)."""
-    _, _, _, counts = _symbolize(v) if isinstance(v, np.ndarray) else v
+    counts = (_symbolize(v) if isinstance(v, np.ndarray) else v)[2]
     return _entropy_bytes(counts) + float((counts * _SYM_NBITS64).sum()) / 8  # raw bits: counted per symbol
 
 
@@ -267,21 +284,108 @@ class _In:
         return out
 
 
+_ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+def _low_mask(width) -> np.ndarray:
+    """All ones in the low ``width`` bits (1..64; scalar or per value); no shift by 64."""
+    return _ONES >> (np.uint64(64) - np.asarray(width, dtype=np.uint64))
+
+
+_WORD_PACK_FROM = 4096  # values in a group from which packing by words beats one byte per bit (measured)
+
+
 def _pack_bits(vals: np.ndarray, k: int) -> bytes:
     """The low ``k`` bits of each value, least significant first, concatenated (little bit order)."""
-    size = vals.dtype.itemsize
-    le = vals.astype(vals.dtype.newbyteorder("<"), copy=False)
-    bits = np.unpackbits(le.view(np.uint8).reshape(-1, size), axis=1, count=k, bitorder="little")
-    return np.packbits(bits, bitorder="little").tobytes()
+    m = vals.size
+    if m < _WORD_PACK_FROM:
+        # small groups (most groups of sparse updates): three numpy calls over one byte per bit
+        # cost less than the dozen calls of the word packing below
+        le = vals.astype(vals.dtype.newbyteorder("<"), copy=False)
+        bits = np.unpackbits(le.view(np.uint8).reshape(-1, vals.dtype.itemsize), axis=1, count=k, bitorder="little")
+        return np.packbits(bits, bitorder="little").tobytes()
+    # Eight values of k bits fill exactly k bytes: build each row of eight as ceil(k / 8) 64-bit
+    # words by shift-and-OR, one column at a time (all columns' offsets are the same constants),
+    # then keep each row's first k bytes.
+    rows = (m + 7) // 8
+    flat = np.zeros(rows * 8, dtype=vals.dtype)
+    flat[:m] = vals
+    if k < 8 * vals.dtype.itemsize:
+        flat &= vals.dtype.type((1 << k) - 1)
+    cols = np.empty((8, rows), dtype=np.uint64)
+    cols[...] = flat.reshape(rows, 8).T
+    words = (k + 7) // 8
+    acc = np.zeros((words, rows), dtype=np.uint64)
+    for c in range(8):
+        w, s = divmod(c * k, 64)
+        if s == 0:
+            acc[w] |= cols[c]
+            continue
+        acc[w] |= cols[c] << np.uint64(s)
+        if s + k > 64:
+            acc[w + 1] |= cols[c] >> np.uint64(64 - s)
+    rowbytes = np.ascontiguousarray(acc.T).astype("<u8", copy=False).view(np.uint8).reshape(rows, 8 * words)
+    return rowbytes[:, :k].tobytes()[:(m * k + 7) // 8]
+
+
+def _unpack_fields(raw: np.ndarray, bitpos: np.ndarray, width, top: int) -> np.ndarray:
+    """The ``width``-bit fields (little bit order) starting at bits ``bitpos`` (int64) of the
+    bytes ``raw``, as uint64 (``top``: the largest width; ``width`` a uint64 scalar or array).
+
+    Each field is read from the 8 bytes starting at its first byte (an unaligned 64-bit view of
+    the buffer: one gather per value); fields wider than 56 bits may need the byte after those.
+    """
+    total = raw.size
+    buf = np.zeros(total + 16, dtype=np.uint8)
+    buf[:total] = raw
+    windows = np.ndarray((total + 9,), dtype="<u8", buffer=buf, strides=(1,))
+    byte = bitpos >> 3  # int64: indexing with uint64 is 2-3x slower
+    shift = bitpos.view(np.uint64) & np.uint64(7)
+    vals = windows[byte] >> shift
+    if top > 56:
+        spill = np.flatnonzero(shift + width > 64)
+        if spill.size:
+            vals[spill] |= windows[byte[spill] + 8] << (np.uint64(64) - shift[spill])
+    vals &= _low_mask(width)
+    return vals
 
 
 def _unpack_bits(raw: np.ndarray, m: int, k: int, work) -> np.ndarray:
     """Inverse of :func:`_pack_bits`: ``m`` values of ``k`` bits as ``work`` (unsigned)."""
-    size = np.dtype(work).itemsize
-    bits = np.unpackbits(raw, count=m * k, bitorder="little").reshape(m, k)
-    full = np.zeros((m, 8 * size), dtype=np.uint8)
-    full[:, :k] = bits
-    return np.packbits(full, axis=1, bitorder="little").view(np.dtype(work).newbyteorder("<")).reshape(m)
+    return _unpack_fields(raw, np.arange(0, m * k, k, dtype=np.int64), np.uint64(k), k).astype(work, copy=False)
+
+
+def _raw_layout(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Where the raw low bits of a stream's values lie: the values with k raw bits (``counts[k]``
+    of them) are packed together, groups by ascending k, each group starting on a byte.
+
+    Returns (the ks that occur, per value in group order: its bit count and its first bit, the
+    total bytes).
+    """
+    ks = np.flatnonzero(counts[1:]) + 1
+    reps = counts[ks]
+    group_bytes = (reps * ks + 7) // 8
+    nbytes = int(group_bytes.sum())
+    m = int(reps.sum())
+    if len(ks) == 1:
+        k = int(ks[0])
+        return ks, np.uint64(k), np.arange(0, m * k, k, dtype=np.int64), nbytes
+    # value j of the whole sequence, in group k: bit 8 * (group k's first byte) + (j - first j of k) * k
+    first = (np.cumsum(group_bytes) - group_bytes) * 8 - (np.cumsum(reps) - reps) * ks
+    width = np.repeat(ks.astype(np.uint64), reps)
+    bitpos = np.arange(m, dtype=np.int64) * width.view(np.int64)
+    bitpos += np.repeat(first, reps)
+    return ks, width, bitpos, nbytes
+
+
+def _group_order(nbits: np.ndarray, counts: np.ndarray, ks: np.ndarray) -> np.ndarray | None:
+    """Positions of the values with raw bits, grouped by ascending bit count (ascending within
+    a group); None where that is every value in order."""
+    if len(ks) == 1:
+        return None if counts[0] == 0 else np.flatnonzero(nbits)
+    if len(ks) <= 3:  # few groups (dense ULP steps): a mask each is cheaper than a stable sort
+        return np.concatenate([np.flatnonzero(nbits == k) for k in ks])
+    return np.argsort(nbits, kind="stable")[counts[0]:]  # many groups (gaps of sparse updates)
 
 
 def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None, version: int = CODER_VERSION) -> None:
@@ -378,20 +482,25 @@ def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
 
 
 def _encode_uints(out: _Out, v, version: int = CODER_VERSION) -> None:
-    sym, nbits, extra, sym_counts = _symbolize(v) if isinstance(v, np.ndarray) else v
+    sym, (where, nbits, extra), sym_counts = _symbolize(v) if isinstance(v, np.ndarray) else v
     _encode_symbols(out, sym, sym_counts, version)
     # the raw low bits of values with the same bit count, packed together (ascending count);
     # how many values have each count follows from the symbols' histogram
     counts = np.bincount(_SYM_NBITS, weights=sym_counts, minlength=65).astype(np.int64)
-    if counts[0] == len(nbits):
+    if counts[0] == len(sym):
         return
-    for k, where in _by_bit_count(nbits, counts):
-        out.parts.append(_pack_bits(extra[where], k))
+    if where is not None:  # only the values with raw bits are listed
+        counts[0] = 0
+    for k, at in _by_bit_count(nbits, counts):
+        out.parts.append(_pack_bits(extra if at is None else extra[at], k))
 
 
-def _by_bit_count(nbits: np.ndarray, counts: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """(k, positions of the values with k raw bits, ascending) for each k > 0 that occurs."""
+def _by_bit_count(nbits: np.ndarray, counts: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+    """(k, positions of the values with k raw bits, ascending; None: every value) for each k > 0
+    that occurs (``counts[k]``: how many values of ``nbits`` have k)."""
     ks = np.flatnonzero(counts[1:]) + 1
+    if len(ks) == 1 and counts[0] == 0:
+        return [(int(ks[0]), None)]
     if len(ks) <= 3:  # few groups (dense ULP steps): a mask each is 4x cheaper than a stable sort
         return [(int(k), np.flatnonzero(nbits == k)) for k in ks]
     order = np.argsort(nbits, kind="stable")  # many groups (gaps of sparse updates): cheaper
@@ -409,46 +518,61 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
     if n and not sym_counts[_DIRECT:].any():  # every value is its own symbol (dense ULP steps): no raw bits
         return sym.astype(dtype)
     counts = np.bincount(_SYM_NBITS, weights=sym_counts, minlength=65).astype(np.int64)
-    ks = np.flatnonzero(counts[1:]) + 1  # the raw-bit counts that occur, ascending
-    width = 8 * np.dtype(dtype).itemsize
-    if len(ks) and int(ks[-1]) + 3 > width:
+    width_bits = 8 * np.dtype(dtype).itemsize
+    work = np.uint32 if width_bits <= 32 else np.uint64
+    ks, width, bitpos, nbytes = _raw_layout(counts)
+    if int(ks[-1]) + 3 > width_bits:
         raise inp._fail()
-    work = np.uint32 if width <= 32 else np.uint64
-    v = _SYM_BASE_AS[work][sym]
-    if counts[0] != n:
-        group_bytes = (counts * np.arange(65) + 7) // 8  # each bit count's raw bits, byte-padded
-        total = int(group_bytes.sum())
-        if inp.pos + total > len(inp.mv):
-            raise inp._fail()
-        raw = np.frombuffer(inp.mv[inp.pos:inp.pos + total], dtype=np.uint8)
-        inp.pos += total
-        byte0 = np.cumsum(group_bytes) - group_bytes
-        if int(ks[-1]) > 56:  # bits that may not fit one 64-bit window: group by group
-            nbits = _SYM_NBITS[sym]
-            for k, where in _by_bit_count(nbits, counts):
-                v[where] |= _unpack_bits(raw[byte0[k]:byte0[k] + group_bytes[k]], len(where), k, work)
-            return v.astype(dtype)
-        buf = np.zeros(total + 8, dtype=np.uint8)
-        buf[:total] = raw
-        windows = np.ndarray((total + 1,), dtype="<u8", buffer=buf, strides=(1,))
-        if len(ks) <= 3:  # few groups (dense ULP steps): a mask each, cheaper than a stable sort
-            nbits = _SYM_NBITS[sym]
-            for k, where in _by_bit_count(nbits, counts):
-                bitpos = int(byte0[k]) * 8 + np.arange(where.size, dtype=np.int64) * k
-                vals = windows[bitpos >> 3] >> (bitpos & 7).astype(np.uint64)
-                v[where] |= (vals & np.uint64((1 << k) - 1)).astype(work)
-        else:  # many groups (gaps of sparse updates): one sort, one pass (few numpy calls per chunk)
-            order = np.argsort(_SYM_NBITS[sym], kind="stable")[counts[0]:]
-            # In that order the values of each bit count k are consecutive: value j of group k
-            # starts at bit 8 * byte0[k] + j * k. Per group: the offset and mask, repeated.
-            reps = counts[ks]
-            kk = np.repeat(ks.astype(np.uint64), reps)
-            start = byte0[ks] * 8 - (np.cumsum(reps) - reps) * ks  # bit of "value 0" if groups were unpadded
-            bitpos = np.repeat(start.astype(np.uint64), reps) + np.arange(order.size, dtype=np.uint64) * kk
-            vals = windows[bitpos >> np.uint64(3)] >> (bitpos & np.uint64(7))
-            vals &= np.repeat((np.uint64(1) << ks.astype(np.uint64)) - np.uint64(1), reps)
-            v[order] |= vals.astype(work, copy=False)
+    if inp.pos + nbytes > len(inp.mv):
+        raise inp._fail()
+    raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
+    inp.pos += nbytes
+    vals = _unpack_fields(raw, bitpos, width, int(ks[-1])).astype(work, copy=False)
+    if (n - counts[0]) * _FEW_RAW <= n:
+        # mostly direct symbols (gaps of dense updates): they are their own values; only the
+        # others are looked up and completed with their raw bits
+        v = sym.astype(work)
+        big = np.flatnonzero(sym >= _DIRECT)
+        sb = sym[big]
+        vb = _SYM_BASE_AS[work][sb]
+        counts[0] = 0
+        order = _group_order(_SYM_NBITS[sb], counts, ks)
+    else:
+        v = _SYM_BASE_AS[work][sym.astype(np.intp)]
+        big, vb = None, v
+        order = None if len(ks) == 1 and counts[0] == 0 else _group_order(_SYM_NBITS[sym], counts, ks)
+    if order is None:
+        vb |= vals
+    else:
+        vb[order] |= vals
+    if big is not None:
+        v[big] = vb
     return v.astype(dtype, copy=False)
+
+
+def _symbols_and_raw(inp: _In, n: int, width_bits: int, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`_decode_uints` reads, undecoded: (symbols, the raw-bit bytes, the first bit of
+    each raw-bit count's group), with the same checks."""
+    sym = _decode_symbols(inp, n, version)
+    counts = np.bincount(_SYM_NBITS, weights=np.bincount(sym, minlength=_ALPHABET), minlength=65).astype(np.int64)
+    ks = np.flatnonzero(counts[1:]) + 1
+    if len(ks) and int(ks[-1]) + 3 > width_bits:
+        raise inp._fail()
+    group_bytes = (counts * np.arange(65) + 7) // 8
+    nbytes = int(group_bytes.sum())
+    if inp.pos + nbytes > len(inp.mv):
+        raise inp._fail()
+    raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
+    inp.pos += nbytes
+    return _readonly(sym), _readonly(raw), (np.cumsum(group_bytes) - group_bytes) * 8
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: the compiled decoder is compiled once per kind of array it is given, and
+    symbols come writable or not depending on how they were stored."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION) -> None:
@@ -530,12 +654,14 @@ def _code(encoding: int, k: int, streams: tuple, version: int) -> bytes:
 
 
 def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_float: bool,
-                 where: str, inplace: bool = False, version: int = CODER_VERSION) -> np.ndarray:
+                 where: str, inplace: bool = False, version: int = CODER_VERSION, compiled=None) -> np.ndarray:
     """Rebuild the new bits of a chunk (``n`` elements of unsigned ``dtype``) coded with the
     symbol coder of patch schema ``version``.
 
     ``inplace=True`` writes the result over ``old`` and returns it (no copy of the chunk);
     otherwise ``old`` is left as it is (an unchanged chunk returns ``old`` itself).
+    ``compiled``: ``compiled.sparse_delta_apply`` to decode sparse ULP-step chunks of dtypes up
+    to 32 bits in one compiled pass (the same bits), or None for numpy throughout.
     """
     if encoding == SAME:
         if old is None:
@@ -549,6 +675,12 @@ def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_
     k = inp.varint()
     if k > n:
         raise inp._fail()
+    if encoding == SPARSE_DELTA and compiled is not None and version >= 2 and np.dtype(dtype).itemsize <= 4:
+        new = old if inplace else old.copy()
+        gaps, deltas = _symbols_and_raw(inp, k, 64, version), _symbols_and_raw(inp, k, 8 * new.itemsize, version)
+        if not compiled(new, *gaps, *deltas, _SYM_BASE, _SYM_NBITS, 8 * new.itemsize, is_float):
+            raise inp._fail()
+        return new
     if encoding in (SPARSE_DELTA, SPARSE_BITS):
         gaps = _decode_uints(inp, k, np.int64, version)
         idx = np.cumsum(gaps + 1) - 1
