@@ -355,27 +355,26 @@ def _unpack_bits(raw: np.ndarray, m: int, k: int, work) -> np.ndarray:
     return _unpack_fields(raw, np.arange(0, m * k, k, dtype=np.int64), np.uint64(k), k).astype(work, copy=False)
 
 
-def _raw_layout(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _raw_layout(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where the raw low bits of a stream's values lie: the values with k raw bits (``counts[k]``
     of them) are packed together, groups by ascending k, each group starting on a byte.
 
-    Returns (the ks that occur, per value in group order: its bit count and its first bit, the
-    total bytes).
+    Returns (the ks that occur, per value in group order: its bit count and its first bit); the
+    bytes themselves are taken by :func:`_take_raw`.
     """
     ks = np.flatnonzero(counts[1:]) + 1
     reps = counts[ks]
     group_bytes = (reps * ks + 7) // 8
-    nbytes = int(group_bytes.sum())
     m = int(reps.sum())
     if len(ks) == 1:
         k = int(ks[0])
-        return ks, np.uint64(k), np.arange(0, m * k, k, dtype=np.int64), nbytes
+        return ks, np.uint64(k), np.arange(0, m * k, k, dtype=np.int64)
     # value j of the whole sequence, in group k: bit 8 * (group k's first byte) + (j - first j of k) * k
     first = (np.cumsum(group_bytes) - group_bytes) * 8 - (np.cumsum(reps) - reps) * ks
     width = np.repeat(ks.astype(np.uint64), reps)
     bitpos = np.arange(m, dtype=np.int64) * width.view(np.int64)
     bitpos += np.repeat(first, reps)
-    return ks, width, bitpos, nbytes
+    return ks, width, bitpos
 
 
 def _group_order(nbits: np.ndarray, counts: np.ndarray, ks: np.ndarray) -> np.ndarray | None:
@@ -520,13 +519,8 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
     counts = np.bincount(_SYM_NBITS, weights=sym_counts, minlength=65).astype(np.int64)
     width_bits = 8 * np.dtype(dtype).itemsize
     work = np.uint32 if width_bits <= 32 else np.uint64
-    ks, width, bitpos, nbytes = _raw_layout(counts)
-    if int(ks[-1]) + 3 > width_bits:
-        raise inp._fail()
-    if inp.pos + nbytes > len(inp.mv):
-        raise inp._fail()
-    raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
-    inp.pos += nbytes
+    raw, _ = _take_raw(inp, counts, width_bits)
+    ks, width, bitpos = _raw_layout(counts)
     vals = _unpack_fields(raw, bitpos, width, int(ks[-1])).astype(work, copy=False)
     if (n - counts[0]) * _FEW_RAW <= n:
         # mostly direct symbols (gaps of dense updates): they are their own values; only the
@@ -555,6 +549,16 @@ def _symbols_and_raw(inp: _In, n: int, width_bits: int, version: int) -> tuple[n
     each raw-bit count's group), with the same checks."""
     sym = _decode_symbols(inp, n, version)
     counts = np.bincount(_SYM_NBITS, weights=np.bincount(sym, minlength=_ALPHABET), minlength=65).astype(np.int64)
+    raw, first_byte = _take_raw(inp, counts, width_bits)
+    return _readonly(sym), _readonly(raw), first_byte * 8
+
+
+def _take_raw(inp: _In, counts: np.ndarray, width_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The raw-bit bytes that follow a stream's symbols (``counts[k]``: its values with k raw
+    bits; each k's group starts on a byte), checked against the value width and the input's end.
+
+    Returns (the bytes, the first byte of each k's group, indexed by k).
+    """
     ks = np.flatnonzero(counts[1:]) + 1
     if len(ks) and int(ks[-1]) + 3 > width_bits:
         raise inp._fail()
@@ -564,7 +568,7 @@ def _symbols_and_raw(inp: _In, n: int, width_bits: int, version: int) -> tuple[n
         raise inp._fail()
     raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
     inp.pos += nbytes
-    return _readonly(sym), _readonly(raw), (np.cumsum(group_bytes) - group_bytes) * 8
+    return raw, np.cumsum(group_bytes) - group_bytes
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
