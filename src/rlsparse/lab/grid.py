@@ -96,9 +96,10 @@ def _prepared(run, trained_as: Recipe, shared: dict) -> dict:
     return shared
 
 
-def train_learning_rate(run, trained_as: Recipe, lr: float, shared: dict) -> dict[int, dict]:
+def train_learning_rate(run, trained_as: Recipe, lr: float, shared: dict) -> tuple[dict[int, dict], bool]:
     """Train one learning rate of a grid to its last checkpoint and measure every checkpoint not yet
-    on disk (a checkpoint saved but unmeasured is measured, not retrained); returns them by step.
+    on disk (a checkpoint saved but unmeasured is measured, not retrained); returns them by step,
+    and whether any was measured now (False: all were on disk already).
 
     Args:
         run: The lab run.
@@ -110,7 +111,7 @@ def train_learning_rate(run, trained_as: Recipe, lr: float, shared: dict) -> dic
     folders = {s: _folder(run.opts.out, trained_as.name, lr, s) for s in steps}
     done = {s: runner._finished(f) for s, f in folders.items()}
     if all(d is not None for d in done.values()):
-        return done
+        return done, False
     prep = _prepared(run, trained_as, shared)
     rows, start = prep["rows"], prep["start"]
     cell = runner.train_cell(run, trained_as, lr, rows, start=start)
@@ -131,7 +132,7 @@ def train_learning_rate(run, trained_as: Recipe, lr: float, shared: dict) -> dic
     run.log(f"    {trained_as.name} lr={lr:g}: " + ", ".join(
         f"step {s} sparsity {done[s]['sparsity']['1e-05']:.1%} gain {100 * done[s]['accuracy_gain'][fam]:+.1f}"
         for s in steps))
-    return done
+    return done, True
 
 
 def train_learning_rates(run, recipe: Recipe, lrs: list[float]) -> None:
@@ -158,8 +159,7 @@ def run_grid(run, recipe: Recipe, progress=None) -> dict:
     for lr in sorted(trained_as.learning_rates, reverse=True):
         label = f"{recipe.name} grid lr={lr:g} ({len(steps)} checkpoints to step {max(steps)})"
         begun = time.time()
-        fresh = any(runner._finished(_folder(run.opts.out, recipe.name, lr, s)) is None for s in steps)
-        by_lr[lr] = train_learning_rate(run, trained_as, lr, shared)
+        by_lr[lr], fresh = train_learning_rate(run, trained_as, lr, shared)
         if progress and fresh:
             progress.finish(label, time.time() - begun)
         elif progress:
