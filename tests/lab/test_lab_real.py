@@ -85,6 +85,27 @@ def test_chat_rows_are_trl_conversations():
     assert rows[1] == {"prompt": sft[1]["prompt"], "answer": probs[1].answer, "style": "chat"}
 
 
+def test_table5_controls_on_chat_replies_keep_the_policy_s_pairs():
+    probs = split("add", seed=0, n_test=10, style="chat")[1][:3]
+    a, b = probs[0].answer, probs[1].answer
+    samples = [[f"The answer is {a}.", "12 + 345 = 7"], [f"{b}", "no"], ["1", "2"]]
+    policy = labdata.policy_pairs(probs, samples)
+    assert [r["prompt"] for r in policy] == [[{"role": "user", "content": probs[0].prompt}]]
+    # Reversed notation: every number's digits reversed, the words and the pairing kept.
+    (fmt,) = labdata.format_pairs(probs, samples)
+    assert fmt["prompt"] == policy[0]["prompt"]
+    assert fmt["chosen"] == [{"role": "assistant", "content": f"The answer is {a[::-1]}."}]
+    assert fmt["rejected"] == [{"role": "assistant", "content": "21 + 543 = 7"}]
+    # Random rejected: the same chosen reply, a wrong number of the answer's length as the whole
+    # rejected reply; every problem with a correct sample keeps a pair (the second has no wrong one).
+    rand = labdata.random_rejected_pairs(probs, samples, seed=0)
+    assert [r["chosen"] for r in rand] == [policy[0]["chosen"], [{"role": "assistant", "content": b}]]
+    for r, answer in zip(rand, (a, b)):
+        (msg,) = r["rejected"]
+        assert msg["role"] == "assistant" and msg["content"] != answer and len(msg["content"]) == len(answer)
+        assert msg["content"].isdigit() and not msg["content"].startswith("0")
+
+
 def test_the_real_suite_is_preregistered_and_its_recipes_load():
     from rlsparse.lab.preregistration import load_preregistration
     from rlsparse.lab.recipes import recipe_dir
@@ -212,7 +233,7 @@ def test_two_steps_of_grpo_and_dpo_on_the_real_base(tmp_path):
 def test_every_real_recipe_builds_a_valid_trainer_config(tmp_path):
     """Each real recipe's 'trl' block is accepted by its trainer's config class, as the real run will
     build it (a typo would otherwise surface an hour into a background run)."""
-    from rlsparse.lab.runner import _trl_config
+    from rlsparse.lab.runner import _trl_config, pre_sft_recipe
 
     suite = load_suite("real")
     for name in suite.recipes:
@@ -225,6 +246,10 @@ def test_every_real_recipe_builds_a_valid_trainer_config(tmp_path):
             for key, value in recipe.trl.items():
                 got = getattr(args, key)
                 assert (got.value if hasattr(got, "value") else got) == value, (name, key)
+            if recipe.pre_sft:  # the SFT before it keeps the chat-length limit, not the lab's 32 tokens
+                sft = pre_sft_recipe(recipe)
+                args = _trl_config(sft, sft.learning_rates[0], str(tmp_path), "cpu")
+                assert args.max_length == recipe.trl["max_length"] and args.max_steps == recipe.pre_sft["steps"]
 
 
 def test_a_run_can_be_extended_with_more_seeds_but_not_with_other_ones(tiny_base, tmp_path):

@@ -9,6 +9,7 @@ messages that TRL sends through the tokenizer's chat template, as the evaluation
 from __future__ import annotations
 
 import random
+import re
 
 from rlsparse.lab.tasks import Problem, answer_of
 
@@ -138,14 +139,23 @@ def reformat(answer: str) -> str:
     return answer[::-1]
 
 
+def reformat_reply(text: str) -> str:
+    """A chat reply in a notation the real base never writes: every number's digits reversed, the
+    words kept ("12 + 34 = 46" -> "21 + 43 = 64"; "The answer is 46." -> "The answer is 64.")."""
+    return re.sub(r"\d+", lambda m: m.group()[::-1], text)
+
+
 def format_pairs(problems: list[Problem], samples: list[list[str]]) -> list[dict]:
     """``policy_pairs`` rewritten in the reversed-digit format: the same preferences, in text the base
     finds unlikely (out of distribution) until an SFT on that format makes it likely (Table 5).
-    Plain prompts only (the tiny base): a chat reply is more than its digits."""
-    if any(p.style == "chat" for p in problems):
-        from rlsparse.errors import UsageError
 
-        raise UsageError("format_pairs reverse a bare answer's digits; they are defined for the tiny base's plain "
-                         "prompts, not chat replies; use another data kind on the real base")
-    return [{"prompt": r["prompt"], "chosen": reformat(r["chosen"]), "rejected": reformat(r["rejected"])}
+    A plain (tiny-base) pair is a bare answer, reversed whole; a chat reply keeps its words and has
+    the digits of each of its numbers reversed, so chosen and rejected keep the policy's phrasing
+    and only the notation is new. The report measures how unlikely that makes them (target NLL)."""
+    def fmt(reply):
+        if isinstance(reply, list):  # a chat reply: TRL's list of messages
+            return [{**m, "content": reformat_reply(m["content"])} for m in reply]
+        return reformat(reply)
+
+    return [{"prompt": r["prompt"], "chosen": fmt(r["chosen"]), "rejected": fmt(r["rejected"])}
             for r in policy_pairs(problems, samples)]

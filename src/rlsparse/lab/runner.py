@@ -729,12 +729,19 @@ def _text_pair(tokenizer, prompt, target) -> tuple[str, str]:
     return prompt, str(target)
 
 
+def pre_sft_recipe(recipe: Recipe) -> Recipe:
+    """The SFT a recipe with ``pre_sft`` runs first: its learning rate and steps, the recipe's
+    ``max_length`` (a chat reply with its template is longer than the lab's default)."""
+    keep = {k: v for k, v in recipe.trl.items() if k == "max_length"}
+    return replace(recipe, name=f"{recipe.name}-pre-sft", algorithm="sft", data="ground_truth", trl=keep,
+                   steps=int(recipe.pre_sft["steps"]), learning_rates=[float(recipe.pre_sft["learning_rate"])],
+                   pre_sft=None, conjecture=False)
+
+
 def _pre_sft(run: _Run, recipe: Recipe, rows: list[dict]) -> Path:
     """SFT the base on the chosen answers of a recipe's pairs (Table 5's manipulation); the recipe's start."""
     folder = run.opts.out / "runs" / recipe.name / f"pre-sft-seed{recipe.seed}"
-    sft = replace(recipe, name=f"{recipe.name}-pre-sft", algorithm="sft", data="ground_truth", trl={},
-                  steps=int(recipe.pre_sft["steps"]), learning_rates=[float(recipe.pre_sft["learning_rate"])],
-                  pre_sft=None, conjecture=False)
+    sft = pre_sft_recipe(recipe)
     sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
     run.log(f"  {recipe.name}: SFT first on {len(sft_rows)} chosen answers, lr {sft.learning_rates[0]:g}, "
             f"{sft.steps} steps")
