@@ -74,3 +74,15 @@ def test_library_refuses_an_existing_run_without_resume(tmp_path):
     _hold_a_run(out)
     with pytest.raises(OutputError, match="already holds a lab run"):
         run_lab(["grpo"], LabOptions(out=out, quick=True))
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--grid-lrs", "1e-6"], "--grid-lrs chooses learning rates of a --grid run; add --grid"),
+    (["--grid", "--grid-lrs", "1e-6,x"], "--grid-lrs '1e-6,x': expected comma-separated positive learning rates"),
+    (["--grid", "--grid-lrs", "0"], "--grid-lrs '0': expected comma-separated positive learning rates"),
+])
+def test_grid_lrs_is_checked_before_any_work(tmp_path, capsys, extra, says):
+    assert main(["lab", "run", "grpo", "--quick", "--out", str(tmp_path / "run"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

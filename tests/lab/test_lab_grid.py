@@ -323,3 +323,36 @@ def test_a_grid_on_worker_processes_saves_the_same_checkpoints(grid_run, tiny_ba
             assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
         summary = [{k: v for k, v in g[name].items() if k != "points"} for g in (one, two)]
         assert summary[0] == summary[1]
+
+
+def test_grid_lrs_trains_part_of_a_grid_and_resume_trains_the_rest(grid_run, tiny_base, monkeypatch):
+    """--grid-lrs 1e-3: only that learning rate of each grid is trained (its checkpoints equal the
+    whole grid's), the entries say the grids are unfinished; a later session trains only the rest."""
+    tmp, recipes, out = grid_run
+    calls = []
+    real = runner.train_checkpoints
+    monkeypatch.setattr(runner, "train_checkpoints", lambda *a, **k: calls.append((a[1].name, a[2])) or real(*a, **k))
+    part = tmp / "part"
+    runner.run_lab(recipes, _opts(tiny_base, part, grid=True, grid_learning_rates=[1e-3]), log=lambda m: None)
+    assert calls == [("g_sft", 1e-3), ("g_dpo", 1e-3)]
+    whole = json.loads((out / "results.json").read_text())["grid"]
+    drop = {"seconds", "eval_seconds", "eval_load_seconds", "step_cost", "phase_seconds"}
+    strip = lambda points: [{k: v for k, v in p.items() if k not in drop} for p in points]  # noqa: E731
+    got = json.loads((part / "results.json").read_text())["grid"]
+    for name in ("g_sft", "g_dpo"):
+        assert got[name]["complete"] is False
+        assert strip(got[name]["points"]) == strip([p for p in whole[name]["points"] if p["learning_rate"] == 1e-3])
+    calls.clear()
+    runner.run_lab(recipes, _opts(tiny_base, part, grid=True), log=lambda m: None, resume=True)
+    assert calls == [("g_sft", 1e-2), ("g_dpo", 1e-2)]
+    got = json.loads((part / "results.json").read_text())["grid"]
+    for name in ("g_sft", "g_dpo"):
+        assert got[name]["complete"] is True and strip(got[name]["points"]) == strip(whole[name]["points"])
+
+
+def test_grid_lrs_must_be_learning_rates_of_the_grids(grid_run, tiny_base, tmp_path):
+    _, recipes, _ = grid_run
+    with pytest.raises(UsageError, match=r"--grid-lrs 5e-05: not a learning rate of these recipes' grids \(0.001, 0.01\)"):
+        runner.run_lab(recipes, _opts(tiny_base, tmp_path / "run", grid=True, grid_learning_rates=[1e-3, 5e-5]),
+                       log=lambda m: None)
+    assert not (tmp_path / "run").exists()

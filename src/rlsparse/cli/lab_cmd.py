@@ -57,6 +57,9 @@ def add_lab_parser(sub) -> None:
     run.add_argument("--grid", action="store_true",
                      help="run each recipe's learning-rate x steps grid (its 'grid' field: one run per learning rate, "
                           "measured at every listed step) instead of its sweep; 'all'/'real' take the recipes with a grid")
+    run.add_argument("--grid-lrs", metavar="LR,LR,...", default=None,
+                     help="with --grid: train only these of the grids' learning rates in this session (e.g. 5e-7,1e-6); "
+                          "the others stay planned and a later --resume trains them")
     run.add_argument("--seeds", metavar="S,S,...", default=None,
                      help="run every recipe with these seeds (e.g. 0,1,2), replacing the recipes' own")
     run.set_defaults(func=_run)
@@ -143,6 +146,17 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers such as 0,1,2")
+    grid_lrs = None
+    if args.grid_lrs is not None:
+        if not args.grid:
+            raise UsageError("--grid-lrs chooses learning rates of a --grid run; add --grid, or drop --grid-lrs")
+        try:
+            grid_lrs = [float(v) for v in args.grid_lrs.split(",") if v.strip()]
+        except ValueError:
+            grid_lrs = []
+        if not grid_lrs or any(not lr > 0 for lr in grid_lrs):
+            raise UsageError(f"--grid-lrs {args.grid_lrs!r}: expected comma-separated positive learning rates "
+                             "such as 5e-7,1e-6")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("lab-%Y%m%d-%H%M%S")
     opts = LabOptions(out=out, model=args.model, device=args.device, dataset=args.dataset, quick=args.quick,
                       checkpoint_dtype="float32" if args.fp32_checkpoints else "bfloat16",
@@ -150,7 +164,8 @@ def _run(args: argparse.Namespace) -> int:
                       weights="bfloat16" if args.pure_bf16 else "float32",
                       cache_dir=args.cache_dir, conjecture=not args.no_conjecture, threads=args.threads, trace=not args.no_trace,
                       progress=args.progress, jobs=args.jobs,
-                      base=BaseConfig().with_overrides(args.base), real_base=real, seeds=seeds, grid=args.grid)
+                      base=BaseConfig().with_overrides(args.base), real_base=real, seeds=seeds, grid=args.grid,
+                      grid_learning_rates=grid_lrs)
     run_dir = run_lab(names, opts, resume=args.resume)
     print(f"run folder: {run_dir}")
     return 0

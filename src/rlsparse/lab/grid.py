@@ -17,6 +17,7 @@ step still missing.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,12 @@ from rlsparse.lab import trained as trained_record
 from rlsparse.lab.recipes import Recipe
 
 
+def selected(lr: float, chosen: list[float] | None) -> bool:
+    """Whether a grid's learning rate is one this session trains (``LabOptions.grid_learning_rates``;
+    None: all of them), matched as the runner matches learning rates."""
+    return chosen is None or any(math.isclose(lr, c, rel_tol=1e-9) for c in chosen)
+
+
 def grid_recipe(recipe: Recipe) -> Recipe:
     """The recipe a grid trains: its grid's learning rates, and as many steps as the largest checkpoint."""
     if recipe.grid is None:
@@ -35,9 +42,10 @@ def grid_recipe(recipe: Recipe) -> Recipe:
     return replace(recipe, learning_rates=list(recipe.grid["learning_rates"]), steps=max(recipe.grid["checkpoints"]))
 
 
-def cells(recipe: Recipe) -> int:
-    """Planned progress units of a recipe's grid: one per learning rate (a training and its checkpoints)."""
-    return len(recipe.grid["learning_rates"]) if recipe.grid else 0
+def cells(recipe: Recipe, chosen: list[float] | None = None) -> int:
+    """Planned progress units of a recipe's grid this session: one per learning rate (a training and
+    its checkpoints), of those ``chosen`` (None: all)."""
+    return sum(selected(lr, chosen) for lr in recipe.grid["learning_rates"]) if recipe.grid else 0
 
 
 def _folder(out: Path, name: str, lr: float, step: int) -> Path:
@@ -146,6 +154,8 @@ def run_grid(run, recipe: Recipe, progress=None) -> dict:
     """Train and measure one recipe's grid (first seed); returns its results entry with one point per checkpoint.
 
     Checkpoints already on disk (a resumed run, or worker processes of ``lab.parallel``) are read back.
+    With ``grid_learning_rates`` only those are trained, and the entry is what the disk holds
+    (``entry_on_disk``: ``complete`` False while learning rates are missing; None if nothing is there).
 
     Example:
         >>> entry = run_grid(run, load_recipe("grpo"))
@@ -154,9 +164,12 @@ def run_grid(run, recipe: Recipe, progress=None) -> dict:
     trained_as = grid_recipe(replace(recipe, seed=recipe.seeds[0]))
     steps, shared = trained_as.grid["checkpoints"], {}
     by_lr: dict[float, dict[int, dict]] = {}
+    chosen = run.opts.grid_learning_rates
     # Largest learning rate first: it is the one most likely to reach the matched gain, so a grid
     # stopped early (hours on a CPU) already holds its most telling run. Points keep the grid's order.
     for lr in sorted(trained_as.learning_rates, reverse=True):
+        if not selected(lr, chosen):
+            continue
         label = f"{recipe.name} grid lr={lr:g} ({len(steps)} checkpoints to step {max(steps)})"
         begun = time.time()
         by_lr[lr], fresh = train_learning_rate(run, trained_as, lr, shared)
@@ -164,6 +177,8 @@ def run_grid(run, recipe: Recipe, progress=None) -> dict:
             progress.finish(label, time.time() - begun)
         elif progress:
             progress.skip(label)
+    if len(by_lr) < len(trained_as.learning_rates):  # part of the grid this session (--grid-lrs)
+        return entry_on_disk(run.opts.out, recipe.to_dict())
     points = [by_lr[lr][s] for lr in trained_as.learning_rates for s in steps]
     summary = run.opts.out / "grid" / recipe.name / "entry.json"
     return {"recipe": recipe.to_dict(), **json.loads(summary.read_text()), "points": points, "complete": True}

@@ -138,7 +138,8 @@ def _grid_tasks(run, recipe, deps: set[str]) -> dict[str, Task]:
 
     steps = recipe.grid["checkpoints"]
     todo = [lr for lr in sorted(recipe.grid["learning_rates"], reverse=True)
-            if any(runner._finished(grid._folder(run.opts.out, recipe.name, lr, s)) is None for s in steps)]
+            if grid.selected(lr, run.opts.grid_learning_rates)
+            and any(runner._finished(grid._folder(run.opts.out, recipe.name, lr, s)) is None for s in steps)]
     weight = (2.0 if recipe.algorithm in _ON_POLICY else 1.0) * max(steps)
     groups = [todo] if recipe.pre_sft and todo else [[lr] for lr in todo]
     labels = [f"{recipe.name} grid lr={'/'.join(f'{lr:g}' for lr in lrs)}" for lrs in groups]

@@ -85,6 +85,9 @@ class LabOptions:
         rank_matrices: Update rank (Table 2) on this many matrices, evenly spaced (None: all).
         grid: Run each recipe's learning-rate x steps ``grid`` (``lab.grid``) instead of its sweep
             and Conjecture 1 ("all" and "real" take the recipes that have a grid).
+        grid_learning_rates: With ``grid``, train only these of each grid's learning rates in this
+            session (None: all). The others stay planned: the report counts the grid as unfinished and
+            a later ``--resume`` trains them. Each must be a learning rate of some named recipe's grid.
         table4_pairs: Table 4's data and algorithm pairs (``Suite.table4_pairs``; the real suite sets
             them), recorded in run.json and measured by ``lab.overlaps`` when the report renders.
         table4_declared: When those pairs were chosen (shown beside them).
@@ -121,6 +124,7 @@ class LabOptions:
     sample_batch: int = 256
     rank_matrices: int | None = None
     grid: bool = False
+    grid_learning_rates: list[float] | None = None
     table4_pairs: list[dict] = field(default_factory=list)
     table4_declared: str = ""
     jobs: int | str | None = None
@@ -962,7 +966,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     if opts.seeds:
         recipes = [replace(r, seeds=list(opts.seeds), seed=opts.seeds[0]) for r in recipes]
     if opts.grid:
-        recipes = _grid_recipes(recipes, everything)
+        recipes = _grid_recipes(recipes, everything, opts.grid_learning_rates)
     out = Path(opts.out)
     held = (out / "run.json").is_file()
     if held and not resume:
@@ -1056,11 +1060,13 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         from rlsparse.lab import grid
 
         results["grid"] = dict(earlier.get("grid") or {})
-        progress = Progress(sum(grid.cells(r) for r in recipes), log)
+        progress = Progress(sum(grid.cells(r, opts.grid_learning_rates) for r in recipes), log)
         for recipe in recipes:
             log(f"grid {recipe.name} ({recipe.algorithm}): learning rates {recipe.grid['learning_rates']} x "
                 f"checkpoints at steps {recipe.grid['checkpoints']}")
-            results["grid"][recipe.name] = grid.run_grid(run, recipe, progress)
+            entry = grid.run_grid(run, recipe, progress)
+            if entry is not None:  # None: --grid-lrs left this recipe nothing to train and none on disk
+                results["grid"][recipe.name] = entry
             _write_json(out / "results.json", results)
     progress = Progress(sum(len(r.learning_rates) * len(r.seeds) for r in recipes) + len(conj), log)
     for recipe in recipes if not opts.grid else []:
@@ -1086,8 +1092,9 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
     return out
 
 
-def _grid_recipes(recipes: list[Recipe], everything: bool) -> list[Recipe]:
-    """The recipes a ``--grid`` run trains: every named one must have a grid; "all"/"real" keep those that do."""
+def _grid_recipes(recipes: list[Recipe], everything: bool, chosen: list[float] | None = None) -> list[Recipe]:
+    """The recipes a ``--grid`` run trains: every named one must have a grid; "all"/"real" keep those that do.
+    ``chosen`` (``grid_learning_rates``) must each be a learning rate of one of their grids."""
     with_grid = [r for r in recipes if r.grid]
     lacking = [r.name for r in recipes if not r.grid]
     if lacking and not everything:
@@ -1095,6 +1102,13 @@ def _grid_recipes(recipes: list[Recipe], everything: bool) -> list[Recipe]:
                          f"name recipes that do ({', '.join(r.name for r in with_grid) or 'none of these'}) or add one")
     if not with_grid:
         raise UsageError("--grid: none of these recipes has a 'grid'; add one to a recipe file")
+    from rlsparse.lab.grid import selected
+
+    planned = sorted({lr for r in with_grid for lr in r.grid["learning_rates"]})
+    foreign = [lr for lr in chosen or [] if not selected(lr, planned)]
+    if foreign:
+        raise UsageError(f"--grid-lrs {','.join(f'{lr:g}' for lr in foreign)}: not a learning rate of these recipes' "
+                         f"grids ({', '.join(f'{lr:g}' for lr in planned)}); pick from those")
     return with_grid
 
 
