@@ -32,18 +32,6 @@ def _raw_bits(raw, pos, k):
     return bits
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _big_value(s, raw, cur, sym_base, sym_nbits):
-    """The value of a symbol >= 16: its base OR its raw bits, read at its bit count's cursor
-    (``cur[k]``, advanced). Called only for those symbols: a helper that also took the symbols
-    below 16 (most of them) made the decoder ~13x slower, inlined or not; this one costs
-    nothing measurable (docs/delta.md, sixth round)."""
-    k = np.int64(sym_nbits[s])
-    v = np.int64(sym_base[s]) | _raw_bits(raw, cur[k], k)
-    cur[k] += k
-    return v
-
-
 @numba.njit(cache=True, nogil=True)
 def sparse_delta_apply(old, gsym, graw, gstart, dsym, draw, dstart, sym_base, sym_nbits, width, is_float):
     """Write a SPARSE_DELTA chunk's new bits over ``old`` (its base bits, unsigned, ``width`` <= 32
@@ -59,11 +47,13 @@ def sparse_delta_apply(old, gsym, graw, gstart, dsym, draw, dstart, sym_base, sy
     low = top - 1
     pos = np.int64(-1)
     for i in range(gsym.size):
-        # a symbol below 16 is its value; else its base and raw bits
+        # a symbol below 16 is its value; else its base and raw bits, read at its bit count's cursor
         s = gsym[i]
         gap = np.int64(s)
         if s >= 16:
-            gap = _big_value(s, graw, gcur, sym_base, sym_nbits)
+            k = np.int64(sym_nbits[s])
+            gap = np.int64(sym_base[s]) | _raw_bits(graw, gcur[k], k)
+            gcur[k] += k
             if gap < 0 or gap >= n:
                 return False
         pos += gap + 1
@@ -72,7 +62,9 @@ def sparse_delta_apply(old, gsym, graw, gstart, dsym, draw, dstart, sym_base, sy
         s = dsym[i]
         z = np.int64(s)
         if s >= 16:
-            z = _big_value(s, draw, dcur, sym_base, sym_nbits)
+            k = np.int64(sym_nbits[s])
+            z = np.int64(sym_base[s]) | _raw_bits(draw, dcur[k], k)
+            dcur[k] += k
         step = ((z >> 1) ^ -(z & 1)) & mask  # unzigzag, wrapped to the width
         x = np.int64(old[pos])
         if is_float:  # onto the ordered line (negative: every bit flipped; else the sign set), step, back
