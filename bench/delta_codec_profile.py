@@ -59,15 +59,17 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--plain", action="store_true", help="no profiler: the least CPU of --repeat passes")
     ap.add_argument("--compiled", action="store_true",
-                    help="decode sparse ULP-step chunks with the compiled (numba) decoder, as apply does for dense patches")
+                    help="code and decode sparse chunks with the compiled (numba) functions, as pack and apply do "
+                         "for large checkpoints and dense patches")
     ap.add_argument("--decode-only", action="store_true", help="skip timing the encoder")
     args = ap.parse_args()
-    fast = None
+    fast = fast_encode = None
     if args.compiled:
         from rlsparse.delta import compiled
 
-        compiled.warm([np.uint8, np.uint16, np.uint32])  # load or compile it before any clock runs
+        compiled.warm([np.uint8, np.uint16, np.uint32])  # load or compile them before any clock runs
         fast = compiled.sparse_delta_apply
+        fast_encode = getattr(compiled, "sparse_delta_symbols", None)  # older versions: numpy encodes
     work = chunks(args.base, args.finetuned, [m for m in args.match.split(",") if m], args.budget_mb << 20)
     changes = [np.flatnonzero(old != new) for old, new, _ in work]  # pack finds them while hashing
     coded = [codec.encode_chunk(old, new, is_float, changed=idx) for (old, new, is_float), idx in zip(work, changes)]
@@ -85,7 +87,10 @@ def main() -> None:
                 prof.enable()
             for (old, new, is_float), idx, (enc, _, data) in zip(work, changes, coded):
                 if what == "encode":
-                    codec.encode_chunk(old, new, is_float, changed=idx)
+                    if fast_encode is None:
+                        codec.encode_chunk(old, new, is_float, changed=idx)
+                    else:
+                        codec.encode_chunk(old, new, is_float, changed=idx, compiled=fast_encode)
                 else:  # apply decodes over its own copy of the base chunk
                     scratch[:old.size] = old
                     codec.decode_chunk(enc, data, scratch[:old.size], new.size, new.dtype, is_float, "bench",
