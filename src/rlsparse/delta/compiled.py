@@ -1,15 +1,21 @@
-"""A compiled decoder (numba) for sparse ULP-step chunks, for applies with many changed elements.
+"""Compiled (numba) coding of sparse chunks, for large packs and applies with many changes.
 
 ``codec.decode_chunk`` rebuilds a ``SPARSE_DELTA`` chunk in ~15 numpy passes over its changed
 elements (symbols to values, raw bits, positions, the ordered view and back). Where a patch
 changes tens of millions of elements (dense updates, SFT) those passes are most of apply's CPU;
 :func:`sparse_delta_apply` does the same work in one compiled pass per chunk. It writes the very
 same bits (tested against the numpy decoder) and refuses positions outside the chunk.
+:func:`sparse_delta_symbols` is the encoder's counterpart: the symbols, raw bits and histograms
+of both sparse streams (gaps, ULP differences) and the byte-plane histograms of the new bits,
+in one pass instead of ~20 numpy passes; ``codec.encode_chunk`` codes the very same bytes
+from them (tested against numpy).
 
-Importing this module imports numba, and the first call loads the compiled function from
-numba's cache (compiles it, the first time on a machine): ~0.4 s of CPU per process, more than
-a whole apply of a 269 MB checkpoint. So ``apply`` imports it only for patches with many changed
-elements (``apply.COMPILED_FROM``), and compiles it (:func:`warm`) before its workers fork.
+Importing this module imports numba, and the first call of each function loads it from numba's
+cache (compiles it, the first time on a machine): ~0.4 s of CPU per process, more than a whole
+apply of a 269 MB checkpoint. So ``apply`` imports it only for patches with many changed
+elements (``apply.COMPILED_FROM``) and ``pack`` only for large checkpoints
+(``pack.COMPILED_PACK_FROM``), and both load it (:func:`warm`, :func:`warm_encoder`) before
+their workers fork.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ def sparse_delta_apply(old, gsym, graw, gstart, dsym, draw, dstart, sym_base, sy
     pos = np.int64(-1)
     for i in range(gsym.size):
         # a symbol below 16 is its value; else its base and raw bits, read at its bit count's cursor
+        # (written out for both streams: a shared helper, even inlined, measured 5-10% slower)
         s = gsym[i]
         gap = np.int64(s)
         if s >= 16:

@@ -39,7 +39,7 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 AUTO_PROCESS_BYTES = 64 << 20
 # Checkpoint bytes from which the sparse encodings' symbols are made by the compiled encoder
 # (``compiled.sparse_delta_symbols``): importing numba and loading it costs ~0.4 s of CPU per
-# pack; it saved ~1.2 s per GB on the dense synthetic pair (18% changed) and ~0.17 s per GB on
+# pack; it saved ~1.0 s per GB on the dense synthetic pair (18% changed) and ~0.17 s per GB on
 # the real RFT pair (2.2%), so from 1 GB up it pays unless the update is very sparse.
 COMPILED_PACK_FROM = 1 << 30
 PARALLEL_MODES = ("auto", "threads", "processes")
