@@ -15,7 +15,7 @@ import rlsparse.delta as delta
 from rlsparse.delta import codec
 from rlsparse.errors import PatchError
 
-from deltahelpers import assert_bit_identical, bits_tensor, change, load, random_bits, write
+from deltahelpers import assert_bit_identical, bits_of, bits_tensor, change, load, random_bits, write
 
 apply_mod = importlib.import_module("rlsparse.delta.apply")  # the package exports the function under that name
 compiled = pytest.importorskip("rlsparse.delta.compiled", reason="numba (the `delta` extra) is not installed")
@@ -145,3 +145,24 @@ def test_pack_with_the_compiled_encoder_writes_the_same_patch(tmp_path: Path, mo
     assert (tmp_path / "compiled.rlpatch").read_bytes() == (tmp_path / "numpy.rlpatch").read_bytes()
     delta.apply(base, tmp_path / "compiled.rlpatch", tmp_path / "out")
     assert_bit_identical(load(tmp_path / "out"), ft_t)
+
+
+def test_pack_estimates_the_changed_elements_from_a_sample(tmp_path: Path, monkeypatch):
+    # Whether pack loads the compiled encoder depends on the changes it expects; where the
+    # sample's windows cover every tensor the estimate is the exact count.
+    rng = np.random.default_rng(13)
+    base_t, ft_t = {}, {}
+    for i, (code, n, density) in enumerate([("BF16", 6000, 0.3), ("F32", 3000, 0.01), ("F16", 2000, 0.0)]):
+        a = random_bits(rng, code, n, small=True)
+        base_t[f"t{i}"] = bits_tensor(a, code, (n // 10, 10))
+        ft_t[f"t{i}"] = bits_tensor(change(rng, a, density, ulps=True), code, (n // 10, 10))
+    base, ft = write(tmp_path / "base", base_t), write(tmp_path / "ft", ft_t)
+    from rlsparse.delta.sources import open_source
+
+    items = pack_mod._plan(open_source(base), open_source(ft))[1]
+    exact = sum(int(np.count_nonzero(bits_of(base_t[k]).numpy() != bits_of(ft_t[k]).numpy())) for k in base_t)
+    assert exact > 0 and pack_mod._sampled_changes(items) == exact
+    monkeypatch.setattr(pack_mod, "COMPILED_PACK_FROM", exact + 1)
+    assert pack_mod._compiled_encoder(items) is None
+    monkeypatch.setattr(pack_mod, "COMPILED_PACK_FROM", exact)
+    assert pack_mod._compiled_encoder(items) is compiled.sparse_delta_symbols
