@@ -1,4 +1,4 @@
-"""Compiled (numba) coding of sparse chunks, for large packs and applies with many changes.
+"""Compiled (numba) coding of sparse chunks, for packs and applies with many changed elements.
 
 ``codec.decode_chunk`` rebuilds a ``SPARSE_DELTA`` chunk in ~15 numpy passes over its changed
 elements (symbols to values, raw bits, positions, the ordered view and back). Where a patch
@@ -13,8 +13,8 @@ from them (tested against numpy).
 Importing this module imports numba, and the first call of each function loads it from numba's
 cache (compiles it, the first time on a machine): ~0.4 s of CPU per process, more than a whole
 apply of a 269 MB checkpoint. So ``apply`` imports it only for patches with many changed
-elements (``apply.COMPILED_FROM``) and ``pack`` only for large checkpoints
-(``pack.COMPILED_PACK_FROM``), and both load it (:func:`warm`, :func:`warm_encoder`) before
+elements (``apply.COMPILED_FROM``) and ``pack`` only for updates that a sample predicts to
+change many (``pack.COMPILED_PACK_FROM``), and both load it (:func:`warm`, :func:`warm_encoder`) before
 their workers fork.
 """
 
