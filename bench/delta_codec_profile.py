@@ -58,7 +58,18 @@ def main() -> None:
     ap.add_argument("--budget-mb", type=int, default=600, help="stop reading chunks past this many MB")
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--plain", action="store_true", help="no profiler: the least CPU of --repeat passes")
+    ap.add_argument("--compiled", action="store_true",
+                    help="code and decode sparse chunks with the compiled (numba) functions, as pack and apply do "
+                         "for large checkpoints and dense patches")
+    ap.add_argument("--decode-only", action="store_true", help="skip timing the encoder")
     args = ap.parse_args()
+    fast = fast_encode = None
+    if args.compiled:
+        from rlsparse.delta import compiled
+
+        compiled.warm([np.uint8, np.uint16, np.uint32])  # load or compile them before any clock runs
+        fast = compiled.sparse_delta_apply
+        fast_encode = getattr(compiled, "sparse_delta_symbols", None)  # older versions: numpy encodes
     work = chunks(args.base, args.finetuned, [m for m in args.match.split(",") if m], args.budget_mb << 20)
     changes = [np.flatnonzero(old != new) for old, new, _ in work]  # pack finds them while hashing
     coded = [codec.encode_chunk(old, new, is_float, changed=idx) for (old, new, is_float), idx in zip(work, changes)]
@@ -66,7 +77,7 @@ def main() -> None:
     numel = sum(new.size for _, new, _ in work)
     print(f"{len(work)} chunks, {numel:,} elements, {changed:,} changed ({changed / max(numel, 1):.3%}), "
           f"{sum(len(d) for _, _, d in coded):,} coded bytes")
-    for what in ("encode", "decode"):
+    for what in ("decode",) if args.decode_only else ("encode", "decode"):
         scratch = np.empty(CHUNK, dtype=work[0][0].dtype)
         prof = cProfile.Profile(time.process_time)  # CPU, not wall: the machine may be busy
         best = float("inf")
@@ -76,11 +87,14 @@ def main() -> None:
                 prof.enable()
             for (old, new, is_float), idx, (enc, _, data) in zip(work, changes, coded):
                 if what == "encode":
-                    codec.encode_chunk(old, new, is_float, changed=idx)
+                    if fast_encode is None:
+                        codec.encode_chunk(old, new, is_float, changed=idx)
+                    else:
+                        codec.encode_chunk(old, new, is_float, changed=idx, compiled=fast_encode)
                 else:  # apply decodes over its own copy of the base chunk
                     scratch[:old.size] = old
                     codec.decode_chunk(enc, data, scratch[:old.size], new.size, new.dtype, is_float, "bench",
-                                       inplace=True)
+                                       inplace=True, compiled=fast)
             prof.disable()
             best = min(best, time.process_time() - c0)
         print(f"\n{what}: {best:.3f} s CPU, least of {args.repeat} passes"

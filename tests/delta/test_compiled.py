@@ -15,7 +15,7 @@ import rlsparse.delta as delta
 from rlsparse.delta import codec
 from rlsparse.errors import PatchError
 
-from deltahelpers import assert_bit_identical, bits_tensor, change, load, random_bits, write
+from deltahelpers import assert_bit_identical, bits_of, bits_tensor, change, load, random_bits, write
 
 apply_mod = importlib.import_module("rlsparse.delta.apply")  # the package exports the function under that name
 compiled = pytest.importorskip("rlsparse.delta.compiled", reason="numba (the `delta` extra) is not installed")
@@ -90,3 +90,79 @@ def test_apply_with_the_compiled_decoder_is_bit_exact(tmp_path: Path, monkeypatc
     assert shards and shards == sorted(p.name for p in (tmp_path / "out2").glob("*.safetensors"))
     for name in shards:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes()
+
+
+pack_mod = importlib.import_module("rlsparse.delta.pack")
+
+
+@settings(max_examples=120, deadline=None)
+@given(width=st.sampled_from(WIDTHS), n=st.integers(1, 20000), density=st.sampled_from([0.0005, 0.02, 0.2, 0.45]),
+       steps=st.sampled_from([3, 300, 70000, 2**31]), is_float=st.booleans(), new_bits=st.booleans(),
+       readonly=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_compiled_encoder_writes_the_bytes_numpy_writes(width, n, density, steps, is_float, new_bits, readonly, seed):
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(width)
+    old = rng.integers(0, info.max, size=n, dtype=width, endpoint=True)
+    old[: min(n, 4)] = np.array([0, 1 << (8 * old.itemsize - 1), info.max, 1], dtype=np.uint64)[: min(n, 4)]  # +-0, NaN-ish
+    idx = np.flatnonzero(rng.random(n) < density)
+    new = old.copy()
+    if new_bits:  # arbitrary new bits (sparse-bits territory)
+        new[idx] = rng.integers(0, info.max, size=idx.size, dtype=width, endpoint=True)
+    else:  # steps of either sign, small (ULPs) to large (raw bits in many groups), wrapping across zero
+        z = codec.zigzag(rng.integers(-steps, steps + 1, size=idx.size).astype(np.int64).astype(width))
+        new[idx] = codec.apply_ulp_delta(old[idx], z, is_float)
+    if readonly:  # pack codes read-only views of page-cache maps
+        old.flags.writeable = False
+        new.flags.writeable = False
+    by_numpy = codec.encode_chunk(old, new, is_float)
+    assert codec.encode_chunk(old, new, is_float, compiled=compiled.sparse_delta_symbols) == by_numpy
+
+
+@pytest.mark.parametrize("parallel", ["threads", "processes"])
+def test_pack_with_the_compiled_encoder_writes_the_same_patch(tmp_path: Path, monkeypatch, parallel):
+    rng = np.random.default_rng(12)
+    base_t, ft_t = {}, {}
+    for i, (code, n, density) in enumerate([("BF16", 70000, 0.2), ("F32", 30000, 0.01), ("F16", 20000, 0.3),
+                                            ("F8_E4M3", 9000, 0.05), ("I64", 5000, 0.1)]):
+        a = random_bits(rng, code, n, small=True)
+        base_t[f"t{i}"] = bits_tensor(a, code, (n // 10, 10))
+        ft_t[f"t{i}"] = bits_tensor(change(rng, a, density, ulps=True), code, (n // 10, 10))
+    base, ft = write(tmp_path / "base", base_t), write(tmp_path / "ft", ft_t)
+    used = []
+    real = compiled.sparse_delta_symbols
+
+    def counting(*args):
+        used.append(args[1].dtype)
+        return real(*args)
+
+    monkeypatch.setattr(pack_mod, "COMPILED_PACK_FROM", 0)
+    monkeypatch.setattr(compiled, "sparse_delta_symbols", counting)
+    delta.pack(base, ft, tmp_path / "compiled.rlpatch", chunk_elements=8192, parallel=parallel, workers=2)
+    if parallel == "threads":  # (forked workers count in their own memory)
+        assert {np.dtype(d) for d in used} == {np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint8)}
+    monkeypatch.setattr(pack_mod, "COMPILED_PACK_FROM", 10**15)  # numpy only
+    delta.pack(base, ft, tmp_path / "numpy.rlpatch", chunk_elements=8192, parallel=parallel, workers=2)
+    assert (tmp_path / "compiled.rlpatch").read_bytes() == (tmp_path / "numpy.rlpatch").read_bytes()
+    delta.apply(base, tmp_path / "compiled.rlpatch", tmp_path / "out")
+    assert_bit_identical(load(tmp_path / "out"), ft_t)
+
+
+def test_pack_estimates_the_changed_elements_from_a_sample(tmp_path: Path, monkeypatch):
+    # Whether pack loads the compiled encoder depends on the changes it expects; where the
+    # sample's windows cover every tensor the estimate is the exact count.
+    rng = np.random.default_rng(13)
+    base_t, ft_t = {}, {}
+    for i, (code, n, density) in enumerate([("BF16", 6000, 0.3), ("F32", 3000, 0.01), ("F16", 2000, 0.0)]):
+        a = random_bits(rng, code, n, small=True)
+        base_t[f"t{i}"] = bits_tensor(a, code, (n // 10, 10))
+        ft_t[f"t{i}"] = bits_tensor(change(rng, a, density, ulps=True), code, (n // 10, 10))
+    base, ft = write(tmp_path / "base", base_t), write(tmp_path / "ft", ft_t)
+    from rlsparse.delta.sources import open_source
+
+    items = pack_mod._plan(open_source(base), open_source(ft))[1]
+    exact = sum(int(np.count_nonzero(bits_of(base_t[k]).numpy() != bits_of(ft_t[k]).numpy())) for k in base_t)
+    assert exact > 0 and pack_mod._sampled_changes(items) == exact
+    monkeypatch.setattr(pack_mod, "COMPILED_PACK_FROM", exact + 1)
+    assert pack_mod._compiled_encoder(items) is None
+    monkeypatch.setattr(pack_mod, "COMPILED_PACK_FROM", exact)
+    assert pack_mod._compiled_encoder(items) is compiled.sparse_delta_symbols

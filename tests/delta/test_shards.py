@@ -146,3 +146,29 @@ def test_bad_shard_size_is_a_usage_error(tmp_path, tiny_pair, capsys):
                        capsys)
         assert rc == 2 and "--shard-size" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "p.rlpatch").exists()
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_copy_spool_copies_consecutive_ranges_behind_what_was_written(tmp_path: Path, in_memory):
+    # The patch's data goes from its spool behind a header (kernel copy between files, or
+    # through memory from an in-memory spool), range after range for a folder of shards.
+    import io
+    import tempfile
+
+    from rlsparse.delta.format import copy_spool
+
+    data = os.urandom(3 * (1 << 20) + 12345)
+    spool = io.BytesIO() if in_memory else tempfile.TemporaryFile(dir=tmp_path)
+    spool.write(data)
+    spool.seek(0)
+    cuts = [0, 1000, 1 << 20, len(data)]
+    for i in range(len(cuts) - 1):
+        with open(tmp_path / f"part{i}", "wb") as out:
+            out.write(b"head%d" % i)
+            copy_spool(spool, out, cuts[i + 1] - cuts[i])
+            out.write(b"tail")
+        assert (tmp_path / f"part{i}").read_bytes() == b"head%d" % i + data[cuts[i]:cuts[i + 1]] + b"tail"
+    assert spool.tell() == len(data)
+    with open(tmp_path / "short", "wb") as out, pytest.raises(OSError, match="early"):
+        copy_spool(spool, out, 1)  # nothing left
+    spool.close()

@@ -144,13 +144,45 @@ def header_bytes(metadata: dict[str, str], tensors: list[tuple[str, int]]) -> by
 
 
 def copy_spool(spool, out, size: int) -> None:
-    """Copy the next ``size`` bytes of ``spool`` into ``out``."""
+    """Copy the next ``size`` bytes of ``spool`` into ``out`` (binary files; by the kernel where
+    both are files on one file system: no pass through this process's memory)."""
+    if size and _kernel_copy(spool, out, size):
+        return
     while size:
         block = spool.read(min(size, 16 << 20))
         if not block:
             raise OSError(f"spool ended {size} bytes early")
         out.write(block)
         size -= len(block)
+
+
+def _kernel_copy(spool, out, size: int) -> bool:
+    """``copy_spool`` by ``os.copy_file_range``; False (nothing copied) where it cannot be used.
+
+    Measured on the dense synthetic pair's 124 MB of coded data (one pack each, under cProfile):
+    0.29 s of CPU to read and write it in 16 MB blocks, 0.05 s this way."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    try:
+        src, dst = spool.fileno(), out.fileno()
+    except (AttributeError, io.UnsupportedOperation):  # an in-memory spool
+        return False
+    out.flush()
+    at_src, at_dst = spool.tell(), out.tell()
+    done = 0
+    while done < size:
+        try:
+            n = os.copy_file_range(src, dst, size - done, at_src + done, at_dst + done)
+        except OSError:
+            if done:
+                raise
+            return False  # another file system, or one that cannot: copy through memory
+        if n == 0:
+            raise OSError(f"spool ended {size - done} bytes early")
+        done += n
+    spool.seek(at_src + size)
+    out.seek(at_dst + size)
+    return True
 
 
 class PatchWriter:
