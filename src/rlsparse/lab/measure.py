@@ -233,25 +233,3 @@ def dataset_nll(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
         total -= float(lp[mask].double().sum())
         count += int(mask.sum())
     return total / count if count else float("nan")
-
-
-def seed_overlap(base: str | os.PathLike, a: str | os.PathLike, b: str | os.PathLike, workdir: str | os.PathLike,
-                 tolerance: str = PAPER_TOLERANCE) -> dict:
-    """Table 4: how much two finetunes' subnetworks (changed at ``tolerance``) overlap, beside random nulls.
-
-    Returns o1 = |I_a ∩ I_b| / |I_a|, o2, the Appendix E uniform baseline (``o1_random``,
-    ``o2_random``) and, where ``rlsparse.analysis.overlap`` offers it (``base=``), the
-    magnitude-stratified baseline (``o1_stratified``, ``o2_stratified``; None otherwise).
-    """
-    from rlsparse.analysis.overlap import overlap
-
-    work = Path(workdir)
-    ma = subnetwork_mask(base, a, work / "a.mask.safetensors", tolerance)
-    mb = subnetwork_mask(base, b, work / "b.mask.safetensors", tolerance)
-    try:
-        result = overlap([ma, mb], ["a", "b"], base=base)
-    except TypeError:  # an overlap without the stratified null: the uniform one only
-        result = overlap([ma, mb], ["a", "b"])
-    pair = result.to_json()["pairs"][0]
-    keys = ("o1", "o2", "jaccard", "o1_random", "o2_random", "o1_stratified", "o2_stratified")
-    return {k: pair.get(k) for k in keys}

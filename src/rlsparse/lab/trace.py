@@ -40,8 +40,10 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
     The callback's ``trace`` attribute is a list of {"step", "bf16", "fp32"} dicts; step 0 is
     the start. After training, ``drift`` is {"net_over_path": sum_i |net_i| / sum_i path_i,
     "mean_ratio": mean over moved weights of |net_i| / path_i, "moved": weights with path > 0}.
-    It keeps three fp32 copies of the weights (start, previous step, path length), one bool per
-    weight (ever changed) and one bit per weight at each traced step. After training, ``series``
+    It keeps three fp32 copies of the weights (start, previous step, path length), two bf16 copies
+    (the start and the previous step rounded to bf16), one bool per weight (ever changed) and one
+    bit per weight at each traced step. Each step rounds the weights to bf16 once: the previous
+    step's rounding is kept, and a traced step's measurement reuses the one its step just made. After training, ``series``
     is {"numel", "never", "cancelled", "final", "ever", "outside_final": [{"step", "share"}],
     "per_step": [{"step", "share"}]} (Figures 2, 6 and 7(b); see the module docstring).
 
@@ -52,31 +54,34 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
     import torch
 
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    start_bf16 = {n: t.to(torch.bfloat16).to(torch.float32) for n, t in start.items()}
+    # Roundings are kept in bf16 (half the memory of fp32) and compared in fp32: torch widens a bf16
+    # operand of an fp32 subtraction exactly, so the differences are those of the fp32 values.
+    start_bf16 = {n: t.to(torch.bfloat16, copy=True) for n, t in start.items()}
     every = max(1, total_steps // max(1, points))
     extra = frozenset(also)
     tol = float(tolerance)
 
     prev = {n: t.clone() for n, t in start.items()}
+    prev_bf16 = dict(start_bf16)  # the weights after the last accumulated step, rounded to bf16
     path = {n: torch.zeros_like(t) for n, t in start.items()}
     ever = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in start.items()}
     numel = sum(t.numel() for t in start.values())
     per_step: list[dict] = []
     changed_at: dict[int, dict] = {}  # traced step -> packed bits of the elements changed then (Figure 6)
 
-    def bf16(t):
-        return t.detach().to(torch.bfloat16).to(torch.float32)
-
     def accumulate(step: int) -> None:
         moved = 0
         with torch.no_grad():
             for n, p in model.named_parameters():
                 now = p.detach()
-                rounded = bf16(now)
-                moved += int(((rounded - bf16(prev[n])).abs() > tol).sum())
+                # copy=True: pure-bf16 weights are their own rounding, and the optimizer moves them in place
+                rounded_bf16 = now.to(torch.bfloat16, copy=True)
+                rounded = rounded_bf16.float()
+                moved += int(((rounded - prev_bf16[n]).abs() > tol).sum())
                 ever[n] |= (rounded - start_bf16[n]).abs() > tol
                 path[n] += (now.float() - prev[n].float()).abs()
                 prev[n].copy_(now)
+                prev_bf16[n] = rounded_bf16
         per_step.append({"step": step, "share": moved / numel})
 
     def series() -> dict:
@@ -86,8 +91,8 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
         total_ever = cancelled = final = 0
         outside = {s: 0 for s in changed_at}
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                now = (bf16(p) - start_bf16[n]).abs() > tol
+            for n, _ in model.named_parameters():
+                now = (prev_bf16[n].float() - start_bf16[n]).abs() > tol  # the last step's: the final weights
                 total_ever += int(ever[n].sum())
                 final += int(now.sum())
                 cancelled += int((ever[n] & ~now).sum())
@@ -122,7 +127,8 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
             for n, p in model.named_parameters():
                 now = p.detach()
                 moved += int((now != start[n]).sum())
-                differs = (bf16(now) - start_bf16[n]).abs() > tol
+                # Called after ``accumulate`` of the same step: its rounding is these weights'.
+                differs = (prev_bf16[n].float() - start_bf16[n]).abs() > tol
                 changed += int(differs.sum())
                 bits[n] = np.packbits(differs.numpy().ravel())
         if step > 0:
