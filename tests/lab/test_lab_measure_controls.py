@@ -52,7 +52,9 @@ def test_random_rank_control_permutes_a_rank_one_update_into_a_full_rank_one(tin
     assert list(r["per_matrix"]) == [name]  # only the changed matrix
     row = r["per_matrix"][name]
     full = min(load_file(str(tiny_base / "model.safetensors"))[name].shape)
-    assert row["rank_fraction"] == 1 / full and row["control_rank_fraction"] == 1.0
+    ranks = measure.update_rank(tmp_path / "base", tmp_path / "ft")["per_matrix"]  # the update itself: rank 1
+    assert ranks[name] == 1 / full and set(ranks.values()) == {0.0, 1 / full}
+    assert row["control_rank_fraction"] == 1.0
     assert row["density"] == 1.0
 
 

@@ -104,8 +104,9 @@ def random_rank_control(base: str | os.PathLike, finetuned: str | os.PathLike, s
     full rank" says nothing an unstructured sparse update would not.
 
     Returns:
-        {"mean_rank_fraction", "per_matrix": {name: {"rank_fraction", "control_rank_fraction", "density"}}}.
-        ``max_matrices`` keeps that many matrices, evenly spaced (SVDs cost minutes on a real base).
+        {"mean_rank_fraction", "per_matrix": {name: {"control_rank_fraction", "density"}}} (the
+        update's own rank is ``update_rank``'s: its SVDs are not repeated here). ``max_matrices``
+        keeps that many matrices, evenly spaced (SVDs cost minutes on a real base).
     """
     import torch
 
@@ -131,8 +132,7 @@ def random_rank_control(base: str | os.PathLike, finetuned: str | os.PathLike, s
                 continue
             shuffled = d.flatten()[torch.randperm(d.numel(), generator=gen)].reshape(d.shape)
             full = min(d.shape)
-            per[name] = {"rank_fraction": matrix_ranks(d)[0] / full,
-                         "control_rank_fraction": matrix_ranks(shuffled)[0] / full,
+            per[name] = {"control_rank_fraction": matrix_ranks(shuffled)[0] / full,
                          "density": float((d.abs() > tolerance).float().mean())}
     ctrl = [v["control_rank_fraction"] for v in per.values()]
     return {"mean_rank_fraction": sum(ctrl) / len(ctrl) if ctrl else float("nan"), "per_matrix": per}
