@@ -3,8 +3,10 @@
 Used to check that a speed change to ``rlsparse demo`` / ``rlsparse lab run`` changed only the cost
 of computing the results: ``results.json``, ``report.json`` and ``table4.json`` must be equal once
 wall-clock fields (seconds, step costs, creation dates) and execution settings that do not enter
-any computation (worker processes, the absolute base path) are left out; every ``*.safetensors``
-file (checkpoints, masks) and every figure must be byte-identical.
+any computation (worker processes, the absolute paths of the base and the pre-registration file)
+are left out. Every figure must be byte-identical, and every ``*.safetensors`` file (checkpoints,
+masks) must hold bit-identical tensors and the same metadata except the paths a mask records of
+the checkpoints it was made from (``base``, ``finetuned``: the run folders differ).
 
 Usage:
     python bench/compare_runs.py RUN_A RUN_B
@@ -24,13 +26,17 @@ TIMING_KEYS = frozenset({"seconds", "eval_seconds", "eval_load_seconds", "cell_s
                          "phase_seconds", "created", "sessions"})
 # How the work was scheduled or where it lives, not what it computed (run.json's record of the run).
 EXECUTION_KEYS = frozenset({"jobs", "worker_threads", "base"})
+# Paths that name where a file was read from, not what it held.
+PATH_KEYS = {"/run/preregistration": "source", "/preregistration": "source"}
+MASK_PATH_KEYS = ("base", "finetuned")
 JSON_FILES = ("results.json", "report.json", "table4.json", "run.json")
 
 
 def _strip(obj, path: str = ""):
     if isinstance(obj, dict):
         return {k: _strip(v, f"{path}/{k}") for k, v in obj.items()
-                if k not in TIMING_KEYS and not (k in EXECUTION_KEYS and _is_run_record(path))}
+                if k not in TIMING_KEYS and not (k in EXECUTION_KEYS and _is_run_record(path))
+                and PATH_KEYS.get(path) != k}
     if isinstance(obj, list):
         return [_strip(v, f"{path}[{i}]") for i, v in enumerate(obj)]
     return obj
@@ -59,7 +65,18 @@ def _differences(a, b, path: str = "") -> list[str]:
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    meta = header.pop("__metadata__", {}) or {}
+    if "rlsparse" in meta:  # a mask: its record of where its inputs were is a path
+        record = json.loads(meta["rlsparse"])
+        meta = {**meta, "rlsparse": {k: v for k, v in record.items() if k not in MASK_PATH_KEYS}}
+    digest = hashlib.sha256(json.dumps([header, meta], sort_keys=True).encode())
+    digest.update(raw[8 + size:])  # every tensor's bytes, as stored
+    return digest.hexdigest()
 
 
 def _files(root: Path, patterns: tuple[str, ...]) -> dict[str, str]:
@@ -88,7 +105,7 @@ def compare(run_a: Path, run_b: Path) -> list[str]:
     for rel in sorted(set(wa) | set(wb)):
         if wa.get(rel) != wb.get(rel):
             problems.append(f"{rel}: " + ("only in " + ("A" if rel in wa else "B") if rel not in wa or rel not in wb
-                                          else "bytes differ"))
+                                          else "content differs"))
     print(f"compared {len(JSON_FILES)} JSON documents and {len(wa)} weight/mask/figure files")
     return problems
 
