@@ -148,10 +148,22 @@ def test_net_drift_of_the_trace_by_hand():
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), steps=st.integers(1, 9), points=st.integers(1, 5),
-       weights=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_checkpoint_series_of_the_trace_equal_a_brute_force_over_every_step(seed, steps, points, weights):
+       weights=st.sampled_from([torch.float32, torch.bfloat16]), bucket=st.sampled_from([1 << 22, 20, 1]))
+def test_checkpoint_series_of_the_trace_equal_a_brute_force_over_every_step(seed, steps, points, weights, bucket):
     """Figures 2, 6 and 7(b) and both sparsity views from the trace equal counting on a bf16 copy
-    saved after every step (fp32 master weights, and pure bf16 weights the optimizer moves in place)."""
+    saved after every step (fp32 master weights, and pure bf16 weights the optimizer moves in place;
+    the parameters traced as one flat bucket, or split into several)."""
+    from rlsparse.lab import trace
+
+    old = trace.BUCKET_ELEMENTS
+    trace.BUCKET_ELEMENTS = bucket
+    try:
+        _check_series_against_brute_force(seed, steps, points, weights)
+    finally:
+        trace.BUCKET_ELEMENTS = old
+
+
+def _check_series_against_brute_force(seed, steps, points, weights):
     from rlsparse.lab.trace import sparsity_trace
 
     gen = torch.Generator().manual_seed(seed)
@@ -169,6 +181,8 @@ def test_checkpoint_series_of_the_trace_equal_a_brute_force_over_every_step(seed
         return torch.cat([p.detach().clone().ravel() for p in model.parameters()])
 
     saved, exact = [bf16_all()], [exact_all()]
+    # the path length per tensor, accumulated in the weights' dtype as the trace does
+    walked = [torch.zeros_like(p) for p in model.parameters()]
 
     class State:
         global_step = 0
@@ -186,6 +200,8 @@ def test_checkpoint_series_of_the_trace_equal_a_brute_force_over_every_step(seed
                     p.copy_(torch.where(back, p0, p.detach()))
         state.global_step = step
         cb.on_step_end(None, state, None)
+        for w, p, before in zip(walked, model.parameters(), exact[-1].split([q.numel() for q in walked])):
+            w += (p.detach().float() - before.view(p.shape).float()).abs()
         saved.append(bf16_all())
         exact.append(exact_all())
     cb.on_train_end(None, state, None)
@@ -201,6 +217,17 @@ def test_checkpoint_series_of_the_trace_equal_a_brute_force_over_every_step(seed
     assert (s["ever"], s["final"], s["cancelled"], s["never"]) == (
         int(ever.sum()), int(final.sum()), int((ever & ~final).sum()), int((~ever).sum()))
     assert s["never"] + s["cancelled"] + s["final"] == s["numel"]
+    # the net-drift ratio, summed tensor by tensor in float64: the same floats, bit for bit
+    net_sum = path_sum = ratio_sum = 0.0
+    moved = 0
+    for p, p0, w in zip(model.parameters(), first, walked):
+        net, walk = (p.detach().float() - p0.float()).abs().double(), w.double()
+        net_sum, path_sum = net_sum + float(net.sum()), path_sum + float(walk.sum())
+        moved += int((walk > 0).sum())
+        ratio_sum += float((net[walk > 0] / walk[walk > 0]).sum())
+    assert cb.drift["moved"] == moved
+    if moved:
+        assert (cb.drift["net_over_path"], cb.drift["mean_ratio"]) == (net_sum / path_sum, ratio_sum / moved)
     assert [d["step"] for d in s["per_step"]] == list(range(1, steps + 1))
     for d in s["per_step"]:
         assert d["share"] == int(((saved[d["step"]] - saved[d["step"] - 1]).abs() > 1e-5).sum()) / s["numel"]
