@@ -23,7 +23,7 @@ from pathlib import Path
 
 # Wall-clock measurements: they differ between any two runs of the same work.
 TIMING_KEYS = frozenset({"seconds", "eval_seconds", "eval_load_seconds", "cell_seconds", "step_cost",
-                         "phase_seconds", "created", "sessions"})
+                         "phase_seconds", "created", "sessions", "train_seconds"})
 # How the work was scheduled or where it lives, not what it computed (run.json's record of the run).
 EXECUTION_KEYS = frozenset({"jobs", "worker_threads", "base"})
 # Paths that name where a file was read from, not what it held.
