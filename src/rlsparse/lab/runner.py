@@ -659,7 +659,7 @@ def _seed_overlaps(run: _Run, recipe: Recipe, points: list[dict]) -> list[dict]:
         a, b = (next((p for p in points if p["seed"] == s and p["learning_rate"] == lr), None) for s in recipe.seeds[:2])
         if a is None or b is None or a["start"] != "base":
             continue  # different starts (pre-SFT per seed): not the same base to overlap against
-        # One pair per overlap call, as Table 4's other rows are measured (lab.overlaps).
+        # One pair per overlap call, as these rows always were: the stratified null's sums keep their order.
         ov = subnetwork_overlaps(run.base_path, [run.opts.out / a["checkpoint"], run.opts.out / b["checkpoint"]],
                                  [(0, 1)])[0]
         out.append({"learning_rate": lr, "seeds": recipe.seeds[:2], **{k: ov[k] for k in _SEED_OVERLAP}})
