@@ -86,3 +86,26 @@ def test_grid_lrs_is_checked_before_any_work(tmp_path, capsys, extra, says):
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flags", "jobs"), [([], "auto"), (["--jobs", "1"], 1), (["--jobs", "3"], 3)])
+def test_demo_passes_its_worker_processes_to_the_lab(tmp_path, monkeypatch, flags, jobs):
+    from rlsparse.lab import demo as demo_module
+
+    seen = {}
+
+    def fake_run_lab(recipes, opts, log=print, resume=False):
+        seen.update(recipes=list(recipes), jobs=opts.jobs, threads=opts.threads, quick=opts.quick)
+        return Path(opts.out)
+
+    monkeypatch.setattr(demo_module, "run_lab", fake_run_lab)
+    assert main(["demo", "--out", str(tmp_path / "run"), "--progress", "none", *flags]) == 0
+    # one torch thread per worker (threads None: 1), every demo recipe, quick settings
+    assert seen == {"recipes": list(demo_module.DEMO_RECIPES), "jobs": jobs, "threads": None, "quick": True}
+
+
+def test_demo_refuses_a_worker_count_that_is_not_positive(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--jobs", "0"])
+    assert stop.value.code == 2
+    assert "--jobs" in capsys.readouterr().err

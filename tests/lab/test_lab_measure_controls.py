@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from rlsparse.lab import data as labdata
-from rlsparse.lab import measure
+from rlsparse.lab import measure, overlaps
 from rlsparse.lab.base import load_model
 from rlsparse.lab.tasks import split
 
@@ -52,7 +52,9 @@ def test_random_rank_control_permutes_a_rank_one_update_into_a_full_rank_one(tin
     assert list(r["per_matrix"]) == [name]  # only the changed matrix
     row = r["per_matrix"][name]
     full = min(load_file(str(tiny_base / "model.safetensors"))[name].shape)
-    assert row["rank_fraction"] == 1 / full and row["control_rank_fraction"] == 1.0
+    ranks = measure.update_rank(tmp_path / "base", tmp_path / "ft")["per_matrix"]  # the update itself: rank 1
+    assert ranks[name] == 1 / full and set(ranks.values()) == {0.0, 1 / full}
+    assert row["control_rank_fraction"] == 1.0
     assert row["density"] == 1.0
 
 
@@ -145,23 +147,42 @@ def test_net_drift_of_the_trace_by_hand():
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), steps=st.integers(1, 9), points=st.integers(1, 5))
-def test_checkpoint_series_of_the_trace_equal_a_brute_force_over_every_step(seed, steps, points):
-    """Figures 2, 6 and 7(b) from the trace equal counting on a bf16 copy saved after every step."""
+@given(seed=st.integers(0, 2**31 - 1), steps=st.integers(1, 9), points=st.integers(1, 5),
+       weights=st.sampled_from([torch.float32, torch.bfloat16]), bucket=st.sampled_from([1 << 22, 20, 1]))
+def test_checkpoint_series_of_the_trace_equal_a_brute_force_over_every_step(seed, steps, points, weights, bucket):
+    """Figures 2, 6 and 7(b) and both sparsity views from the trace equal counting on a bf16 copy
+    saved after every step (fp32 master weights, and pure bf16 weights the optimizer moves in place;
+    the parameters traced as one flat bucket, or split into several)."""
+    from rlsparse.lab import trace
+
+    old = trace.BUCKET_ELEMENTS
+    trace.BUCKET_ELEMENTS = bucket
+    try:
+        _check_series_against_brute_force(seed, steps, points, weights)
+    finally:
+        trace.BUCKET_ELEMENTS = old
+
+
+def _check_series_against_brute_force(seed, steps, points, weights):
     from rlsparse.lab.trace import sparsity_trace
 
     gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3, bias=False))
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3, bias=False)).to(weights)
     with torch.no_grad():
         for p in model.parameters():  # bf16 values, as a model loaded from a bf16 checkpoint holds
-            p.copy_(torch.randn(p.shape, generator=gen).to(torch.bfloat16).float())
+            p.copy_(torch.randn(p.shape, generator=gen).to(torch.bfloat16).to(weights))
     cb = sparsity_trace(model, total_steps=steps, points=points)
     first = [p.detach().clone() for p in model.parameters()]
 
     def bf16_all():
         return torch.cat([p.detach().to(torch.bfloat16).float().ravel() for p in model.parameters()])
 
-    saved = [bf16_all()]
+    def exact_all():
+        return torch.cat([p.detach().clone().ravel() for p in model.parameters()])
+
+    saved, exact = [bf16_all()], [exact_all()]
+    # the path length per tensor, accumulated in the weights' dtype as the trace does
+    walked = [torch.zeros_like(p) for p in model.parameters()]
 
     class State:
         global_step = 0
@@ -173,22 +194,40 @@ def test_checkpoint_series_of_the_trace_equal_a_brute_force_over_every_step(seed
                 # a few weights move a lot, some a little (under 1e-5 or under bf16's spacing), some back
                 size = torch.where(torch.rand(p.shape, generator=gen) < 0.3, 0.05, 1e-6)
                 hit = torch.rand(p.shape, generator=gen) < 0.5
-                p += torch.where(hit, size * torch.randn(p.shape, generator=gen), torch.zeros(p.shape))
+                p += torch.where(hit, size * torch.randn(p.shape, generator=gen), torch.zeros(p.shape)).to(weights)
                 if step == steps:  # some weights return exactly to where they started: cancelled
                     back = torch.rand(p.shape, generator=gen) < 0.2
                     p.copy_(torch.where(back, p0, p.detach()))
         state.global_step = step
         cb.on_step_end(None, state, None)
+        for w, p, before in zip(walked, model.parameters(), exact[-1].split([q.numel() for q in walked])):
+            w += (p.detach().float() - before.view(p.shape).float()).abs()
         saved.append(bf16_all())
+        exact.append(exact_all())
     cb.on_train_end(None, state, None)
     s = cb.series
     changed = [(x - saved[0]).abs() > 1e-5 for x in saved]
+    assert cb.trace[0]["step"] == 0 and cb.trace[-1]["step"] == steps
+    for t in cb.trace:  # the bf16 view (a checkpoint saved then) and the fp32 view (master weights moved at all)
+        assert t["bf16"] == 1 - int(changed[t["step"]].sum()) / saved[0].numel()
+        assert t["fp32"] == 1 - int((exact[t["step"]] != exact[0]).sum()) / saved[0].numel()
     ever = torch.stack(changed[1:]).any(0)
     final = changed[-1]
     assert s["numel"] == saved[0].numel()
     assert (s["ever"], s["final"], s["cancelled"], s["never"]) == (
         int(ever.sum()), int(final.sum()), int((ever & ~final).sum()), int((~ever).sum()))
     assert s["never"] + s["cancelled"] + s["final"] == s["numel"]
+    # the net-drift ratio, summed tensor by tensor in float64: the same floats, bit for bit
+    net_sum = path_sum = ratio_sum = 0.0
+    moved = 0
+    for p, p0, w in zip(model.parameters(), first, walked):
+        net, walk = (p.detach().float() - p0.float()).abs().double(), w.double()
+        net_sum, path_sum = net_sum + float(net.sum()), path_sum + float(walk.sum())
+        moved += int((walk > 0).sum())
+        ratio_sum += float((net[walk > 0] / walk[walk > 0]).sum())
+    assert cb.drift["moved"] == moved
+    if moved:
+        assert (cb.drift["net_over_path"], cb.drift["mean_ratio"]) == (net_sum / path_sum, ratio_sum / moved)
     assert [d["step"] for d in s["per_step"]] == list(range(1, steps + 1))
     for d in s["per_step"]:
         assert d["share"] == int(((saved[d["step"]] - saved[d["step"] - 1]).abs() > 1e-5).sum()) / s["numel"]
@@ -211,7 +250,7 @@ def test_table5_control_data_vary_only_the_targets():
     assert [(r["chosen"], r["rejected"]) for r in fmt] == [(r["chosen"][::-1], r["rejected"][::-1]) for r in policy]
 
 
-def test_seed_overlap_counts_a_known_intersection(tiny_base, tmp_path):
+def test_subnetwork_overlaps_count_a_known_intersection(tiny_base, tmp_path):
     name = "model.layers.1.self_attn.q_proj.weight"
 
     def bump(indices):
@@ -224,6 +263,6 @@ def test_seed_overlap_counts_a_known_intersection(tiny_base, tmp_path):
     _copy(tiny_base, tmp_path / "a", bump([0, 1, 2, 3]))
     _copy(tiny_base, tmp_path / "b", bump([2, 3, 4]))
     numel = sum(t.numel() for t in load_file(str(tiny_base / "model.safetensors")).values())
-    ov = measure.seed_overlap(tiny_base, tmp_path / "a", tmp_path / "b", tmp_path / "work")
+    ov = overlaps.subnetwork_overlaps(tiny_base, [tmp_path / "a", tmp_path / "b"], [(0, 1)])[0]
     assert ov["o1"] == 2 / 4 and ov["o2"] == 2 / 3
     assert ov["o1_random"] == pytest.approx(3 / numel) and ov["o2_random"] == pytest.approx(4 / numel)

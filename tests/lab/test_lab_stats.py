@@ -70,3 +70,20 @@ def test_count_wins_by_hand():
     noisy = stats.count_wins([([0.9, 0.1, 0.5], [0.45, 0.45, 0.45])], margin=0.0, resamples=4000)
     assert noisy["wins"] == 1 and noisy["wins_interval"] == [0.0, 1.0]
     assert stats.count_wins([], margin=0.0)["n"] == 0
+
+
+def test_count_wins_intervals_are_those_of_one_bootstrap_per_tally():
+    """Wins and losses share one pass over the resamples: each interval is exactly what a bootstrap of
+    that tally alone gives (same seed, same groups, so the same resamples)."""
+    pairs = [([0.9, 0.1, 0.5], [0.45, 0.4, 0.5]), ([0.2, 0.3], [0.25, 0.2, 0.4]), ([0.7], [0.69])]
+    groups = [g for a, b in pairs for g in (a, b)]
+    t = stats.count_wins(pairs, margin=0.01, resamples=500, seed=3)
+
+    def tally(sign):
+        return lambda arrs: float(sum(sign * (arrs[2 * i].mean() - arrs[2 * i + 1].mean()) > 0.01 + stats.GAIN_TOLERANCE
+                                      for i in range(len(pairs))))
+
+    wins = stats.bootstrap(groups, tally(1), resamples=500, seed=3)
+    losses = stats.bootstrap(groups, tally(-1), resamples=500, seed=3)
+    assert (t["wins"], *t["wins_interval"]) == (int(wins[0]), wins[1], wins[2])
+    assert (t["losses"], *t["losses_interval"]) == (int(losses[0]), losses[1], losses[2])

@@ -103,6 +103,10 @@ def add_demo_parser(sub) -> None:
     demo.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                      help="progress within each training run: auto = a bar on a terminal, else a line with "
                           "steps/s and ETA every ~10 s (default: %(default)s)")
+    demo.add_argument("--jobs", type=_threads, default="auto",
+                      help="train cells side by side in this many worker processes, one torch thread each (the same "
+                           "numbers as one process): a number or 'auto' (the cores, at most 4; 1 on cuda) "
+                           "(default: %(default)s)")
     demo.set_defaults(func=_demo)
 
 
@@ -202,7 +206,7 @@ def _demo(args: argparse.Namespace) -> int:
     from rlsparse.lab.demo import demo
 
     report = demo(out=args.out, device=args.device, cache_dir=args.cache_dir, model=args.model, resume=args.resume,
-                  progress=args.progress, smoke=args.smoke)
+                  progress=args.progress, smoke=args.smoke, jobs=args.jobs)
     print(f"report: {report}")
     return 0
 

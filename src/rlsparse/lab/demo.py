@@ -4,6 +4,10 @@ Base (cached or built); every built-in recipe with its quick settings (SFT in an
 distribution, RFT, DPO on the policy's own and on constructed pairs, GRPO with/without KL and
 clipping), each at three learning rates; then the diffs, the Conjecture 1 subnetwork reruns
 (DPO, GRPO) and the report.
+
+The cells and Conjecture 1's trainings run side by side on worker processes (``lab.parallel``,
+``jobs="auto"``: one per core, at most 4), each with one torch thread: the same checkpoints and
+numbers, bit for bit, as one process with one thread.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ SMOKE_N_TEST = 40
 
 def demo(out: str | Path | None = None, device: str = "cpu", cache_dir: str | None = None,
          model: str | None = None, log=print, resume: bool = False, progress: str = "auto",
-         smoke: bool = False) -> Path:
+         smoke: bool = False, jobs: int | str = "auto") -> Path:
     """Run the miniature lab (quick recipes) and return the report's path.
 
     Args:
@@ -36,6 +40,8 @@ def demo(out: str | Path | None = None, device: str = "cpu", cache_dir: str | No
         resume: Continue the demo run already in ``out`` (otherwise an existing run is refused).
         smoke: Six steps per run and 40 held-out problems: checks that every stage runs, in
             seconds once the base is cached; its numbers mean nothing.
+        jobs: Worker processes training cells side by side: a number, or "auto" (the cores, at most
+            4, as many as the memory holds; 1 on CUDA). 1 runs everything in this process.
 
     Returns:
         Path of ``report.html``.
@@ -46,7 +52,8 @@ def demo(out: str | Path | None = None, device: str = "cpu", cache_dir: str | No
     out = Path(out) if out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     start = time.time()
     clock = (lambda m: log(f"[{time.time() - start:5.0f}s] {m}"))
-    opts = LabOptions(out=out, quick=True, device=device, cache_dir=cache_dir, model=model, progress=progress)
+    opts = LabOptions(out=out, quick=True, device=device, cache_dir=cache_dir, model=model, progress=progress,
+                      jobs=jobs)
     with tempfile.TemporaryDirectory(prefix="rlsparse-smoke-") as tmp:
         recipes: list[str] = list(DEMO_RECIPES)
         if smoke:

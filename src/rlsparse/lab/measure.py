@@ -104,8 +104,9 @@ def random_rank_control(base: str | os.PathLike, finetuned: str | os.PathLike, s
     full rank" says nothing an unstructured sparse update would not.
 
     Returns:
-        {"mean_rank_fraction", "per_matrix": {name: {"rank_fraction", "control_rank_fraction", "density"}}}.
-        ``max_matrices`` keeps that many matrices, evenly spaced (SVDs cost minutes on a real base).
+        {"mean_rank_fraction", "per_matrix": {name: {"control_rank_fraction", "density"}}} (the
+        update's own rank is ``update_rank``'s: its SVDs are not repeated here). ``max_matrices``
+        keeps that many matrices, evenly spaced (SVDs cost minutes on a real base).
     """
     import torch
 
@@ -131,8 +132,7 @@ def random_rank_control(base: str | os.PathLike, finetuned: str | os.PathLike, s
                 continue
             shuffled = d.flatten()[torch.randperm(d.numel(), generator=gen)].reshape(d.shape)
             full = min(d.shape)
-            per[name] = {"rank_fraction": matrix_ranks(d)[0] / full,
-                         "control_rank_fraction": matrix_ranks(shuffled)[0] / full,
+            per[name] = {"control_rank_fraction": matrix_ranks(shuffled)[0] / full,
                          "density": float((d.abs() > tolerance).float().mean())}
     ctrl = [v["control_rank_fraction"] for v in per.values()]
     return {"mean_rank_fraction": sum(ctrl) / len(ctrl) if ctrl else float("nan"), "per_matrix": per}
@@ -233,25 +233,3 @@ def dataset_nll(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
         total -= float(lp[mask].double().sum())
         count += int(mask.sum())
     return total / count if count else float("nan")
-
-
-def seed_overlap(base: str | os.PathLike, a: str | os.PathLike, b: str | os.PathLike, workdir: str | os.PathLike,
-                 tolerance: str = PAPER_TOLERANCE) -> dict:
-    """Table 4: how much two finetunes' subnetworks (changed at ``tolerance``) overlap, beside random nulls.
-
-    Returns o1 = |I_a ∩ I_b| / |I_a|, o2, the Appendix E uniform baseline (``o1_random``,
-    ``o2_random``) and, where ``rlsparse.analysis.overlap`` offers it (``base=``), the
-    magnitude-stratified baseline (``o1_stratified``, ``o2_stratified``; None otherwise).
-    """
-    from rlsparse.analysis.overlap import overlap
-
-    work = Path(workdir)
-    ma = subnetwork_mask(base, a, work / "a.mask.safetensors", tolerance)
-    mb = subnetwork_mask(base, b, work / "b.mask.safetensors", tolerance)
-    try:
-        result = overlap([ma, mb], ["a", "b"], base=base)
-    except TypeError:  # an overlap without the stratified null: the uniform one only
-        result = overlap([ma, mb], ["a", "b"])
-    pair = result.to_json()["pairs"][0]
-    keys = ("o1", "o2", "jaccard", "o1_random", "o2_random", "o1_stratified", "o2_stratified")
-    return {k: pair.get(k) for k in keys}

@@ -215,25 +215,61 @@ def _path(run_dir: Path, results: dict, rel: str) -> Path:
 
 def _measure(run_dir: Path, results: dict, start: str, rows: list[dict], tol: str, log) -> None:
     """One ``overlap`` call over the masks of every checkpoint these rows name (all against ``start``)."""
+    names = list(dict.fromkeys(r[k] for r in rows for k in ("a_checkpoint", "b_checkpoint")))
+    index = {n: i for i, n in enumerate(names)}
+    pairs = [(index[r["a_checkpoint"]], index[r["b_checkpoint"]]) for r in rows]
+    measured = subnetwork_overlaps(_path(run_dir, results, start), [run_dir / n for n in names], pairs, tol,
+                                   labels=names, log=log, what=f"against {start}")
+    for row, values in zip(rows, measured):
+        row.update(values)
+
+
+def subnetwork_overlaps(start: str | Path, checkpoints: list[Path], pairs: list[tuple[int, int]],
+                        tolerance: str = measure.PAPER_TOLERANCE, labels: list[str] | None = None, log=None,
+                        what: str = "") -> list[dict]:
+    """Table 4's numbers for pairs of finetunes of one start: each checkpoint's subnetwork (changed at
+    ``tolerance`` against ``start``, a mask by ``measure.subnetwork_mask``), then one
+    ``analysis.overlap`` call over all of them with ``start`` as the base of the stratified null.
+
+    The one place the lab measures overlaps: Table 4's rows here and the runner's ``seed_overlap``
+    (a recipe's first two seeds) both come from it.
+
+    Args:
+        start: The checkpoint every one of ``checkpoints`` was finetuned from.
+        checkpoints: The finetuned checkpoints.
+        pairs: (a, b) indices into ``checkpoints``.
+        tolerance: The subnetwork's tolerance.
+        labels: Names of the checkpoints in progress lines (default: their paths).
+        log: Progress printer (None: quiet).
+        what: Said after each subnetwork in progress lines ("against base").
+
+    Returns:
+        Per pair: o1, o2, Jaccard, the Appendix E uniform null (``o1_random``, ``o2_random``), the
+        magnitude-stratified null (``o1_stratified``, ``o2_stratified``, ``intersection_stratified``),
+        both sparsities and counts, as ``rlsparse overlap --base`` gives them.
+
+    Example:
+        >>> subnetwork_overlaps("runs/demo/base", [Path("runs/demo/runs/grpo/lr-1e-5"),
+        ...                     Path("runs/demo/conjecture/grpo/reseeded")], [(0, 1)])[0]["o1"]
+    """
     from rlsparse.analysis.nulls import add_stratified
     from rlsparse.analysis.overlap import overlap
 
-    base = _path(run_dir, results, start)
-    names = list(dict.fromkeys(r[k] for r in rows for k in ("a_checkpoint", "b_checkpoint")))
-    with tempfile.TemporaryDirectory(prefix="rlsparse-table4-") as tmp:
+    labels = list(labels) if labels is not None else [str(c) for c in checkpoints]
+    with tempfile.TemporaryDirectory(prefix="rlsparse-overlap-") as tmp:
         masks, begun = [], time.time()
-        for i, rel in enumerate(names):
-            masks.append(measure.subnetwork_mask(base, run_dir / rel, Path(tmp) / f"{i}.mask.safetensors", tol))
+        for i, folder in enumerate(checkpoints):
+            masks.append(measure.subnetwork_mask(start, folder, Path(tmp) / f"{i}.mask.safetensors", tolerance))
             if log:
                 spent = time.time() - begun
-                log(f"table 4: subnetwork {i + 1}/{len(names)} ({rel}, changed at {tol} against {start}); "
-                    f"{spent:.0f}s, ETA {spent / (i + 1) * (len(names) - i - 1):.0f}s")
+                log(f"table 4: subnetwork {i + 1}/{len(checkpoints)} ({labels[i]}, changed at {tolerance} {what}); "
+                    f"{spent:.0f}s, ETA {spent / (i + 1) * (len(checkpoints) - i - 1):.0f}s")
         if log:
-            log(f"table 4: overlaps of {len(rows)} pairs with the uniform and magnitude-stratified nulls")
-        result = overlap(masks, names, base=base)
-    index = {n: i for i, n in enumerate(names)}
-    for row in rows:
-        i, j = index[row["a_checkpoint"]], index[row["b_checkpoint"]]
-        doc = {"definitions": {}, "pairs": [{"a": names[i], "b": names[j], **result.pair(i, j).total.to_json()}]}
-        add_stratified(doc, names, result.stratified)  # the stratified o1/o2 as `rlsparse overlap --base` gives them
-        row.update({k: doc["pairs"][0].get(k) for k in _VALUES})
+            log(f"table 4: overlaps of {len(pairs)} pairs with the uniform and magnitude-stratified nulls")
+        result = overlap(masks, labels, base=start)
+    out = []
+    for i, j in pairs:
+        doc = {"definitions": {}, "pairs": [{"a": labels[i], "b": labels[j], **result.pair(i, j).total.to_json()}]}
+        add_stratified(doc, labels, result.stratified)  # the stratified o1/o2 as `rlsparse overlap --base` gives them
+        out.append({k: doc["pairs"][0].get(k) for k in _VALUES})
+    return out

@@ -32,6 +32,7 @@ from rlsparse.lab import measure
 from rlsparse.lab import trained as trained_record
 from rlsparse.lab.base import BaseConfig, accuracy, base_metadata, ensure_base, load_model, save_model
 from rlsparse.lab.cost import signal_steps
+from rlsparse.lab.overlaps import subnetwork_overlaps
 from rlsparse.lab.preregistration import Preregistration, load_preregistration
 from rlsparse.lab.recipes import Recipe, cell_fields, load_recipe, load_suite, recipe_dir, recipe_names
 from rlsparse.lab.tasks import Problem, load_jsonl, prompt_texts, reward, split
@@ -662,10 +663,15 @@ def _seed_overlaps(run: _Run, recipe: Recipe, points: list[dict]) -> list[dict]:
         a, b = (next((p for p in points if p["seed"] == s and p["learning_rate"] == lr), None) for s in recipe.seeds[:2])
         if a is None or b is None or a["start"] != "base":
             continue  # different starts (pre-SFT per seed): not the same base to overlap against
-        with tempfile.TemporaryDirectory(prefix="rlsparse-lab-") as tmp:
-            ov = measure.seed_overlap(run.base_path, run.opts.out / a["checkpoint"], run.opts.out / b["checkpoint"], tmp)
-        out.append({"learning_rate": lr, "seeds": recipe.seeds[:2], **ov})
+        # One pair per overlap call, as these rows always were: the stratified null's sums keep their order.
+        ov = subnetwork_overlaps(run.base_path, [run.opts.out / a["checkpoint"], run.opts.out / b["checkpoint"]],
+                                 [(0, 1)])[0]
+        out.append({"learning_rate": lr, "seeds": recipe.seeds[:2], **{k: ov[k] for k in _SEED_OVERLAP}})
     return out
+
+
+# What a recipe's ``seed_overlap`` rows hold (results.json): the overlaps and both random nulls.
+_SEED_OVERLAP = ("o1", "o2", "jaccard", "o1_random", "o2_random", "o1_stratified", "o2_stratified")
 
 
 def cell_folder(run: _Run, recipe: Recipe, lr: float, seed: int) -> Path:

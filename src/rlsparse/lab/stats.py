@@ -104,14 +104,21 @@ def bootstrap(groups: Sequence[Sequence[float]], statistic: Callable[[list[np.nd
         >>> bootstrap([[1.0, 2.0, 3.0]], lambda g: float(g[0].mean()))[0]
         2.0
     """
+    return _bootstrap_all(groups, [statistic], resamples=resamples, level=level, seed=seed)[0]
+
+
+def _bootstrap_all(groups, statistics, *, resamples: int, level: float, seed: int) -> list[tuple[float, float, float]]:
+    """``bootstrap`` of several statistics over the same resamples: each one's result is the one
+    ``bootstrap`` gives it alone (the resamples depend only on the groups' sizes and the seed)."""
     arrays = [np.asarray(g, dtype=np.float64) for g in groups]
-    observed = statistic(arrays)
+    observed = [statistic(arrays) for statistic in statistics]
     rng = np.random.default_rng(seed)
-    draws = np.empty(resamples)
+    draws = np.empty((len(statistics), resamples))
     for i in range(resamples):
-        draws[i] = statistic([a[rng.integers(0, len(a), len(a))] if len(a) else a for a in arrays])
-    lo, hi = percentile_interval(draws, level)
-    return observed, lo, hi
+        drawn = [a[rng.integers(0, len(a), len(a))] if len(a) else a for a in arrays]
+        for k, statistic in enumerate(statistics):
+            draws[k, i] = statistic(drawn)
+    return [(obs, *percentile_interval(d, level)) for obs, d in zip(observed, draws)]
 
 
 def count_wins(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], margin: float = 0.0, *,
@@ -135,7 +142,8 @@ def count_wins(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], margin:
 
     if not pairs:
         return {"wins": 0, "losses": 0, "ties": 0, "n": 0, "wins_interval": [0, 0], "losses_interval": [0, 0]}
-    w, wlo, whi = bootstrap(groups, tally(1), resamples=resamples, level=level, seed=seed)
-    l, llo, lhi = bootstrap(groups, tally(-1), resamples=resamples, level=level, seed=seed)
+    # Wins and losses over the same resamples: one pass draws them once.
+    (w, wlo, whi), (l, llo, lhi) = _bootstrap_all(groups, [tally(1), tally(-1)], resamples=resamples, level=level,
+                                                 seed=seed)
     return {"wins": int(w), "losses": int(l), "ties": len(pairs) - int(w) - int(l), "n": len(pairs),
             "wins_interval": [wlo, whi], "losses_interval": [llo, lhi]}
