@@ -88,6 +88,26 @@ def sparse_delta_apply(old, gsym, graw, gstart, dsym, draw, dstart, sym_base, sy
     return True
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put_symbol(v, i, bitlen16, sym_out, counts, where, nbits, extra, big):
+    """Value ``v`` (the ``i``-th of its stream) as ``codec._symbolize`` codes it: below 16 its own
+    symbol; else (bit length, next two bits) with the rest raw, recorded at ``big`` of the raw-bit
+    arrays. Adds to the histogram; returns the new raw-bit count."""
+    if v < 16:
+        sym_out[i] = v
+        counts[v] += 1
+        return big
+    length = np.int64(bitlen16[v]) if v < 65536 else 16 + np.int64(bitlen16[v >> 16])
+    k = length - 3
+    sym = 16 + (length - 5) * 4 + ((v >> k) & 3)
+    sym_out[i] = sym
+    counts[sym] += 1
+    where[big] = i
+    nbits[big] = k
+    extra[big] = v & ((np.int64(1) << k) - 1)
+    return big + 1
+
+
 @numba.njit(cache=True, nogil=True)
 def sparse_delta_symbols(old, new, idx, bitlen16, width, is_float, gsym, gwhere, gnbits, gextra, gcounts,
                          dsym, dwhere, dnbits, dextra, dcounts, values, planes):
@@ -111,20 +131,7 @@ def sparse_delta_symbols(old, new, idx, bitlen16, width, is_float, gsym, gwhere,
         p = np.int64(idx[i])
         v = p - prev - 1
         prev = p
-        # a value below 16 is its own symbol; else (bit length, next two bits), the rest raw
-        if v < 16:
-            gsym[i] = v
-            gcounts[v] += 1
-        else:
-            length = np.int64(bitlen16[v]) if v < 65536 else 16 + np.int64(bitlen16[v >> 16])
-            k = length - 3
-            sym = 16 + (length - 5) * 4 + ((v >> k) & 3)
-            gsym[i] = sym
-            gcounts[sym] += 1
-            gwhere[gbig] = i
-            gnbits[gbig] = k
-            gextra[gbig] = v & ((np.int64(1) << k) - 1)
-            gbig += 1
+        gbig = _put_symbol(v, i, bitlen16, gsym, gcounts, gwhere, gnbits, gextra, gbig)
         a = np.int64(old[p])
         b = np.int64(new[p])
         values[i] = new[p]
@@ -138,19 +145,7 @@ def sparse_delta_symbols(old, new, idx, bitlen16, width, is_float, gsym, gwhere,
             v = ((d << 1) ^ mask) & mask
         else:
             v = d << 1
-        if v < 16:
-            dsym[i] = v
-            dcounts[v] += 1
-        else:
-            length = np.int64(bitlen16[v]) if v < 65536 else 16 + np.int64(bitlen16[v >> 16])
-            k = length - 3
-            sym = 16 + (length - 5) * 4 + ((v >> k) & 3)
-            dsym[i] = sym
-            dcounts[sym] += 1
-            dwhere[dbig] = i
-            dnbits[dbig] = k
-            dextra[dbig] = v & ((np.int64(1) << k) - 1)
-            dbig += 1
+        dbig = _put_symbol(v, i, bitlen16, dsym, dcounts, dwhere, dnbits, dextra, dbig)
     return gbig, dbig
 
 
