@@ -23,6 +23,18 @@ compiled = pytest.importorskip("rlsparse.delta.compiled", reason="numba (the `de
 WIDTHS = [np.uint8, np.uint16, np.uint32]
 
 
+def _dtypes_seen(monkeypatch, name: str, arg: int) -> list:
+    """Wrap ``compiled.<name>`` so that each call records the dtype of its ``arg``-th argument."""
+    used, real = [], getattr(compiled, name)
+
+    def counting(*args):
+        used.append(args[arg].dtype)
+        return real(*args)
+
+    monkeypatch.setattr(compiled, name, counting)
+    return used
+
+
 @settings(max_examples=80, deadline=None)
 @given(width=st.sampled_from(WIDTHS), n=st.integers(1, 20000), density=st.sampled_from([0.0005, 0.02, 0.2, 0.3]),
        steps=st.sampled_from([3, 300, 70000]), is_float=st.booleans(), seed=st.integers(0, 2**31 - 1))
@@ -71,15 +83,8 @@ def test_apply_with_the_compiled_decoder_is_bit_exact(tmp_path: Path, monkeypatc
         ft_t[f"t{i}"] = bits_tensor(change(rng, a, 0.2, ulps=True), code, (n // 10, 10))
     base, ft = write(tmp_path / "base", base_t), write(tmp_path / "ft", ft_t)
     delta.pack(base, ft, tmp_path / "p.rlpatch", chunk_elements=8192)
-    used = []
-    real = compiled.sparse_delta_apply
-
-    def counting(*args):
-        used.append(args[0].dtype)
-        return real(*args)
-
     monkeypatch.setattr(apply_mod, "COMPILED_FROM", 0)
-    monkeypatch.setattr(compiled, "sparse_delta_apply", counting)
+    used = _dtypes_seen(monkeypatch, "sparse_delta_apply", 0)
     delta.apply(base, tmp_path / "p.rlpatch", tmp_path / "out", parallel=parallel, workers=2)
     assert_bit_identical(load(tmp_path / "out"), ft_t)
     if parallel == "threads":  # (forked workers count in their own memory)
@@ -128,15 +133,8 @@ def test_pack_with_the_compiled_encoder_writes_the_same_patch(tmp_path: Path, mo
         base_t[f"t{i}"] = bits_tensor(a, code, (n // 10, 10))
         ft_t[f"t{i}"] = bits_tensor(change(rng, a, density, ulps=True), code, (n // 10, 10))
     base, ft = write(tmp_path / "base", base_t), write(tmp_path / "ft", ft_t)
-    used = []
-    real = compiled.sparse_delta_symbols
-
-    def counting(*args):
-        used.append(args[1].dtype)
-        return real(*args)
-
     monkeypatch.setattr(pack_mod, "COMPILED_PACK_FROM", 0)
-    monkeypatch.setattr(compiled, "sparse_delta_symbols", counting)
+    used = _dtypes_seen(monkeypatch, "sparse_delta_symbols", 1)
     delta.pack(base, ft, tmp_path / "compiled.rlpatch", chunk_elements=8192, parallel=parallel, workers=2)
     if parallel == "threads":  # (forked workers count in their own memory)
         assert {np.dtype(d) for d in used} == {np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint8)}
