@@ -58,8 +58,15 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="scratch folder (default: a new temporary folder)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
-    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="delta-modes-"))
-    tmp.mkdir(parents=True, exist_ok=True)
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
+        run(args, Path(args.tmp))
+    else:  # its own scratch folder (a patch and an output as large as the checkpoint): removed at the end
+        with tempfile.TemporaryDirectory(prefix="delta-modes-") as tmp:
+            run(args, Path(tmp))
+
+
+def run(args, tmp: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     patch, out = tmp / "p.rlpatch", tmp / "out"
     rows = []
