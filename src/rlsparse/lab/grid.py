@@ -17,7 +17,6 @@ step still missing.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,8 +29,8 @@ from rlsparse.lab.recipes import Recipe
 
 def selected(lr: float, chosen: list[float] | None) -> bool:
     """Whether a grid's learning rate is one this session trains (``LabOptions.grid_learning_rates``;
-    None: all of them), matched as the runner matches learning rates."""
-    return chosen is None or any(math.isclose(lr, c, rel_tol=1e-9) for c in chosen)
+    None: all of them), matched by ``runner.same_lr``."""
+    return chosen is None or any(runner.same_lr(lr, c) for c in chosen)
 
 
 def grid_recipe(recipe: Recipe) -> Recipe:

@@ -18,7 +18,6 @@ checkpoint is bit-identical to a one-process, one-thread run (the tests check it
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -112,9 +111,9 @@ def plan(run, recipes: list, conjecture: list, grid: bool = False) -> list[Task]
         first = recipe.seeds[0]
         lrs = [recipe.conjecture_lr] if recipe.conjecture_lr is not None else recipe.learning_rates
         full = {t.label for t in tasks.values() if t.kind == "cell" and t.args["recipe"].name == recipe.name
-                and t.args["seed"] == first and any(_same_lr(a, b) for a in t.args["lrs"] for b in lrs)}
+                and t.args["seed"] == first and any(runner.same_lr(a, b) for a in t.args["lrs"] for b in lrs)}
         parts = ["sub", "random"]
-        other_seed = any(_same_lr(lr, recipe.conjecture_lr) for lr in recipe.learning_rates) and len(recipe.seeds) > 1
+        other_seed = any(runner.same_lr(lr, recipe.conjecture_lr) for lr in recipe.learning_rates) and len(recipe.seeds) > 1
         if recipe.conjecture_lr is None or not other_seed:
             parts.append("reseeded")  # (with a best-case selection the worker checks again, once it is known)
         for part in parts:
@@ -277,11 +276,6 @@ def _chain_costs(tasks: list[Task]) -> dict[str, float]:
     for t in tasks:
         t.deps &= set(by_label)  # a dependency finished before this session is no dependency
     return {t.label: chain(t.label) for t in tasks}
-
-
-def _same_lr(a, b) -> bool:
-    """The runner's learning-rate match (``math.isclose``, rel_tol 1e-9); None matches nothing."""
-    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
 
 
 def _read_json(path: Path) -> dict:

@@ -776,11 +776,17 @@ def run_conjecture(run: _Run, recipe: Recipe, entry: dict, tolerance: str = meas
     return result
 
 
+def same_lr(a: float | None, b: float | None) -> bool:
+    """The lab's learning-rate match (``math.isclose``, rel_tol 1e-9: a learning rate read back from
+    JSON or a command line is the recipe's); None matches nothing."""
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
+
+
 def conjecture_choice(run: _Run, recipe: Recipe, points: list[dict]) -> tuple[dict, str]:
     """The full run Conjecture 1 reruns (a point of the recipe's first seed) and how it was selected."""
     firsts = [p for p in points if p.get("seed", recipe.seeds[0]) == recipe.seeds[0]]
     if recipe.conjecture_lr is not None:
-        chosen = [p for p in firsts if math.isclose(p["learning_rate"], recipe.conjecture_lr, rel_tol=1e-9)]
+        chosen = [p for p in firsts if same_lr(p["learning_rate"], recipe.conjecture_lr)]
         if not chosen:
             raise UsageError(f"recipe {recipe.name}: conjecture_lr {recipe.conjecture_lr:g} is not one of its "
                              f"learning_rates {recipe.learning_rates}; add it to the sweep")
@@ -796,7 +802,7 @@ def _conjecture_start(run: _Run, best: dict) -> Path:
 def _reseeded_point(recipe: Recipe, points: list[dict], lr: float, seed: int) -> dict | None:
     """A finished full run at ``lr`` with another seed (the reseeded control, when the sweep has one)."""
     return next((p for p in points if p.get("seed") not in (None, seed)
-                 and math.isclose(p["learning_rate"], lr, rel_tol=1e-9)), None)
+                 and same_lr(p["learning_rate"], lr)), None)
 
 
 def conjecture_part(run: _Run, recipe: Recipe, points: list[dict], part: str,
