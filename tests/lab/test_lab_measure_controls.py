@@ -146,6 +146,33 @@ def test_net_drift_of_the_trace_by_hand():
     assert cb.drift["moved"] == 2
 
 
+def test_net_drift_of_pure_bf16_weights_sums_the_path_in_fp32():
+    """One-ULP steps of a bf16 weight: a path summed in bf16 would stop at 2.0 (where 2^-7 is half
+    a spacing); summed in fp32 it is exact."""
+    from rlsparse.lab.trace import sparsity_trace
+
+    model = torch.nn.Linear(2, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    cb = sparsity_trace(model, total_steps=600, points=1)
+
+    class State:
+        global_step = 0
+
+    state, ulp = State(), 2.0 ** -7  # bf16's spacing in [1, 2)
+    # weight 0 goes up and back one ULP 300 times (net 0, path 600 ULPs); weight 1 moves one ULP once
+    for step in range(1, 601):
+        with torch.no_grad():
+            model.weight += torch.tensor([[ulp if step % 2 else -ulp, ulp if step == 1 else 0.0]], dtype=torch.bfloat16)
+        state.global_step = step
+        cb.on_step_end(None, state, None)
+    cb.on_train_end(None, state, None)
+    assert model.weight.tolist() == [[1.0, 1.0 + ulp]]
+    assert cb.drift["net_over_path"] == ulp / (600 * ulp + ulp)
+    assert cb.drift["mean_ratio"] == (0.0 + 1.0) / 2
+    assert cb.drift["moved"] == 2
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), steps=st.integers(1, 9), points=st.integers(1, 5),
        weights=st.sampled_from([torch.float32, torch.bfloat16]), bucket=st.sampled_from([1 << 22, 20, 1]))
@@ -181,8 +208,8 @@ def _check_series_against_brute_force(seed, steps, points, weights):
         return torch.cat([p.detach().clone().ravel() for p in model.parameters()])
 
     saved, exact = [bf16_all()], [exact_all()]
-    # the path length per tensor, accumulated in the weights' dtype as the trace does
-    walked = [torch.zeros_like(p) for p in model.parameters()]
+    # the path length per tensor, accumulated in fp32 whatever the weights' dtype
+    walked = [torch.zeros(p.shape) for p in model.parameters()]
 
     class State:
         global_step = 0

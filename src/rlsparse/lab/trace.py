@@ -65,8 +65,8 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
     "outside_final": [{"step", "share"}], "per_step": [{"step", "share"}]} (Figures 2, 6 and
     7(b); see the module docstring).
 
-    It keeps three copies of the weights in their training dtype (start, previous step, path
-    length), two bf16 (the start and the previous step rounded to bf16), one bool per weight
+    It keeps two copies of the weights in their training dtype (start, previous step), one fp32
+    (the path length), two bf16 (the start and the previous step rounded to bf16), one bool per weight
     (ever changed) and one bit per weight at each traced step. Each step rounds the weights to
     bf16 once: the previous step's rounding is kept, and a traced step's measurement reuses the one
     its step just made.
@@ -96,7 +96,9 @@ def sparsity_trace(model, total_steps: int, points: int = 10, tolerance: str = P
 
     prev = [t.clone() for t in start]
     prev_bf16 = list(start_bf16)  # the weights after the last accumulated step, rounded to bf16
-    path = [torch.zeros_like(t) for t in start]
+    # The path length is summed in fp32 whatever the weights' dtype: a bf16 sum stops growing once it
+    # is 2^8 times a step (a pure-bf16 run's one-ULP steps would vanish from it).
+    path = [torch.zeros(t.shape, dtype=torch.float32) for t in start]
     ever = [torch.zeros(t.shape, dtype=torch.bool) for t in start]
     numel = sum(t.numel() for t in start)
     per_step: list[dict] = []
