@@ -80,6 +80,10 @@ def test_two_workers_give_the_same_checkpoints_and_numbers_as_one_process(two_ru
     assert sorted(line.split("] ", 1)[1].split(":")[0] for line in done) == sorted(
         ["base accuracy", "p_sft lr=0.001 seed 1", "p_sft lr=0.01 seed 1", "p_dpo lr=0.01 seed 1",
          "conjecture 1 sub on p_dpo", "conjecture 1 random on p_dpo", "conjecture 1 reseeded on p_dpo"])
+    # the parent then reads the 3 cells back (it measures Conjecture 1 itself); none is said to be from an earlier session
+    read_back = lines[lines.index("assembling the results from the finished cells"):]
+    assert sum(line.endswith(": on disk, read back") for line in read_back) == 3
+    assert not any("finished earlier" in line for line in lines)
 
 
 def test_resuming_a_parallel_run_reruns_nothing(two_runs, tiny_base, monkeypatch):
@@ -94,6 +98,7 @@ def test_resuming_a_parallel_run_reruns_nothing(two_runs, tiny_base, monkeypatch
     runner.run_lab(recipes, _opts(tiny_base, two, threads=2, jobs=2), log=lines.append, resume=True)
     assert trained == [] and evaluated == []
     assert not any("worker processes" in line for line in lines)  # nothing left to plan: no pool at all
+    assert sum(line.endswith(": finished earlier, kept (resume)") for line in lines) == 4
     assert _weights(two) == weights
     assert _measured(json.loads((two / "results.json").read_text())) == _measured(before)
 

@@ -528,15 +528,19 @@ def _lr_label(lr: float) -> str:
 
 
 class Progress:
-    """Cells done out of planned, with elapsed time and an ETA from the cells run in this session."""
+    """Cells done out of planned, with elapsed time and an ETA from the cells run in this session.
 
-    def __init__(self, total: int, log):
+    ``assembling``: the cells were trained by worker processes (or an earlier session) and are only
+    read back, so a finished cell is not said to come from an earlier session."""
+
+    def __init__(self, total: int, log, assembling: bool = False):
         self.total, self.log, self.done, self.ran = total, log, 0, []
         self.started = time.time()
+        self.kept = "on disk, read back" if assembling else "finished earlier, kept (resume)"
 
     def skip(self, label: str) -> None:
         self.done += 1
-        self.log(f"[{self.done}/{self.total}] {label}: finished earlier, kept (resume)")
+        self.log(f"[{self.done}/{self.total}] {label}: {self.kept}")
 
     def finish(self, label: str, seconds: float) -> None:
         self.done += 1
@@ -1061,7 +1065,8 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         results["recipes"], results["conjecture"] = earlier.get("recipes", {}), earlier.get("conjecture", {})
     elif earlier.get("grid"):
         results["grid"] = earlier["grid"]
-    if jobs > 1 and tasks:
+    assembling = jobs > 1 and bool(tasks)
+    if assembling:
         from rlsparse.lab import parallel
 
         log(f"running {len(tasks)} tasks on {jobs} worker processes, {worker_threads} torch thread"
@@ -1072,7 +1077,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
         from rlsparse.lab import grid
 
         results["grid"] = dict(earlier.get("grid") or {})
-        progress = Progress(sum(grid.cells(r, opts.grid_learning_rates) for r in recipes), log)
+        progress = Progress(sum(grid.cells(r, opts.grid_learning_rates) for r in recipes), log, assembling)
         for recipe in recipes:
             log(f"grid {recipe.name} ({recipe.algorithm}): learning rates {recipe.grid['learning_rates']} x "
                 f"checkpoints at steps {recipe.grid['checkpoints']}")
@@ -1080,7 +1085,7 @@ def run_lab(names: list[str] | str, opts: LabOptions, log=print, resume: bool = 
             if entry is not None:  # None: --grid-lrs left this recipe nothing to train and none on disk
                 results["grid"][recipe.name] = entry
             _write_json(out / "results.json", results)
-    progress = Progress(sum(len(r.learning_rates) * len(r.seeds) for r in recipes) + len(conj), log)
+    progress = Progress(sum(len(r.learning_rates) * len(r.seeds) for r in recipes) + len(conj), log, assembling)
     for recipe in recipes if not opts.grid else []:
         log(f"recipe {recipe.name} ({recipe.algorithm}, {recipe.data}, family {recipe.family})")
         results["recipes"][recipe.name] = run_recipe(run, recipe, progress)
