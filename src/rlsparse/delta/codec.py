@@ -550,7 +550,7 @@ def _symbols_and_raw(inp: _In, n: int, width_bits: int, version: int) -> tuple[n
     sym = _decode_symbols(inp, n, version)
     counts = np.bincount(_SYM_NBITS, weights=np.bincount(sym, minlength=_ALPHABET), minlength=65).astype(np.int64)
     raw, first_byte = _take_raw(inp, counts, width_bits)
-    return _readonly(sym), _readonly(raw), first_byte * 8
+    return sym, raw, first_byte * 8
 
 
 def _take_raw(inp: _In, counts: np.ndarray, width_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -569,14 +569,6 @@ def _take_raw(inp: _In, counts: np.ndarray, width_bits: int) -> tuple[np.ndarray
     raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
     inp.pos += nbytes
     return raw, np.cumsum(group_bytes) - group_bytes
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    """A read-only view: the compiled decoder is compiled once per kind of array it is given, and
-    symbols come writable or not depending on how they were stored."""
-    v = a.view()
-    v.flags.writeable = False
-    return v
 
 
 def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION) -> None:
@@ -602,8 +594,8 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
     """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base), with the
     symbol coder of patch schema ``version``. ``changed``: the ascending indices where the two
     differ, if the caller found them already (``np.flatnonzero(old != new)`` otherwise).
-    ``compiled``: ``compiled.sparse_delta_symbols`` to make the sparse encodings' symbols of
-    dtypes up to 32 bits in one compiled pass (the same bytes), or None for numpy throughout.
+    ``compiled``: ``compiled.sparse_delta_symbols`` (the C kernel) to make the sparse encodings'
+    symbols of dtypes up to 32 bits in one compiled pass (the same bytes), or None for numpy throughout.
 
     Returns (encoding, changed elements, bytes); ``SAME`` chunks carry no bytes.
     """
@@ -685,8 +677,8 @@ def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_
 
     ``inplace=True`` writes the result over ``old`` and returns it (no copy of the chunk);
     otherwise ``old`` is left as it is (an unchanged chunk returns ``old`` itself).
-    ``compiled``: ``compiled.sparse_delta_apply`` to decode sparse ULP-step chunks of dtypes up
-    to 32 bits in one compiled pass (the same bits), or None for numpy throughout.
+    ``compiled``: ``compiled.sparse_delta_apply`` (the C kernel) to decode sparse ULP-step chunks
+    of dtypes up to 32 bits in one compiled pass (the same bits), or None for numpy throughout.
     """
     if encoding == SAME:
         if old is None:
