@@ -54,6 +54,7 @@ def _chunk(rng, width, n, density, steps, is_float, new_bits=False):
 def test_the_kernels_are_the_c_module_where_built():
     assert compiled.sparse_delta_apply is kernels.sparse_delta_apply
     assert compiled.sparse_delta_symbols is kernels.sparse_delta_symbols
+    assert compiled.changed_positions is kernels.changed_positions
     assert compiled.kernels() == "C"
 
 
@@ -260,3 +261,37 @@ def test_state_dict_pack_and_apply_use_the_c_kernels(monkeypatch):
     assert encoded and decoded
     monkeypatch.setattr(compiled, "sparse_delta_symbols", None)
     assert delta.pack(base, ft, chunk_elements=8192).data == by_c
+
+
+@settings(max_examples=150, deadline=None)
+@given(width=st.sampled_from([np.uint8, np.uint16, np.uint32, np.uint64]), n=st.integers(0, 1000),
+       density=st.sampled_from([0.0, 0.003, 0.1, 0.9, 1.0]), offset=st.integers(0, 2**40), seed=st.integers(0, 2**31 - 1))
+def test_c_changed_positions_equal_numpy(width, n, density, offset, seed):
+    rng = np.random.default_rng(seed)
+    old = rng.integers(0, np.iinfo(width).max, size=n, dtype=width, endpoint=True)
+    new = old.copy()
+    where = rng.random(n) < density
+    new[where] ^= rng.integers(1, np.iinfo(width).max, size=int(where.sum()), dtype=width, endpoint=True)
+    out = np.full(n + 3, -1, np.int64)
+    k = kernels.changed_positions(old, new, out, offset)
+    assert np.array_equal(out[:k], np.flatnonzero(old != new) + offset)
+    assert (out[n:] == -1).all()  # nothing written past the first n slots
+
+
+def test_c_changed_positions_refuse_wrong_arguments():
+    old = np.zeros(100, np.uint16)
+    out = np.zeros(100, np.int64)
+    with pytest.raises(ValueError, match="out at least as long"):
+        kernels.changed_positions(old, old, out[:99], 0)
+    with pytest.raises(ValueError, match="old and new must be the same width and length"):
+        kernels.changed_positions(old, old[:99], out, 0)
+    with pytest.raises(ValueError, match="old and new must be the same width"):
+        kernels.changed_positions(old, np.zeros(100, np.uint32), out, 0)
+    with pytest.raises(ValueError, match="out has elements of 4 bytes"):
+        kernels.changed_positions(old, old, out.astype(np.int32), 0)
+    with pytest.raises(ValueError, match="out must be a C-contiguous, writable"):
+        ro = out.copy()
+        ro.flags.writeable = False
+        kernels.changed_positions(old, old, ro, 0)
+    with pytest.raises(ValueError, match="old has elements of 8 bytes .format d"):
+        kernels.changed_positions(np.zeros(100), np.zeros(100), out, 0)  # floats: compare their bits instead

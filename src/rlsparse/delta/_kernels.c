@@ -12,6 +12,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define DIRECT 16 /* values below this are symbols of their own */
 #define ALPHABET 256
@@ -24,8 +27,12 @@ typedef struct {
     int held;
 } Buf;
 
-/* An integer array argument: C-contiguous, elements of ``itemsize`` bytes (0: 1, 2 or 4),
- * at least ``min_len`` of them, writable if asked. Sets a ValueError naming it otherwise. */
+#define WIDTH_1_TO_4 0 /* take(): elements of 1, 2 or 4 bytes */
+#define WIDTH_1_TO_8 -1 /* take(): elements of 1, 2, 4 or 8 bytes */
+
+/* An integer array argument: C-contiguous, elements of ``itemsize`` bytes (or WIDTH_1_TO_4,
+ * WIDTH_1_TO_8), at least ``min_len`` of them, writable if asked. Sets a ValueError naming it
+ * otherwise. */
 static int take(PyObject *obj, Buf *b, const char *fn, const char *name, Py_ssize_t itemsize,
                 Py_ssize_t min_len, int writable)
 {
@@ -40,11 +47,13 @@ static int take(PyObject *obj, Buf *b, const char *fn, const char *name, Py_ssiz
     const char *f = b->view.format ? b->view.format : "B";
     char code = f[strlen(f) - 1];
     Py_ssize_t size = b->view.itemsize;
-    if (!strchr("bBhHiIlLqQ", code) || (itemsize ? size != itemsize : (size != 1 && size != 2 && size != 4))
-        || b->view.len / size < min_len) {
+    int width_ok = itemsize > 0 ? size == itemsize
+                                : size == 1 || size == 2 || size == 4 || (itemsize == WIDTH_1_TO_8 && size == 8);
+    if (!strchr("bBhHiIlLqQ", code) || !width_ok || b->view.len / size < min_len) {
         PyErr_Format(PyExc_ValueError, "%s: %s has elements of %zd bytes (format %s) and %zd of them; expected "
                      "integers of %s bytes, at least %zd", fn, name, size, f, b->view.len / size,
-                     itemsize == 8 ? "8" : itemsize == 4 ? "4" : itemsize == 1 ? "1" : "1, 2 or 4", min_len);
+                     itemsize == 8 ? "8" : itemsize == 4 ? "4" : itemsize == 1 ? "1"
+                     : itemsize == WIDTH_1_TO_8 ? "1, 2, 4 or 8" : "1, 2 or 4", min_len);
         return -1;
     }
     return 0;
@@ -122,10 +131,13 @@ static inline int next_value(uint8_t s, const uint8_t *raw, Py_ssize_t raw_len, 
     return 1;
 }
 
-static int apply_loop(uint8_t *old, Py_ssize_t n, int size, const uint8_t *gsym, const uint8_t *graw,
-                      Py_ssize_t graw_len, const int64_t *gstart, const uint8_t *dsym, const uint8_t *draw,
-                      Py_ssize_t draw_len, const int64_t *dstart, Py_ssize_t m, const uint64_t *sym_base,
-                      const uint8_t *sym_nbits, int is_float)
+#define BLOCK 64 /* positions decoded ahead of their elements, whose cache lines are fetched meanwhile */
+
+/* ``size`` and ``is_float`` are constants at each call (see apply_any): one loop per kind. */
+static inline __attribute__((always_inline)) int apply_loop(
+    uint8_t *old, Py_ssize_t n, int size, const uint8_t *gsym, const uint8_t *graw, Py_ssize_t graw_len,
+    const int64_t *gstart, const uint8_t *dsym, const uint8_t *draw, Py_ssize_t draw_len, const int64_t *dstart,
+    Py_ssize_t m, const uint64_t *sym_base, const uint8_t *sym_nbits, int is_float)
 {
     uint64_t gcur[65], dcur[65];
     for (int k = 0; k < 65; k++) { /* a negative start reads as huge: refused by the bound check */
@@ -135,31 +147,57 @@ static int apply_loop(uint8_t *old, Py_ssize_t n, int size, const uint8_t *gsym,
     int width = 8 * size;
     uint64_t mask = (UINT64_C(1) << width) - 1, top = UINT64_C(1) << (width - 1), low = top - 1;
     uint64_t next = 0; /* the first position the next gap counts from */
-    for (Py_ssize_t i = 0; i < m; i++) {
-        uint64_t gap, z;
-        if (!next_value(gsym[i], graw, graw_len, gcur, sym_base, sym_nbits, &gap) || gap >= (uint64_t)n
-            || next + gap >= (uint64_t)n)
-            return 0;
-        Py_ssize_t pos = (Py_ssize_t)(next + gap);
-        next = pos + 1;
-        if (!next_value(dsym[i], draw, draw_len, dcur, sym_base, sym_nbits, &z))
-            return 0;
-        uint64_t step = ((z >> 1) ^ (UINT64_C(0) - (z & 1))) & mask; /* unzigzag, wrapped to the width */
-        uint64_t x = load(old, pos, size);
-        if (is_float) { /* onto the ordered line (negative: every bit flipped; else the sign set), step, back */
-            if (x & top)
-                x ^= low;
-            x ^= top;
-            x = (x + step) & mask;
-            x ^= top;
-            if (x & top)
-                x ^= low;
-        } else {
-            x = (x + step) & mask;
+    Py_ssize_t at[BLOCK];
+    for (Py_ssize_t i0 = 0; i0 < m; i0 += BLOCK) {
+        Py_ssize_t count = m - i0 < BLOCK ? m - i0 : BLOCK;
+        for (Py_ssize_t j = 0; j < count; j++) {
+            uint64_t gap;
+            if (!next_value(gsym[i0 + j], graw, graw_len, gcur, sym_base, sym_nbits, &gap) || gap >= (uint64_t)n
+                || next + gap >= (uint64_t)n)
+                return 0;
+            at[j] = (Py_ssize_t)(next + gap);
+            next = at[j] + 1;
+            __builtin_prefetch(old + at[j] * size, 1);
         }
-        store(old, pos, size, x);
+        for (Py_ssize_t j = 0; j < count; j++) {
+            uint64_t z;
+            if (!next_value(dsym[i0 + j], draw, draw_len, dcur, sym_base, sym_nbits, &z))
+                return 0;
+            uint64_t step = ((z >> 1) ^ (UINT64_C(0) - (z & 1))) & mask; /* unzigzag, wrapped to the width */
+            uint64_t x = load(old, at[j], size);
+            if (is_float) { /* onto the ordered line (negative: every bit flipped; else the sign set), step, back */
+                if (x & top)
+                    x ^= low;
+                x ^= top;
+                x = (x + step) & mask;
+                x ^= top;
+                if (x & top)
+                    x ^= low;
+            } else {
+                x = (x + step) & mask;
+            }
+            store(old, at[j], size, x);
+        }
     }
     return 1;
+}
+
+static int apply_any(uint8_t *old, Py_ssize_t n, int size, const uint8_t *gsym, const uint8_t *graw,
+                     Py_ssize_t graw_len, const int64_t *gstart, const uint8_t *dsym, const uint8_t *draw,
+                     Py_ssize_t draw_len, const int64_t *dstart, Py_ssize_t m, const uint64_t *sym_base,
+                     const uint8_t *sym_nbits, int is_float)
+{
+#define APPLY(SIZE, FLOAT) apply_loop(old, n, SIZE, gsym, graw, graw_len, gstart, dsym, draw, draw_len, dstart, m, \
+                                      sym_base, sym_nbits, FLOAT)
+    switch (size * 2 + (is_float != 0)) {
+    case 2: return APPLY(1, 0);
+    case 3: return APPLY(1, 1);
+    case 4: return APPLY(2, 0);
+    case 5: return APPLY(2, 1);
+    case 8: return APPLY(4, 0);
+    default: return APPLY(4, 1);
+    }
+#undef APPLY
 }
 
 static const char apply_doc[] =
@@ -201,7 +239,7 @@ static PyObject *sparse_delta_apply(PyObject *self, PyObject *args)
     }
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = apply_loop(b[0].view.buf, b[0].view.len / size, size, b[1].view.buf, b[2].view.buf, b[2].view.len,
+    ok = apply_any(b[0].view.buf, b[0].view.len / size, size, b[1].view.buf, b[2].view.buf, b[2].view.len,
                     b[3].view.buf, b[4].view.buf, b[5].view.buf, b[5].view.len, b[6].view.buf, m,
                     b[7].view.buf, b[8].view.buf, is_float);
     Py_END_ALLOW_THREADS
@@ -336,9 +374,109 @@ static PyObject *sparse_delta_symbols(PyObject *self, PyObject *args)
     return Py_BuildValue("nn", g.big, d.big);
 }
 
+/* ------------------------------------------------------------------ compare */
+
+/* A bit per element of the 64 elements of ``size`` (1, 2 or 4) bytes at ``a`` and ``b``: set
+ * where they differ. SSE2 (every x86-64) compares 16 bytes at a time; elsewhere a plain loop. */
+static inline uint64_t differ64(const uint8_t *a, const uint8_t *b, int size)
+{
+    uint64_t same = 0;
+#if defined(__SSE2__)
+    for (int v = 0; v < 4; v++) { /* 16 elements per step, whatever their width */
+        const __m128i *x = (const __m128i *)(a + 16 * size * v), *y = (const __m128i *)(b + 16 * size * v);
+        __m128i eq;
+        if (size == 1) {
+            eq = _mm_cmpeq_epi8(_mm_loadu_si128(x), _mm_loadu_si128(y));
+        } else if (size == 2) {
+            eq = _mm_packs_epi16(_mm_cmpeq_epi16(_mm_loadu_si128(x), _mm_loadu_si128(y)),
+                                 _mm_cmpeq_epi16(_mm_loadu_si128(x + 1), _mm_loadu_si128(y + 1)));
+        } else {
+            __m128i lo = _mm_packs_epi32(_mm_cmpeq_epi32(_mm_loadu_si128(x), _mm_loadu_si128(y)),
+                                         _mm_cmpeq_epi32(_mm_loadu_si128(x + 1), _mm_loadu_si128(y + 1)));
+            __m128i hi = _mm_packs_epi32(_mm_cmpeq_epi32(_mm_loadu_si128(x + 2), _mm_loadu_si128(y + 2)),
+                                         _mm_cmpeq_epi32(_mm_loadu_si128(x + 3), _mm_loadu_si128(y + 3)));
+            eq = _mm_packs_epi16(lo, hi);
+        }
+        same |= (uint64_t)(uint16_t)_mm_movemask_epi8(eq) << (16 * v);
+    }
+#else
+    for (int j = 0; j < 64; j++)
+        same |= (uint64_t)(memcmp(a + j * size, b + j * size, size) == 0) << j;
+#endif
+    return ~same;
+}
+
+/* Where ``a`` and ``b`` (``n`` elements of ``size`` bytes) differ, plus ``offset``, into ``out``;
+ * returns how many. 64 elements at a time: a mask of those that differ (none, in most blocks
+ * of a sparse update), then one write per set bit. */
+static Py_ssize_t changed_loop(const uint8_t *a, const uint8_t *b, Py_ssize_t n, int size, int64_t offset,
+                               int64_t *out)
+{
+    Py_ssize_t k = 0, i = 0;
+    if (size <= 4) {
+        for (; i + 64 <= n; i += 64) {
+            uint64_t d;
+            switch (size) { /* a constant per case: the compiler keeps one branch of differ64 */
+            case 1: d = differ64(a + i, b + i, 1); break;
+            case 2: d = differ64(a + 2 * i, b + 2 * i, 2); break;
+            default: d = differ64(a + 4 * i, b + 4 * i, 4); break;
+            }
+            while (d) {
+                out[k++] = offset + i + __builtin_ctzll(d);
+                d &= d - 1;
+            }
+        }
+    }
+    for (; i < n; i++) { /* the tail, and 8-byte elements */
+        out[k] = offset + i;
+        k += memcmp(a + i * size, b + i * size, size) != 0;
+    }
+    return k;
+}
+
+static const char changed_doc[] =
+    "changed_positions(old, new, out, offset)\n"
+    "--\n\n"
+    "Write ``offset`` + the positions where ``old`` and ``new`` (integer arrays of one width, 1 to 8\n"
+    "bytes, the same length) differ, ascending, into ``out`` (int64, at least as long; writable);\n"
+    "returns how many: ``np.flatnonzero(old != new) + offset`` in one pass. Releases the GIL.";
+
+static PyObject *changed_positions(PyObject *self, PyObject *args)
+{
+    static const char *fn = "changed_positions";
+    PyObject *o[3];
+    long long offset;
+    if (!PyArg_ParseTuple(args, "OOOL:changed_positions", &o[0], &o[1], &o[2], &offset))
+        return NULL;
+    Buf b[3] = {{{0}}};
+    static const char *names[3] = {"old", "new", "out"};
+    for (int i = 0; i < 3; i++) {
+        if (take(o[i], &b[i], fn, names[i], i < 2 ? WIDTH_1_TO_8 : 8, 0, i == 2) < 0) {
+            release(b, 3);
+            return NULL;
+        }
+    }
+    int size = (int)b[1].view.itemsize;
+    Py_ssize_t n = b[1].view.len / size;
+    if (b[0].view.itemsize != size || b[0].view.len != b[1].view.len || b[2].view.len / 8 < n) {
+        PyErr_Format(PyExc_ValueError, "%s: old and new must be the same width and length and out at least as "
+                     "long; found %zd and %zd bytes of %zd- and %d-byte elements, out %zd elements", fn,
+                     b[0].view.len, b[1].view.len, b[0].view.itemsize, size, b[2].view.len / 8);
+        release(b, 3);
+        return NULL;
+    }
+    Py_ssize_t k;
+    Py_BEGIN_ALLOW_THREADS
+    k = changed_loop(b[0].view.buf, b[1].view.buf, n, size, offset, b[2].view.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 3);
+    return PyLong_FromSsize_t(k);
+}
+
 static PyMethodDef methods[] = {
     {"sparse_delta_apply", sparse_delta_apply, METH_VARARGS, apply_doc},
     {"sparse_delta_symbols", sparse_delta_symbols, METH_VARARGS, symbols_doc},
+    {"changed_positions", changed_positions, METH_VARARGS, changed_doc},
     {NULL, NULL, 0, NULL},
 };
 

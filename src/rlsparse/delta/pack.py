@@ -64,9 +64,22 @@ def chunk_digest(bits: np.ndarray) -> bytes:
 def changes_and_digests(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, tuple[bytes, bytes]]:
     """``(np.flatnonzero(old != new), (chunk_digest(old), chunk_digest(new)))`` in one pass over
     the memory: compared and hashed a block at a time, while the block is in the CPU cache
-    (three passes over a page-cache view cost ~10% more CPU on a real pair)."""
+    (three passes over a page-cache view cost ~10% more CPU on a real pair). The positions are
+    found by the C kernel where it was built (``compiled.changed_positions``: 2x less CPU than
+    numpy's compare and ``flatnonzero``), else by numpy."""
     old, new = np.ascontiguousarray(old), np.ascontiguousarray(new)
     h_old, h_new = new_hasher(), new_hasher()
+    find = compiled.changed_positions
+    if find is not None:
+        # every block's positions straight into one array (pages never written cost nothing)
+        idx = np.empty(new.size, dtype=np.int64)
+        count = 0
+        for a in range(0, new.size, _BLOCK_ELEMENTS):
+            o, w = old[a:a + _BLOCK_ELEMENTS], new[a:a + _BLOCK_ELEMENTS]
+            h_old.update(memoryview(o).cast("B"))
+            h_new.update(memoryview(w).cast("B"))
+            count += find(o, w, idx[count:], a)
+        return idx[:count], (h_old.digest(), h_new.digest())
     parts = []
     for a in range(0, new.size, _BLOCK_ELEMENTS):
         o, w = old[a:a + _BLOCK_ELEMENTS], new[a:a + _BLOCK_ELEMENTS]
