@@ -67,10 +67,12 @@ def main() -> None:
     if args.compiled:
         from rlsparse.delta import compiled
 
-        if hasattr(compiled, "warm"):  # numba (an older checkout's src): load or compile before any clock runs
+        if getattr(compiled, "KERNELS", None) is not None:  # the C kernels (seventh round on)
+            fast = fast_encode = compiled.KERNELS
+        else:  # numba (an older checkout's src): load or compile before any clock runs
             compiled.warm([np.uint8, np.uint16, np.uint32])
-        fast = compiled.sparse_delta_apply
-        fast_encode = getattr(compiled, "sparse_delta_symbols", None)  # older versions: numpy encodes
+            fast = compiled.sparse_delta_apply
+            fast_encode = getattr(compiled, "sparse_delta_symbols", None)  # older versions: numpy encodes
     work = chunks(args.base, args.finetuned, [m for m in args.match.split(",") if m], args.budget_mb << 20)
     changes = [np.flatnonzero(old != new) for old, new, _ in work]  # pack finds them while hashing
     coded = [codec.encode_chunk(old, new, is_float, changed=idx) for (old, new, is_float), idx in zip(work, changes)]

@@ -4,6 +4,7 @@ refuse damaged data and wrong arguments without touching memory outside their bu
 from __future__ import annotations
 
 import importlib
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +25,19 @@ kernels = pytest.importorskip("rlsparse.delta._kernels",
 WIDTHS = [np.uint8, np.uint16, np.uint32]
 
 
-def _dtypes_seen(monkeypatch, name: str, arg: int) -> list:
-    """Replace ``compiled.<name>`` by a wrapper that records the dtype of each call's ``arg``-th argument."""
-    used, real = [], getattr(kernels, name)
+def _dtypes_seen(monkeypatch) -> dict[str, list]:
+    """Replace ``compiled.KERNELS`` by wrappers of the kernels that record, per kernel, the dtype
+    of each call's array of elements."""
+    arg = {"sparse_delta_apply": 0, "sparse_delta_symbols": 1, "changed_positions": 1, "pack_raw_bits": 1}
+    used: dict[str, list] = {name: [] for name in arg}
 
-    def counting(*args):
-        used.append(args[arg].dtype)
-        return real(*args)
+    def spy(name):
+        def counting(*args):
+            used[name].append(args[arg[name]].dtype)
+            return getattr(kernels, name)(*args)
+        return counting
 
-    monkeypatch.setattr(compiled, name, counting)
+    monkeypatch.setattr(compiled, "KERNELS", types.SimpleNamespace(**{name: spy(name) for name in arg}))
     return used
 
 
@@ -52,10 +57,7 @@ def _chunk(rng, width, n, density, steps, is_float, new_bits=False):
 
 
 def test_the_kernels_are_the_c_module_where_built():
-    assert compiled.sparse_delta_apply is kernels.sparse_delta_apply
-    assert compiled.sparse_delta_symbols is kernels.sparse_delta_symbols
-    assert compiled.changed_positions is kernels.changed_positions
-    assert compiled.kernels() == "C"
+    assert compiled.KERNELS is kernels and compiled.name() == "C"
 
 
 @settings(max_examples=80, deadline=None)
@@ -67,11 +69,11 @@ def test_c_sparse_delta_decode_equals_numpy(width, n, density, steps, is_float, 
     if enc != codec.SPARSE_DELTA:
         return  # only sparse ULP steps have a compiled decoder (the others decode as before)
     by_numpy = codec.decode_chunk(enc, data, old, n, width, is_float, "t")
-    by_c = codec.decode_chunk(enc, data, old, n, width, is_float, "t", compiled=kernels.sparse_delta_apply)
+    by_c = codec.decode_chunk(enc, data, old, n, width, is_float, "t", compiled=kernels)
     assert by_c.dtype == width and np.array_equal(by_c, by_numpy) and np.array_equal(by_c, new)
     scratch = old.copy()
     assert codec.decode_chunk(enc, data, scratch, n, width, is_float, "t", inplace=True,
-                              compiled=kernels.sparse_delta_apply) is scratch
+                              compiled=kernels) is scratch
     assert np.array_equal(scratch, new)
 
 
@@ -85,7 +87,7 @@ def test_c_encoder_writes_the_bytes_numpy_writes(width, n, density, steps, is_fl
         old.flags.writeable = False
         new.flags.writeable = False
     by_numpy = codec.encode_chunk(old, new, is_float)
-    assert codec.encode_chunk(old, new, is_float, compiled=kernels.sparse_delta_symbols) == by_numpy
+    assert codec.encode_chunk(old, new, is_float, compiled=kernels) == by_numpy
 
 
 def _outcome(fn):
@@ -112,7 +114,7 @@ def test_c_decoder_on_damaged_data_does_what_numpy_does(width, density, steps, c
     bad = bytes(bad)
     by_numpy = _outcome(lambda: codec.decode_chunk(enc, bad, old, old.size, width, True, "t"))
     by_c = _outcome(lambda: codec.decode_chunk(enc, bad, old, old.size, width, True, "t",
-                                               compiled=kernels.sparse_delta_apply))
+                                               compiled=kernels))
     assert isinstance(by_c, str) == isinstance(by_numpy, str)
     if not isinstance(by_c, str):
         assert np.array_equal(by_c, by_numpy)
@@ -126,7 +128,7 @@ def test_c_decoder_refuses_positions_outside_the_chunk():
     enc, k, data = codec.encode_chunk(old, new, True)
     assert enc == codec.SPARSE_DELTA
     short = old[:3000].copy()  # the same code read as a shorter chunk: positions run past its end
-    for decoder in (None, kernels.sparse_delta_apply):
+    for decoder in (None, kernels):
         with pytest.raises(PatchError, match="corrupt"):
             codec.decode_chunk(enc, data, short, short.size, np.uint16, True, "t", compiled=decoder)
 
@@ -212,12 +214,12 @@ def test_apply_with_the_c_decoder_is_bit_exact(tmp_path: Path, monkeypatch, para
         ft_t[f"t{i}"] = bits_tensor(change(rng, a, 0.2, ulps=True), code, (n // 10, 10))
     base, ft = write(tmp_path / "base", base_t), write(tmp_path / "ft", ft_t)
     delta.pack(base, ft, tmp_path / "p.rlpatch", chunk_elements=8192)
-    used = _dtypes_seen(monkeypatch, "sparse_delta_apply", 0)
+    used = _dtypes_seen(monkeypatch)["sparse_delta_apply"]
     delta.apply(base, tmp_path / "p.rlpatch", tmp_path / "out", parallel=parallel, workers=2)
     assert_bit_identical(load(tmp_path / "out"), ft_t)
     if parallel == "threads":  # (forked workers count in their own memory)
         assert {np.dtype(d) for d in used} >= {np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint8)}
-    monkeypatch.setattr(compiled, "sparse_delta_apply", None)  # numpy only: the same files
+    monkeypatch.setattr(compiled, "KERNELS", None)  # numpy only: the same files
     delta.apply(base, tmp_path / "p.rlpatch", tmp_path / "out2", parallel=parallel, workers=2)
     shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
     assert shards and shards == sorted(p.name for p in (tmp_path / "out2").glob("*.safetensors"))
@@ -235,11 +237,14 @@ def test_pack_with_the_c_encoder_writes_the_same_patch(tmp_path: Path, monkeypat
         base_t[f"t{i}"] = bits_tensor(a, code, (n // 10, 10))
         ft_t[f"t{i}"] = bits_tensor(change(rng, a, density, ulps=True), code, (n // 10, 10))
     base, ft = write(tmp_path / "base", base_t), write(tmp_path / "ft", ft_t)
-    used = _dtypes_seen(monkeypatch, "sparse_delta_symbols", 1)
+    used = _dtypes_seen(monkeypatch)
     delta.pack(base, ft, tmp_path / "c.rlpatch", chunk_elements=8192, parallel=parallel, workers=2)
     if parallel == "threads":  # (forked workers count in their own memory)
-        assert {np.dtype(d) for d in used} == {np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint8)}
-    monkeypatch.setattr(compiled, "sparse_delta_symbols", None)  # numpy only
+        assert {np.dtype(d) for d in used["sparse_delta_symbols"]} == {np.dtype(np.uint16), np.dtype(np.uint32),
+                                                                        np.dtype(np.uint8)}
+        assert np.dtype(np.uint64) in {np.dtype(d) for d in used["changed_positions"]}  # the I64 tensor too
+        assert used["pack_raw_bits"]
+    monkeypatch.setattr(compiled, "KERNELS", None)  # numpy only
     delta.pack(base, ft, tmp_path / "numpy.rlpatch", chunk_elements=8192, parallel=parallel, workers=2)
     assert (tmp_path / "c.rlpatch").read_bytes() == (tmp_path / "numpy.rlpatch").read_bytes()
     delta.apply(base, tmp_path / "c.rlpatch", tmp_path / "out")
@@ -252,14 +257,13 @@ def test_state_dict_pack_and_apply_use_the_c_kernels(monkeypatch):
     a = random_bits(rng, "BF16", 40000, small=True)
     base = {"w": bits_tensor(a, "BF16", (400, 100))}
     ft = {"w": bits_tensor(change(rng, a, 0.05, ulps=True), "BF16", (400, 100))}
-    encoded = _dtypes_seen(monkeypatch, "sparse_delta_symbols", 1)
-    decoded = _dtypes_seen(monkeypatch, "sparse_delta_apply", 0)
+    used = _dtypes_seen(monkeypatch)
     by_c = delta.pack(base, ft, chunk_elements=8192).data
     sd = {"w": base["w"].clone()}
     delta.apply_to_state_dict(sd, by_c)
     assert_bit_identical(sd, ft)
-    assert encoded and decoded
-    monkeypatch.setattr(compiled, "sparse_delta_symbols", None)
+    assert all(used.values())
+    monkeypatch.setattr(compiled, "KERNELS", None)
     assert delta.pack(base, ft, chunk_elements=8192).data == by_c
 
 
@@ -295,3 +299,26 @@ def test_c_changed_positions_refuse_wrong_arguments():
         kernels.changed_positions(old, old, ro, 0)
     with pytest.raises(ValueError, match="old has elements of 8 bytes .format d"):
         kernels.changed_positions(np.zeros(100), np.zeros(100), out, 0)  # floats: compare their bits instead
+
+
+@settings(max_examples=150, deadline=None)
+@given(m=st.integers(0, 3000), top=st.sampled_from([3, 12, 29, 61]), extra_width=st.sampled_from([np.uint16, np.uint32,
+       np.uint64]), seed=st.integers(0, 2**31 - 1))
+def test_c_raw_bit_packing_equals_numpy(m, top, extra_width, seed):
+    # every group (0-61 raw bits, values wider than their count) as _encode_uints packs them with numpy
+    rng = np.random.default_rng(seed)
+    nbits = rng.integers(0, top + 1, size=m).astype(np.uint8)
+    if extra_width != np.uint64:
+        nbits = np.minimum(nbits, 8 * np.dtype(extra_width).itemsize).astype(np.uint8)
+    extra = rng.integers(0, np.iinfo(extra_width).max, size=m, dtype=extra_width, endpoint=True)
+    by_numpy = b"".join(codec._pack_bits(extra[nbits == k] & extra_width((1 << int(k)) - 1) if k < 64 else
+                                         extra[nbits == k], int(k))
+                        for k in np.unique(nbits) if k)
+    assert kernels.pack_raw_bits(nbits, extra) == by_numpy
+
+
+def test_c_raw_bit_packing_refuses_wrong_arguments():
+    with pytest.raises(ValueError, match="nbits has 3 values and extra 2"):
+        kernels.pack_raw_bits(np.ones(3, np.uint8), np.ones(2, np.uint32))
+    with pytest.raises(ValueError, match=r"nbits\[1\] is 62; expected at most 61"):
+        kernels.pack_raw_bits(np.array([1, 62], np.uint8), np.ones(2, np.uint64))

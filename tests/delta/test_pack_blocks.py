@@ -1,6 +1,6 @@
 """``pack.changes_and_digests`` (compare and hash a block at a time) returns exactly what the
 three separate passes return: the changed indices and both chunk digests, with the C kernel
-(``compiled.changed_positions``) where it was built and with numpy."""
+(``changed_positions`` of ``compiled.KERNELS``) where it was built and with numpy."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from rlsparse.delta import compiled
 
 pack = importlib.import_module("rlsparse.delta.pack")  # the module (``rlsparse.delta.pack`` is also the function)
-KERNELS = ["numpy"] + (["C"] if compiled.changed_positions is not None else [])
+KERNELS = ["numpy"] + (["C"] if compiled.KERNELS is not None else [])
 
 WIDTHS = [np.uint8, np.uint16, np.uint32, np.uint64]
 
@@ -28,14 +28,14 @@ def test_blocked_pass_equals_separate_passes(width, n, block, density, kernel, s
     where = rng.random(n) < density
     # a change in any bit of the element: the lowest, the highest or many
     new[where] ^= rng.integers(1, np.iinfo(width).max, size=int(where.sum()), dtype=width, endpoint=True)
-    saved = pack._BLOCK_ELEMENTS, compiled.changed_positions
+    saved = pack._BLOCK_ELEMENTS, compiled.KERNELS
     pack._BLOCK_ELEMENTS = block  # block boundaries anywhere, including after every element
     if kernel == "numpy":
-        compiled.changed_positions = None
+        compiled.KERNELS = None
     try:
         idx, (dig_old, dig_new) = pack.changes_and_digests(old, new)
     finally:
-        pack._BLOCK_ELEMENTS, compiled.changed_positions = saved
+        pack._BLOCK_ELEMENTS, compiled.KERNELS = saved
     assert idx.dtype == np.intp and np.array_equal(idx, np.flatnonzero(old != new))
     assert (dig_old, dig_new) == (pack.chunk_digest(old), pack.chunk_digest(new))
 

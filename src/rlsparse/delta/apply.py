@@ -110,8 +110,8 @@ class ApplyKernel:
         self.patch = patch
         self.entries = entries
         self.output = output
-        # the C decoder of sparse ULP-step chunks where it was built (no start-up cost), else numpy
-        self.compiled = compiled.sparse_delta_apply
+        # the C kernels where they were built (no start-up cost), else None: numpy
+        self.compiled = compiled.KERNELS
         self.offsets = [patch.chunk_offsets(e) for e in entries]
 
     def decode(self, i: int, start: int, count: int, old: np.ndarray | None, *, inplace: bool = False,

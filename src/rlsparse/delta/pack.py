@@ -65,12 +65,12 @@ def changes_and_digests(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, t
     """``(np.flatnonzero(old != new), (chunk_digest(old), chunk_digest(new)))`` in one pass over
     the memory: compared and hashed a block at a time, while the block is in the CPU cache
     (three passes over a page-cache view cost ~10% more CPU on a real pair). The positions are
-    found by the C kernel where it was built (``compiled.changed_positions``: 2x less CPU than
+    found by the C kernel where it was built (``changed_positions``: 2x less CPU than
     numpy's compare and ``flatnonzero``), else by numpy."""
     old, new = np.ascontiguousarray(old), np.ascontiguousarray(new)
     h_old, h_new = new_hasher(), new_hasher()
-    find = compiled.changed_positions
-    if find is not None:
+    if compiled.KERNELS is not None:
+        find = compiled.KERNELS.changed_positions
         # every block's positions straight into one array (pages never written cost nothing)
         idx = np.empty(new.size, dtype=np.int64)
         count = 0
@@ -120,8 +120,8 @@ class PackKernel:
 
     def __init__(self, ulp_hist: bool = False):
         self.ulp_hist = ulp_hist
-        # the C encoder of sparse chunks' symbols where it was built (no start-up cost), else numpy
-        self.compiled = compiled.sparse_delta_symbols
+        # the C kernels where they were built (no start-up cost), else None: numpy
+        self.compiled = compiled.KERNELS
 
     def compute(self, chunk: stream.Chunk):
         is_float = chunk.item.infos[-1].dtype in dtypes.FLOAT_CODES
