@@ -28,7 +28,8 @@ WIDTHS = [np.uint8, np.uint16, np.uint32]
 def _dtypes_seen(monkeypatch) -> dict[str, list]:
     """Replace ``compiled.KERNELS`` by wrappers of the kernels that record, per kernel, the dtype
     of each call's array of elements."""
-    arg = {"sparse_delta_apply": 0, "sparse_delta_symbols": 1, "changed_positions": 1, "pack_raw_bits": 1}
+    arg = {"sparse_delta_apply": 0, "sparse_delta_symbols": 1, "changed_positions": 1, "pack_raw_bits": 1,
+           "raw_layout": 0}
     used: dict[str, list] = {name: [] for name in arg}
 
     def spy(name):
@@ -140,7 +141,7 @@ def _streams(old, new, is_float):
     inp = codec._In(data, "t")
     assert inp.varint() == k
     width = 8 * old.itemsize
-    return codec._symbols_and_raw(inp, k, 64, 2), codec._symbols_and_raw(inp, k, width, 2)
+    return codec._symbols_and_raw(inp, k, 64, 2, kernels), codec._symbols_and_raw(inp, k, width, 2, kernels)
 
 
 def test_c_decoder_refuses_raw_bits_past_their_bytes():
@@ -322,3 +323,23 @@ def test_c_raw_bit_packing_refuses_wrong_arguments():
         kernels.pack_raw_bits(np.ones(3, np.uint8), np.ones(2, np.uint32))
     with pytest.raises(ValueError, match=r"nbits\[1\] is 62; expected at most 61"):
         kernels.pack_raw_bits(np.array([1, 62], np.uint8), np.ones(2, np.uint64))
+
+
+@settings(max_examples=150, deadline=None)
+@given(m=st.integers(0, 2000), top=st.sampled_from([15, 40, 120, 255]), width_bits=st.sampled_from([8, 16, 32, 64]),
+       seed=st.integers(0, 2**31 - 1))
+def test_c_raw_layout_equals_numpy(m, top, width_bits, seed):
+    # where a stream's raw bits lie, and the refusal of symbols too wide for the values: as _take_raw
+    sym = np.random.default_rng(seed).integers(0, top + 1, size=m).astype(np.uint8)
+    counts = np.bincount(codec._SYM_NBITS, weights=np.bincount(sym, minlength=256), minlength=65).astype(np.int64)
+    data = bytes(range(256)) * 200
+    try:
+        raw, first_byte = codec._take_raw(codec._In(data, "t"), counts, width_bits)
+    except PatchError:
+        raw = None
+    start = np.full(65, -7, np.int64)
+    nbytes = kernels.raw_layout(sym, codec._SYM_NBITS, width_bits, start)
+    if raw is None:
+        assert nbytes == -1
+    else:
+        assert nbytes == raw.size and np.array_equal(start, first_byte * 8)

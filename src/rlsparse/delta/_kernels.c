@@ -182,6 +182,60 @@ static int apply_loop(uint8_t *old, Py_ssize_t n, int size, const uint8_t *gsym,
     return 1;
 }
 
+static const char layout_doc[] =
+    "raw_layout(sym, sym_nbits, width_bits, start)\n"
+    "--\n\n"
+    "Where a stream's raw low bits lie (codec._take_raw's layout): the values with k raw bits\n"
+    "(``sym_nbits[s]`` of each symbol ``s``; uint8 symbols) are packed together, groups by ascending k,\n"
+    "each starting on a byte. Writes the first bit of each k's group into ``start`` (65 int64) and\n"
+    "returns the bytes of all groups; -1 where a symbol's raw bits do not fit a ``width_bits``-bit\n"
+    "value (k + 3 > width_bits: damaged data). Releases the GIL.";
+
+static PyObject *raw_layout(PyObject *self, PyObject *args)
+{
+    static const char *fn = "raw_layout";
+    PyObject *o[3];
+    int width_bits;
+    if (!PyArg_ParseTuple(args, "OOiO:raw_layout", &o[0], &o[1], &width_bits, &o[2]))
+        return NULL;
+    Buf b[3] = {{{0}}};
+    static const char *names[3] = {"sym", "sym_nbits", "start"};
+    static const Py_ssize_t sizes[3] = {1, 1, 8}, mins[3] = {0, ALPHABET, 65};
+    for (int i = 0; i < 3; i++) {
+        if (take(o[i], &b[i], fn, names[i], sizes[i], mins[i], i == 2) < 0) {
+            release(b, 3);
+            return NULL;
+        }
+    }
+    const uint8_t *sym = b[0].view.buf, *sym_nbits = b[1].view.buf;
+    int64_t *start = b[2].view.buf;
+    Py_ssize_t m = b[0].view.len, count[ALPHABET] = {0};
+    int64_t nbytes = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < m; i++)
+        count[sym[i]]++;
+    int64_t per_k[65] = {0};
+    for (int s = 0; s < ALPHABET; s++) {
+        int k = sym_nbits[s];
+        if (!count[s])
+            continue;
+        if (k > 64 || (k && k + 3 > width_bits)) {
+            nbytes = -1;
+            break;
+        }
+        per_k[k] += count[s];
+    }
+    if (nbytes == 0) {
+        for (int k = 0; k < 65; k++) {
+            start[k] = 8 * nbytes;
+            nbytes += (per_k[k] * k + 7) / 8;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    release(b, 3);
+    return PyLong_FromLongLong(nbytes);
+}
+
 static const char apply_doc[] =
     "sparse_delta_apply(old, gsym, graw, gstart, dsym, draw, dstart, sym_base, sym_nbits, width, is_float)\n"
     "--\n\n"
@@ -551,6 +605,7 @@ static PyObject *changed_positions(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"sparse_delta_apply", sparse_delta_apply, METH_VARARGS, apply_doc},
+    {"raw_layout", raw_layout, METH_VARARGS, layout_doc},
     {"sparse_delta_symbols", sparse_delta_symbols, METH_VARARGS, symbols_doc},
     {"changed_positions", changed_positions, METH_VARARGS, changed_doc},
     {"pack_raw_bits", pack_raw_bits, METH_VARARGS, pack_doc},
