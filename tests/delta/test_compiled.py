@@ -3,7 +3,6 @@ refuse damaged data and wrong arguments without touching memory outside their bu
 
 from __future__ import annotations
 
-import importlib
 import types
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from rlsparse.errors import PatchError
 
 from deltahelpers import assert_bit_identical, bits_tensor, change, load, random_bits, write
 
-apply_mod = importlib.import_module("rlsparse.delta.apply")  # the package exports the function under that name
 kernels = pytest.importorskip("rlsparse.delta._kernels",
                               reason="the C kernels are not built: python setup.py build_ext --inplace")
 
