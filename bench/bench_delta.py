@@ -310,6 +310,9 @@ def main() -> None:
         rows.append(bench_pair(label, a, b, tmp / f"pair-{i}", args.workers, not args.no_weightscope, args.repeat,
                                args.parallel))
     print_table(rows)
+    kernels = run_child("import json\nfrom rlsparse.delta import compiled\nprint(json.dumps({'kernels': compiled.name() "
+                        "if hasattr(compiled, 'name') else 'numba for large patches, else numpy'}))")[2]
+    print(f"coded by: {kernels.get('kernels', '?')}")
     print(f"load average at the end: {os.getloadavg()} on {os.cpu_count()} cores (per pair: the 'load' column, "
           "before/after; on a shared machine speeds are lower bounds)")
     if args.json:

@@ -59,17 +59,20 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--plain", action="store_true", help="no profiler: the least CPU of --repeat passes")
     ap.add_argument("--compiled", action="store_true",
-                    help="code and decode sparse chunks with the compiled (numba) functions, as pack and apply do "
-                         "for large checkpoints and dense patches")
+                    help="code and decode sparse chunks with the compiled functions (the C kernels; numba before "
+                         "the seventh round), as pack and apply do; without it numpy throughout")
     ap.add_argument("--decode-only", action="store_true", help="skip timing the encoder")
     args = ap.parse_args()
     fast = fast_encode = None
     if args.compiled:
         from rlsparse.delta import compiled
 
-        compiled.warm([np.uint8, np.uint16, np.uint32])  # load or compile them before any clock runs
-        fast = compiled.sparse_delta_apply
-        fast_encode = getattr(compiled, "sparse_delta_symbols", None)  # older versions: numpy encodes
+        if getattr(compiled, "KERNELS", None) is not None:  # the C kernels (seventh round on)
+            fast = fast_encode = compiled.KERNELS
+        else:  # numba (an older checkout's src): load or compile before any clock runs
+            compiled.warm([np.uint8, np.uint16, np.uint32])
+            fast = compiled.sparse_delta_apply
+            fast_encode = getattr(compiled, "sparse_delta_symbols", None)  # older versions: numpy encodes
     work = chunks(args.base, args.finetuned, [m for m in args.match.split(",") if m], args.budget_mb << 20)
     changes = [np.flatnonzero(old != new) for old, new, _ in work]  # pack finds them while hashing
     coded = [codec.encode_chunk(old, new, is_float, changed=idx) for (old, new, is_float), idx in zip(work, changes)]

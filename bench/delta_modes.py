@@ -42,6 +42,14 @@ print(json.dumps({"what": what, "mode": mode, "wall_s": wall, "GBps": nbytes / w
 """
 
 
+# which code codes the chunks (the C kernels, or numpy where they were not built; before the
+# seventh round: numba for large patches, else numpy)
+KERNELS = """
+from rlsparse.delta import compiled
+print(compiled.name() if hasattr(compiled, "name") else "numba for large patches, else numpy")
+"""
+
+
 def warm(path: str) -> None:
     for f in sorted(Path(path).rglob("*.safetensors")) if Path(path).is_dir() else [Path(path)]:
         with open(f, "rb") as fh:
@@ -69,6 +77,8 @@ def main() -> None:
 def run(args, tmp: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     patch, out = tmp / "p.rlpatch", tmp / "out"
+    kernels = subprocess.run([sys.executable, "-c", KERNELS], capture_output=True, text=True, env=env).stdout.strip()
+    print(f"{SRC}: kernels {kernels or '?'}", flush=True)
     rows = []
     for _ in range(args.repeat):
         for mode in ("threads", "processes"):
@@ -90,7 +100,8 @@ def run(args, tmp: Path) -> None:
             print(f"best {what} {mode}: {best['wall_s']:.3f} s = {best['GBps']:.2f} GB/s; least CPU "
                   f"{min(r['cpu_s'] for r in got):.2f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"schema_version": 1, "cpus": os.cpu_count(), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"schema_version": 1, "cpus": os.cpu_count(), "kernels": kernels,
+                                               "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """``pack.changes_and_digests`` (compare and hash a block at a time) returns exactly what the
-three separate passes return: the changed indices and both chunk digests."""
+three separate passes return: the changed indices and both chunk digests, with the C kernel
+(``changed_positions`` of ``compiled.KERNELS``) where it was built and with numpy."""
 
 from __future__ import annotations
 
@@ -9,26 +10,32 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rlsparse.delta import compiled
+
 pack = importlib.import_module("rlsparse.delta.pack")  # the module (``rlsparse.delta.pack`` is also the function)
+KERNELS = ["numpy"] + (["C"] if compiled.KERNELS is not None else [])
 
 WIDTHS = [np.uint8, np.uint16, np.uint32, np.uint64]
 
 
 @settings(max_examples=80, deadline=None)
-@given(width=st.sampled_from(WIDTHS), n=st.integers(0, 700), block=st.sampled_from([1, 7, 64, 1 << 17]),
-       density=st.sampled_from([0.0, 0.01, 0.3, 1.0]), seed=st.integers(0, 2**31 - 1))
-def test_blocked_pass_equals_separate_passes(width, n, block, density, seed):
+@given(width=st.sampled_from(WIDTHS), n=st.integers(0, 700), block=st.sampled_from([1, 7, 64, 200, 1 << 17]),
+       density=st.sampled_from([0.0, 0.01, 0.3, 1.0]), kernel=st.sampled_from(KERNELS), seed=st.integers(0, 2**31 - 1))
+def test_blocked_pass_equals_separate_passes(width, n, block, density, kernel, seed):
     rng = np.random.default_rng(seed)
     old = rng.integers(0, np.iinfo(width).max, size=n, dtype=width, endpoint=True)
     new = old.copy()
     where = rng.random(n) < density
-    new[where] ^= width(1)
-    saved = pack._BLOCK_ELEMENTS
+    # a change in any bit of the element: the lowest, the highest or many
+    new[where] ^= rng.integers(1, np.iinfo(width).max, size=int(where.sum()), dtype=width, endpoint=True)
+    saved = pack._BLOCK_ELEMENTS, compiled.KERNELS
     pack._BLOCK_ELEMENTS = block  # block boundaries anywhere, including after every element
+    if kernel == "numpy":
+        compiled.KERNELS = None
     try:
         idx, (dig_old, dig_new) = pack.changes_and_digests(old, new)
     finally:
-        pack._BLOCK_ELEMENTS = saved
+        pack._BLOCK_ELEMENTS, compiled.KERNELS = saved
     assert idx.dtype == np.intp and np.array_equal(idx, np.flatnonzero(old != new))
     assert (dig_old, dig_new) == (pack.chunk_digest(old), pack.chunk_digest(new))
 

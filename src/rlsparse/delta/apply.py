@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsparse.delta import codec
+from rlsparse.delta import codec, compiled
 from rlsparse.delta.format import PatchReader, TensorEntry, new_hasher
 from rlsparse.delta.pack import chunk_digest, use_processes
 from rlsparse.delta.sources import tensor_bits
@@ -38,11 +38,6 @@ from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import Checkpoint
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-# Changed elements in a patch from which its sparse ULP-step chunks are decoded by the compiled
-# decoder (``compiled``): loading it costs ~0.4 s of CPU per apply, and it saved ~21 ns of
-# CPU per changed element on the dense synthetic pair (decode 5.1 -> 1.9 s for 154M changes), so
-# it pays from ~15-20M changed elements up.
-COMPILED_FROM = 20_000_000
 
 
 @dataclass
@@ -111,12 +106,12 @@ class ApplyKernel:
     """Stream kernel: decode one span of one tensor against the base's bits (in place) and, with
     an ``output``, write the result at its place there."""
 
-    def __init__(self, patch: PatchReader, entries: list[TensorEntry], output: "_ShardedOutput | None" = None,
-                 compiled=None):
+    def __init__(self, patch: PatchReader, entries: list[TensorEntry], output: "_ShardedOutput | None" = None):
         self.patch = patch
         self.entries = entries
         self.output = output
-        self.compiled = compiled  # codec.decode_chunk's ``compiled``
+        # the C kernels where they were built (no start-up cost), else None: numpy
+        self.compiled = compiled.KERNELS
         self.offsets = [patch.chunk_offsets(e) for e in entries]
 
     def decode(self, i: int, start: int, count: int, old: np.ndarray | None, *, inplace: bool = False,
@@ -305,28 +300,11 @@ def _atomic_folder(out: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compiled_decoder(reader: PatchReader, deltas: list[TensorEntry]):
-    """``compiled.sparse_delta_apply``, loaded (and compiled for the dtypes at hand) in this process
-    before any worker forks, where the patch changes enough elements to pay for loading it
-    (``COMPILED_FROM``) and numba is installed; else None (numpy decodes)."""
-    if reader.manifest.schema_version < 2 or sum(e.changed for e in deltas) < COMPILED_FROM:
-        return None
-    try:
-        from rlsparse.delta import compiled
-    except ImportError:  # numba is in the ``delta`` extra; without it numpy decodes the same bits
-        return None
-    except RuntimeError:  # numba finds no writable cache folder (NUMBA_CACHE_DIR): numpy, as above
-        return None
-    udts = {np.dtype(dtypes.uint_view(e.dtype)) for e in deltas}
-    compiled.warm(sorted((d for d in udts if d.itemsize <= 4), key=lambda d: d.itemsize))
-    return compiled.sparse_delta_apply
-
-
 def _write_deltas(ck: Checkpoint, reader: PatchReader, deltas, output: _ShardedOutput, workers, advance,
                   processes: bool = False, spool_dir: Path | None = None) -> None:
     if not deltas:
         return
-    kernel = ApplyKernel(reader, deltas, output, compiled=_compiled_decoder(reader, deltas))
+    kernel = ApplyKernel(reader, deltas, output)
     items = [stream.Item(e.name, (ck.tensors[e.name],)) for e in deltas]
     spans = [stream.Span(i, s, c, 0, s == 0, s + c >= e.numel)
              for i, e in enumerate(deltas) for s, c in spans_of(e)]

@@ -480,13 +480,16 @@ def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
     return sym[:n]
 
 
-def _encode_uints(out: _Out, v, version: int = CODER_VERSION) -> None:
+def _encode_uints(out: _Out, v, version: int = CODER_VERSION, compiled=None) -> None:
     sym, (where, nbits, extra), sym_counts = _symbolize(v) if isinstance(v, np.ndarray) else v
     _encode_symbols(out, sym, sym_counts, version)
     # the raw low bits of values with the same bit count, packed together (ascending count);
     # how many values have each count follows from the symbols' histogram
     counts = np.bincount(_SYM_NBITS, weights=sym_counts, minlength=65).astype(np.int64)
     if counts[0] == len(sym):
+        return
+    if compiled is not None:  # every group in one compiled pass (the same bytes)
+        out.parts.append(compiled.pack_raw_bits(nbits, extra))
         return
     if where is not None:  # only the values with raw bits are listed
         counts[0] = 0
@@ -544,13 +547,19 @@ def _decode_uints(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.n
     return v.astype(dtype, copy=False)
 
 
-def _symbols_and_raw(inp: _In, n: int, width_bits: int, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _symbols_and_raw(inp: _In, n: int, width_bits: int, version: int,
+                     compiled) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What :func:`_decode_uints` reads, undecoded: (symbols, the raw-bit bytes, the first bit of
-    each raw-bit count's group), with the same checks."""
+    each raw-bit count's group), with the same checks; the layout by the C kernels (``compiled``:
+    one call instead of a dozen numpy calls per stream)."""
     sym = _decode_symbols(inp, n, version)
-    counts = np.bincount(_SYM_NBITS, weights=np.bincount(sym, minlength=_ALPHABET), minlength=65).astype(np.int64)
-    raw, first_byte = _take_raw(inp, counts, width_bits)
-    return _readonly(sym), _readonly(raw), first_byte * 8
+    start = np.empty(65, dtype=np.int64)
+    nbytes = compiled.raw_layout(sym, _SYM_NBITS, width_bits, start)
+    if nbytes < 0 or inp.pos + nbytes > len(inp.mv):
+        raise inp._fail()
+    raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
+    inp.pos += nbytes
+    return sym, raw, start
 
 
 def _take_raw(inp: _In, counts: np.ndarray, width_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -569,14 +578,6 @@ def _take_raw(inp: _In, counts: np.ndarray, width_bits: int) -> tuple[np.ndarray
     raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
     inp.pos += nbytes
     return raw, np.cumsum(group_bytes) - group_bytes
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    """A read-only view: the compiled decoder is compiled once per kind of array it is given, and
-    symbols come writable or not depending on how they were stored."""
-    v = a.view()
-    v.flags.writeable = False
-    return v
 
 
 def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION) -> None:
@@ -602,8 +603,9 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
     """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base), with the
     symbol coder of patch schema ``version``. ``changed``: the ascending indices where the two
     differ, if the caller found them already (``np.flatnonzero(old != new)`` otherwise).
-    ``compiled``: ``compiled.sparse_delta_symbols`` to make the sparse encodings' symbols of
-    dtypes up to 32 bits in one compiled pass (the same bytes), or None for numpy throughout.
+    ``compiled``: the C kernels (``compiled.KERNELS``) to make the sparse encodings' symbols of
+    dtypes up to 32 bits in one compiled pass and pack their raw bits (the same bytes), or None
+    for numpy throughout.
 
     Returns (encoding, changed elements, bytes); ``SAME`` chunks carry no bytes.
     """
@@ -641,38 +643,39 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
         streams[DENSE_BITS] = (new,)
     best = min(candidates, key=candidates.__getitem__)
     if version < 2:
-        return best, k, _code(best, k, streams[best], version)
+        return best, k, _code(best, k, streams[best], version, compiled)
     tries = [e for e in candidates if candidates[e] <= _TRY_RATIO * candidates[best]]
-    coded = [(_code(e, k, streams[e], version), e) for e in tries]
+    coded = [(_code(e, k, streams[e], version, compiled), e) for e in tries]
     data, best = min(coded, key=lambda c: len(c[0]))
     return best, k, data
 
 
 def _sparse_symbols(compiled, old: np.ndarray, new: np.ndarray, idx: np.ndarray, is_float: bool) -> tuple:
     """(gaps, ULP differences, new bits, estimated size of the new bits' byte planes) at the
-    changed positions ``idx``, the two streams as :func:`_symbolize` gives them, by ``compiled``."""
+    changed positions ``idx``, the two streams as :func:`_symbolize` gives them, by the C kernels."""
     k = idx.size
     streams = [(np.empty(k, np.uint8), np.empty(k, np.intp), np.empty(k, np.uint8), np.empty(k, np.uint32),
                 np.zeros(_ALPHABET, np.int64)) for _ in range(2)]  # symbols, raw bits: where, counts, bits; histogram
     values = np.empty(k, new.dtype)
     planes = np.zeros((new.itemsize, 256), np.int64)
-    big = compiled(old, new, idx, _BITLEN16, 8 * new.itemsize, is_float, *streams[0], *streams[1], values, planes)
+    big = compiled.sparse_delta_symbols(old, new, idx, _BITLEN16, 8 * new.itemsize, is_float, *streams[0], *streams[1],
+                                        values, planes)
     out = [(sym, (where[:m], nbits[:m], extra[:m]), counts) for (sym, where, nbits, extra, counts), m in zip(streams, big)]
     # the same sum as estimate_planes: plane by plane from the lowest byte
     return out[0], out[1], values, sum(_entropy_bytes(planes[i]) for i in range(new.itemsize))
 
 
-def _code(encoding: int, k: int, streams: tuple, version: int) -> bytes:
+def _code(encoding: int, k: int, streams: tuple, version: int, compiled=None) -> bytes:
     out = _Out()
     out.varint(k)
     if encoding in (SPARSE_DELTA, SPARSE_BITS):
-        _encode_uints(out, streams[0], version)
+        _encode_uints(out, streams[0], version, compiled)
         if encoding == SPARSE_DELTA:
-            _encode_uints(out, streams[1], version)
+            _encode_uints(out, streams[1], version, compiled)
         else:
             _encode_planes(out, streams[1], version)
     elif encoding == DENSE_DELTA:
-        _encode_uints(out, streams[0], version)
+        _encode_uints(out, streams[0], version, compiled)
     else:
         _encode_planes(out, streams[0], version)
     return out.getvalue()
@@ -685,8 +688,8 @@ def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_
 
     ``inplace=True`` writes the result over ``old`` and returns it (no copy of the chunk);
     otherwise ``old`` is left as it is (an unchanged chunk returns ``old`` itself).
-    ``compiled``: ``compiled.sparse_delta_apply`` to decode sparse ULP-step chunks of dtypes up
-    to 32 bits in one compiled pass (the same bits), or None for numpy throughout.
+    ``compiled``: the C kernels (``compiled.KERNELS``) to decode sparse ULP-step chunks of dtypes
+    up to 32 bits in one compiled pass (the same bits), or None for numpy throughout.
     """
     if encoding == SAME:
         if old is None:
@@ -702,8 +705,9 @@ def decode_chunk(encoding: int, data, old: np.ndarray | None, n: int, dtype, is_
         raise inp._fail()
     if encoding == SPARSE_DELTA and compiled is not None and version >= 2 and np.dtype(dtype).itemsize <= 4:
         new = old if inplace else old.copy()
-        gaps, deltas = _symbols_and_raw(inp, k, 64, version), _symbols_and_raw(inp, k, 8 * new.itemsize, version)
-        if not compiled(new, *gaps, *deltas, _SYM_BASE, _SYM_NBITS, 8 * new.itemsize, is_float):
+        gaps = _symbols_and_raw(inp, k, 64, version, compiled)
+        deltas = _symbols_and_raw(inp, k, 8 * new.itemsize, version, compiled)
+        if not compiled.sparse_delta_apply(new, *gaps, *deltas, _SYM_BASE, _SYM_NBITS, 8 * new.itemsize, is_float):
             raise inp._fail()
         return new
     if encoding in (SPARSE_DELTA, SPARSE_BITS):

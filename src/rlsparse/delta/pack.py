@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsparse.delta import codec
+from rlsparse.delta import codec, compiled
 from rlsparse.delta.format import FileEntry, Manifest, PatchWriter, TensorEntry, new_hasher
 from rlsparse.delta.sources import CheckpointSource, StateDictSource, open_source
 from rlsparse.diff import forked, stream
@@ -37,15 +37,6 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 # ``parallel="auto"`` forks worker processes from this many checkpoint bytes up: below it the
 # fork and the per-process start (20-40 ms of CPU measured for two workers) cost more than a second core gives.
 AUTO_PROCESS_BYTES = 64 << 20
-# Changed elements (estimated from a sample before coding: ``_sampled_changes``) from which the
-# sparse encodings' symbols are made by the compiled encoder (``compiled.sparse_delta_symbols``).
-# Importing numba and loading it costs ~0.4 s of CPU per pack, in the parent before the workers
-# fork; it saved 11-15 ns of CPU per changed element (dense synthetic pair, 18% changed: ~1.0 s
-# per GB; real RFT pair, 2.2%: ~0.17 s per GB), so it pays from ~30M changes in CPU and ~60M in
-# wall time on two workers.
-COMPILED_PACK_FROM = 50_000_000
-_SAMPLE_TENSORS = 16  # the largest tensors, a window of their middle elements each
-_SAMPLE_ELEMENTS = 1 << 18
 PARALLEL_MODES = ("auto", "threads", "processes")
 # Compare and hash a chunk this many elements at a time (256 KB of bf16 per side stays in cache).
 _BLOCK_ELEMENTS = 128 * 1024
@@ -73,9 +64,22 @@ def chunk_digest(bits: np.ndarray) -> bytes:
 def changes_and_digests(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, tuple[bytes, bytes]]:
     """``(np.flatnonzero(old != new), (chunk_digest(old), chunk_digest(new)))`` in one pass over
     the memory: compared and hashed a block at a time, while the block is in the CPU cache
-    (three passes over a page-cache view cost ~10% more CPU on a real pair)."""
+    (three passes over a page-cache view cost ~10% more CPU on a real pair). The positions are
+    found by the C kernel where it was built (``changed_positions``: 2x less CPU than
+    numpy's compare and ``flatnonzero``), else by numpy."""
     old, new = np.ascontiguousarray(old), np.ascontiguousarray(new)
     h_old, h_new = new_hasher(), new_hasher()
+    if compiled.KERNELS is not None:
+        find = compiled.KERNELS.changed_positions
+        # every block's positions straight into one array (pages never written cost nothing)
+        idx = np.empty(new.size, dtype=np.int64)
+        count = 0
+        for a in range(0, new.size, _BLOCK_ELEMENTS):
+            o, w = old[a:a + _BLOCK_ELEMENTS], new[a:a + _BLOCK_ELEMENTS]
+            h_old.update(memoryview(o).cast("B"))
+            h_new.update(memoryview(w).cast("B"))
+            count += find(o, w, idx[count:], a)
+        return idx[:count], (h_old.digest(), h_new.digest())
     parts = []
     for a in range(0, new.size, _BLOCK_ELEMENTS):
         o, w = old[a:a + _BLOCK_ELEMENTS], new[a:a + _BLOCK_ELEMENTS]
@@ -114,9 +118,10 @@ class PackResult:
 class PackKernel:
     """Stream kernel: code one span (sources: base and finetuned, or finetuned alone)."""
 
-    def __init__(self, ulp_hist: bool = False, compiled=None):
+    def __init__(self, ulp_hist: bool = False):
         self.ulp_hist = ulp_hist
-        self.compiled = compiled  # codec.encode_chunk's ``compiled``
+        # the C kernels where they were built (no start-up cost), else None: numpy
+        self.compiled = compiled.KERNELS
 
     def compute(self, chunk: stream.Chunk):
         is_float = chunk.item.infos[-1].dtype in dtypes.FLOAT_CODES
@@ -178,7 +183,7 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
         try:
             total = sum(stream.span_bytes(items, s) for s in stream.split(items, chunk_elements))
             on_disk = isinstance(bsrc, CheckpointSource) and isinstance(fsrc, CheckpointSource)
-            kernel = PackKernel(ulp_hist, compiled=_compiled_encoder(items) if on_disk else None)
+            kernel = PackKernel(ulp_hist)
             with progress_bar(total, "pack", enabled=progress) as advance:
                 sink = _Sink(entries, writer, hist)
                 if on_disk:
@@ -212,51 +217,6 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
     size = len(data) if data is not None else _size_on_disk(Path(out))
     return PackResult(manifest, Path(out) if out is not None else None, data, size, time.perf_counter() - t0,
                       bytes_read, hist)
-
-
-def _compiled_encoder(items: list[stream.Item]):
-    """``compiled.sparse_delta_symbols``, loaded in this process before any worker forks (so
-    they inherit it), where the update is estimated to change at least ``COMPILED_PACK_FROM``
-    elements and numba is installed; else None (numpy makes the same bytes)."""
-    numel = sum(it.infos[1].numel for it in items if len(it.infos) == 2)
-    if COMPILED_PACK_FROM and (numel < COMPILED_PACK_FROM or _sampled_changes(items) < COMPILED_PACK_FROM):
-        return None
-    try:
-        from rlsparse.delta import compiled
-    except ImportError:  # numba is in the ``delta`` extra
-        return None
-    except RuntimeError:  # numba finds no writable cache folder (NUMBA_CACHE_DIR)
-        return None
-    codes = {it.infos[-1].dtype for it in items if len(it.infos) == 2}
-    udts = {np.dtype(dtypes.uint_view(c)) for c in codes}
-    compiled.warm_encoder(sorted((d for d in udts if d.itemsize <= 4), key=lambda d: d.itemsize))
-    return compiled.sparse_delta_symbols
-
-
-def _sampled_changes(items: list[stream.Item]) -> int:
-    """Changed elements of the whole update, estimated from the middle ``_SAMPLE_ELEMENTS`` of
-    the ``_SAMPLE_TENSORS`` largest tensors stored in safetensors files on both sides (exact
-    where those windows cover every such tensor); 0 when there is none (tensors in memory)."""
-    from rlsparse.io.reader import MappedFiles
-
-    pairs = [it.infos for it in items if len(it.infos) == 2]
-    if not pairs or any(i.offset is None for infos in pairs for i in infos):
-        return 0
-    total = sum(infos[1].numel for infos in pairs)
-    sampled = changed = 0
-    maps = MappedFiles()  # views of the page cache: no copy, no read-ahead of what is not sampled
-    try:
-        for a, b in sorted(pairs, key=lambda infos: -infos[1].numel)[:_SAMPLE_TENSORS]:
-            count = min(a.numel, _SAMPLE_ELEMENTS)
-            start = (a.numel - count) // 2
-            va, vb = maps.view(a, start, count), maps.view(b, start, count)
-            if va is None or vb is None:  # a file that cannot be mapped: no estimate
-                return 0
-            changed += int(np.count_nonzero(va != vb))
-            sampled += count
-    finally:
-        maps.close()
-    return changed * total // sampled if sampled else 0
 
 
 class _Sink:
