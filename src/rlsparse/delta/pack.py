@@ -69,29 +69,26 @@ def changes_and_digests(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, t
     numpy's compare and ``flatnonzero``), else by numpy."""
     old, new = np.ascontiguousarray(old), np.ascontiguousarray(new)
     h_old, h_new = new_hasher(), new_hasher()
-    if compiled.KERNELS is not None:
-        find = compiled.KERNELS.changed_positions
-        # every block's positions straight into one array (pages never written cost nothing)
-        idx = np.empty(new.size, dtype=np.int64)
-        count = 0
-        for a in range(0, new.size, _BLOCK_ELEMENTS):
-            o, w = old[a:a + _BLOCK_ELEMENTS], new[a:a + _BLOCK_ELEMENTS]
-            h_old.update(memoryview(o).cast("B"))
-            h_new.update(memoryview(w).cast("B"))
-            count += find(o, w, idx[count:], a)
-        return idx[:count], (h_old.digest(), h_new.digest())
-    parts = []
+    find = None if compiled.KERNELS is None else compiled.KERNELS.changed_positions
+    # the kernel writes every block's positions straight into one array (pages never written cost nothing)
+    idx = np.empty(new.size, dtype=np.int64) if find is not None else None
+    count, parts = 0, []
     for a in range(0, new.size, _BLOCK_ELEMENTS):
         o, w = old[a:a + _BLOCK_ELEMENTS], new[a:a + _BLOCK_ELEMENTS]
         h_old.update(memoryview(o).cast("B"))
         h_new.update(memoryview(w).cast("B"))
+        if find is not None:
+            count += find(o, w, idx[count:], a)
+            continue
         found = np.flatnonzero(o != w)
         if found.size:
             parts.append(found + a if a else found)
+    digests = (h_old.digest(), h_new.digest())
+    if find is not None:
+        return idx[:count], digests
     if len(parts) == 1:
-        return parts[0], (h_old.digest(), h_new.digest())
-    idx = np.concatenate(parts) if parts else np.empty(0, dtype=np.intp)
-    return idx, (h_old.digest(), h_new.digest())
+        return parts[0], digests
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.intp)), digests
 
 
 @dataclass
@@ -178,15 +175,14 @@ def pack(base, finetuned, out: str | os.PathLike | None = None, *, chunk_element
     bsrc, fsrc = open_source(base), open_source(finetuned)
     try:
         entries, items = _plan(bsrc, fsrc)
+        kernel = PackKernel(ulp_hist)
         writer = PatchWriter(out, shard_bytes)
         hist: dict[int, int] = {}
         try:
             total = sum(stream.span_bytes(items, s) for s in stream.split(items, chunk_elements))
-            on_disk = isinstance(bsrc, CheckpointSource) and isinstance(fsrc, CheckpointSource)
-            kernel = PackKernel(ulp_hist)
             with progress_bar(total, "pack", enabled=progress) as advance:
                 sink = _Sink(entries, writer, hist)
-                if on_disk:
+                if isinstance(bsrc, CheckpointSource) and isinstance(fsrc, CheckpointSource):
                     if use_processes(parallel, workers, total):
                         res = forked.run_forked(items, kernel, chunk_elements=chunk_elements, workers=workers,
                                                 sink=sink, advance=advance, mapped=True, label="pack",
