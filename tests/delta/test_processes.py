@@ -171,3 +171,51 @@ def test_worker_memory_is_bounded_by_the_chunks_not_the_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["workers_peak"] - got["at_fork"] < 32 << 20, got
+
+
+@pytest.mark.parametrize("parallel", ["threads", "processes"])
+def test_direct_and_cached_writes_make_the_same_folder(tmp_path, parallel):
+    """O_DIRECT for whole pages (chunks decoded in write-behind buffers placed at their file
+    phase) and the page cache give byte-identical files; the direct run really wrote directly."""
+    from rlsparse.delta.apply import spans_of
+    from rlsparse.io import safetensors_format
+
+    rng = np.random.default_rng(3)
+    shapes = {"embed.weight": ("BF16", (300, 64), 0.05), "a.weight": ("F32", (97, 130), 0.3),
+              "b.weight": ("BF16", (5,), 1.0), "c.weight": ("F16", (512, 40), 0.0)}
+    base, ft = {}, {}
+    for name, (code, shape, density) in shapes.items():
+        bits = random_bits(rng, code, int(np.prod(shape)), small=True)
+        base[name] = bits_tensor(bits, code, shape)
+        ft[name] = bits_tensor(change(rng, bits, density, ulps=True), code, shape)
+    b, f = write(tmp_path / "base", base), write(tmp_path / "ft", ft)
+    patch = tmp_path / "p.rlpatch"
+    delta.pack(b, f, patch, chunk_elements=5000)  # chunks of 10-20 KB: whole pages and partial ones
+    written = []
+    real_init = safetensors_format.StreamingSafetensorsWriter.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        written.append(self)
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(safetensors_format.StreamingSafetensorsWriter, "__init__", spy)
+    try:
+        delta.apply(b, patch, tmp_path / "cached", parallel=parallel, workers=2, direct=False)
+        delta.apply(b, patch, tmp_path / "direct", parallel=parallel, workers=2, direct=True)
+    finally:
+        monkeypatch.undo()
+    assert [w.direct for w in written] == [False, True]
+    if parallel == "threads":  # (forked workers count their own direct bytes)
+        w = written[1]
+        manifest = delta.PatchReader.open(patch).manifest
+        whole_pages = 0  # every chunk's pages that lie wholly inside it
+        for e in manifest.tensors:
+            size = {"BF16": 2, "F16": 2, "F32": 4}[e.dtype]
+            for start, count in spans_of(e):
+                lo, hi = w.data_offset(e.name, start * size), w.data_offset(e.name, (start + count) * size)
+                whole_pages += max(0, hi // 4096 - -(-lo // 4096)) * 4096
+        assert written[0].direct_bytes == 0 and w.direct_bytes == whole_pages > 0
+    for name in ("model.safetensors",):
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "cached" / name).read_bytes()
+    assert_bit_identical(load(tmp_path / "direct"), load(f))

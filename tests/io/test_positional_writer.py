@@ -47,3 +47,71 @@ def test_missing_bytes_and_out_of_range_pieces_are_refused(tmp_path):
             w.write_at("a", 6, b"\x00\x00\x00")
         w.write_at("a", 0, bytes(8))
     assert load_file(str(path))["a"].tolist() == [0] * 8
+
+
+def _pieces(rng, tensors):
+    """(name, byte offset, bytes) of every tensor cut into uneven pieces, shuffled."""
+    pieces = []
+    for name, t in tensors.items():
+        raw = t.tobytes()
+        cuts = sorted(set(rng.integers(0, len(raw) + 1, size=6).tolist()) | {0, len(raw)})
+        pieces += [(name, s, raw[s:e]) for s, e in zip(cuts, cuts[1:])]
+    rng.shuffle(pieces)
+    return pieces
+
+
+def test_direct_writes_round_trip_pieces_from_threads_placed_or_not(tmp_path):
+    """O_DIRECT for the whole pages of each piece, the page cache for the pages pieces share:
+    pieces of many pages, of less than a page, placed at their file phase in memory or not
+    (bytes objects: an aligned copy), written from threads in any order, read back bit for bit."""
+    rng = np.random.default_rng(1)
+    tensors = {"a": rng.integers(0, 2**16, size=(300, 111), dtype=np.uint16),
+               "tiny": rng.integers(0, 255, size=(7,), dtype=np.uint8),
+               "b": rng.integers(0, 2**31, size=(20_000,), dtype=np.int32), "empty": np.zeros((0,), np.int32)}
+    codes = {np.dtype(np.uint16): "U16", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
+    layout = [(n, codes[t.dtype], t.shape) for n, t in tensors.items()]
+    pieces = _pieces(rng, tensors)
+    path = tmp_path / "x.safetensors"
+    with StreamingSafetensorsWriter(path, layout, direct=True) as w:
+        assert w._dfd is not None  # /tmp here takes O_DIRECT: the direct path is what runs
+
+        def put(piece):
+            name, start, data = piece
+            if start % 2:  # half the pieces placed at their file offset's phase, as apply does
+                return w.write_at(name, start, data)
+            phase = w.data_offset(name, start) % 4096
+            raw = np.empty(len(data) + 2 * 4096, np.uint8)
+            at = (-raw.ctypes.data) % 4096 + phase
+            raw[at:at + len(data)] = np.frombuffer(data, np.uint8)
+            w.write_at(name, start, raw[at:at + len(data)])
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(put, pieces))
+        whole_pages = sum(max(0, (w.data_offset(n, s) + len(d)) // 4096 - -(-w.data_offset(n, s) // 4096)) * 4096
+                          for n, s, d in pieces)
+    assert w.direct_bytes == whole_pages > 0
+    back = load_file(str(path))
+    assert sorted(back) == sorted(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape
+        assert back[name].tobytes() == t.tobytes()
+
+
+def test_direct_writer_falls_back_to_the_page_cache_where_o_direct_is_refused(tmp_path, monkeypatch):
+    import os
+
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")  # what tmpfs said before Linux 6.6
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    data = np.arange(10_000, dtype=np.uint16)
+    path = tmp_path / "x.safetensors"
+    with StreamingSafetensorsWriter(path, [("a", "U16", (10_000,))], direct=True) as w:
+        w.write_at("a", 0, data[:6000].tobytes())
+        w.write_at("a", 12_000, data[6000:].tobytes())
+    assert w.direct_bytes == 0
+    assert load_file(str(path))["a"].tobytes() == data.tobytes()

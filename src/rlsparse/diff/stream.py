@@ -31,6 +31,9 @@ Kernel contract (anything with these two methods; it must pickle for Ray):
     ``merge(acc, partial) -> acc``
         Folds a later partial of the same item into an earlier one (may mutate and return
         ``acc``). Must be associative, so shard results merge exactly like chunk results.
+    ``flush()`` (optional)
+        Called once the last span is merged (and when the run fails): a kernel that hands work to
+        a thread of its own (``delta.apply``'s write-behind) waits for it there.
 
 Example:
     >>> items = [Item("w", (info_base, info_ft))]
@@ -40,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -304,12 +308,20 @@ def run(items: Sequence[Item], kernel: Kernel, *, spans: Sequence[Span] | None =
         out.bytes_read += step
         advance(step)
 
+    flush = getattr(kernel, "flush", None)
     try:
         if inline:
             for k, s in enumerate(spans):
                 merge(s, *compute(load(k)))
         else:
             _run_threaded(spans, load, compute, merge, workers, io_threads, io_depth)
+        if flush is not None:
+            flush()
+    except BaseException:
+        if flush is not None:  # the kernel's writes still in flight end before the error leaves
+            with contextlib.suppress(Exception):
+                flush()
+        raise
     finally:
         for r in all_readers:
             r.close()
