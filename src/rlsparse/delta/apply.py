@@ -4,6 +4,9 @@ To a folder: the base streams through the shared engine (``diff.stream``) with `
 on a worker, each span of the base is hashed, decoded in place in the engine's buffer,
 hashed again and written at its place in the output shard (``StreamingSafetensorsWriter.write_at``,
 no copy, no waiting for its turn); the hashes come back in order and are checked per tensor.
+A large output (``DIRECT_WRITES_FROM``) is written with O_DIRECT instead: each span is decoded
+from a map of the base into a buffer of its own and written by a thread of the worker while
+the worker decodes the next (``io.write_behind``).
 The workers are forked processes (``diff.forked``; they inherit the open output shards and
 ``pwrite`` into them) for large enough checkpoints, else threads: ``parallel`` chooses, as for
 ``pack``.
@@ -145,19 +148,21 @@ class ApplyKernel:
         s = chunk.span
         e = self.entries[s.item]
         start = s.start * dtypes.itemsize(e.dtype)
-        if not chunk.raw:
-            new, dig_old, dig_new = self.decode(s.item, s.start, s.count, None)
+        old = chunk.raw[0] if chunk.raw else None
+        if old is None or not self.output.direct:
+            # decoded in place in the engine's buffer and written before the buffer goes back
+            new, dig_old, dig_new = self.decode(s.item, s.start, s.count, old, inplace=True)
             self.output.write_at(e.name, start, new)
-            return None, (dig_old, dig_new, new.nbytes)
-        # The base chunk (a read-only view of the page cache) is copied into a write-behind buffer
-        # placed at its output offset's phase, decoded there and handed to the write thread: the
-        # next chunk is decoded while this one goes to disk (with O_DIRECT: whole pages, uncopied).
-        old = chunk.raw[0]
-        wb = self._write_behind()
-        buf = wb.buffer(old.nbytes, self.output.data_offset(e.name, start) % PAGE).view(old.dtype)
-        np.copyto(buf, old)
-        new, dig_old, dig_new = self.decode(s.item, s.start, s.count, buf, inplace=True)
-        wb.submit(self.output.write_at, e.name, start, new, buffer=buf)
+        else:
+            # O_DIRECT: the base chunk (a read-only view of the page cache) is copied into a
+            # write-behind buffer placed at its output offset's phase, decoded there and handed to
+            # the write thread (whole pages go out uncopied), which writes it while the next chunk
+            # is decoded: a direct write waits for the disk
+            wb = self._write_behind()
+            buf = wb.buffer(old.nbytes, self.output.data_offset(e.name, start) % PAGE).view(old.dtype)
+            np.copyto(buf, old)
+            new, dig_old, dig_new = self.decode(s.item, s.start, s.count, buf, inplace=True)
+            wb.submit(self.output.write_at, e.name, start, new, buffer=buf)
         return None, (dig_old, dig_new, new.nbytes)
 
     def _write_behind(self) -> WriteBehind:
@@ -366,11 +371,13 @@ def _write_deltas(ck: Checkpoint, reader: PatchReader, deltas, output: _ShardedO
             if hashers[1].hexdigest() != e.hash:
                 raise _corrupt(reader.where, e.name)
 
+    # direct writes decode from read-only maps of the base into their own buffers; cached ones in
+    # place in the engine's (a copy from a map costs page faults a read into a buffer does not)
     if processes:
         forked.run_forked(items, kernel, spans=spans, workers=workers, sink=sink, advance=advance, label="apply",
-                          spool_dir=spool_dir, mapped=True)
+                          spool_dir=spool_dir, mapped=output.direct)
     else:
-        stream.run(items, kernel, spans=spans, workers=workers, sink=sink, mapped=True)
+        stream.run(items, kernel, spans=spans, workers=workers, sink=sink, mapped=output.direct)
 
 
 def _write_wholes(reader: PatchReader, wholes, output: _ShardedOutput, workers, advance) -> None:
