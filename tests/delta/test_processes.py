@@ -219,3 +219,22 @@ def test_direct_and_cached_writes_make_the_same_folder(tmp_path, parallel):
     for name in ("model.safetensors",):
         assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "cached" / name).read_bytes()
     assert_bit_identical(load(tmp_path / "direct"), load(f))
+
+
+def test_cli_writes_flag_chooses_the_write_path_and_says_so(tmp_path, capsys):
+    base, ft = _pair(tmp_path)
+    patch = tmp_path / "p.rlpatch"
+    delta.pack(base, ft, patch)
+    said = {}
+    for writes in ("direct", "cached", "auto"):
+        assert main(["delta", "apply", str(base), str(patch), "-o", str(tmp_path / writes), "--writes", writes]) == 0
+        said[writes] = capsys.readouterr().out
+        assert_bit_identical(load(tmp_path / writes), load(ft))
+    assert "written with O_DIRECT" in said["direct"]
+    assert "O_DIRECT" not in said["cached"] and "O_DIRECT" not in said["auto"]  # auto: a small model, cached
+    files = [(tmp_path / w / "model.safetensors").read_bytes() for w in ("direct", "cached", "auto")]
+    assert files[0] == files[1] == files[2]
+    with pytest.raises(SystemExit) as bad:
+        main(["delta", "apply", str(base), str(patch), "-o", str(tmp_path / "x"), "--writes", "sometimes"])
+    assert bad.value.code == 2 and "invalid choice: 'sometimes'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

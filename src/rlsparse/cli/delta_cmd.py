@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     ap.add_argument("--parallel", choices=("auto", "threads", "processes"), default="auto",
                     help="decode in forked processes (one core each), in threads (one GIL: faster only for small "
                          "models) or auto: processes from 64 MiB of checkpoint up (default: %(default)s)")
+    ap.add_argument("--writes", choices=("auto", "direct", "cached"), default="auto",
+                    help="write the weights' whole pages with O_DIRECT (no page-cache copy), through the page "
+                         "cache, or auto: O_DIRECT from 512 MiB of weights up (default: %(default)s)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     ap.set_defaults(func=run_apply)
 
@@ -117,10 +120,11 @@ def run_apply(args) -> int:
     _workers(args.workers)
     res = rlsparse.delta.apply(args.base, args.patch, args.output, overwrite=args.overwrite,
                                max_shard_bytes=_size(args.max_shard_size), workers=args.workers,
-                               progress=not args.quiet and sys.stderr.isatty(), parallel=args.parallel)
+                               progress=not args.quiet and sys.stderr.isatty(), parallel=args.parallel,
+                               direct={"auto": None, "direct": True, "cached": False}[args.writes])
     if not args.quiet:
         print(f"wrote {res.path}: {res.tensors} tensors, {res.bytes_written:,} bytes in {res.shards} shard(s), "
-              f"every hash verified; {res.seconds:.1f} s")
+              f"every hash verified{', written with O_DIRECT' if res.direct else ''}; {res.seconds:.1f} s")
     return 0
 
 

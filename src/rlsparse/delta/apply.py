@@ -43,8 +43,12 @@ from rlsparse.io.checkpoint import Checkpoint
 from rlsparse.io.write_behind import PAGE, WriteBehind
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-# Output from this size up is written with O_DIRECT (``direct=None``); PROVISIONAL, being measured
-DIRECT_WRITES_FROM = 1 << 30
+# Output from this size up is written with O_DIRECT (``direct=None``). Measured on this machine
+# (bench/delta_apply_writes.py, 2026-11-29): at 0.27 GB the page cache was as fast or faster
+# (best 0.25 vs 0.31 s), at 0.78 GB O_DIRECT was faster (0.56 vs 0.68 s; median 0.95 vs 2.21 s)
+# and at 1.7 GB far faster (1.14 vs 4.29 s, CPU 2.05 vs 6.41 s): the page-cache copy of fresh
+# pages costs ~1-4 s of CPU per GB here, and dirty pages pile up ahead of the closing fsync.
+DIRECT_WRITES_FROM = 512 << 20
 WRITE_BEHIND_DEPTH = 3  # chunks being written per process while the next is decoded
 
 
@@ -57,6 +61,7 @@ class ApplyResult:
     bytes_written: int
     seconds: float
     shards: int
+    direct: bool = False  # the weights' whole pages went out with O_DIRECT
 
 
 def open_patch(patch) -> tuple[PatchReader, bool]:
@@ -316,7 +321,8 @@ def apply(base, patch, out: str | os.PathLike, *, overwrite: bool = False,
     finally:
         if close:
             reader.close()
-    return ApplyResult(out, len(deltas) + len(wholes), output.total, time.perf_counter() - t0, len(output.names))
+    return ApplyResult(out, len(deltas) + len(wholes), output.total, time.perf_counter() - t0, len(output.names),
+                       output.direct)
 
 
 @contextlib.contextmanager
