@@ -132,9 +132,10 @@ def test_existing_and_unwritable_outputs(tmp_path, packed, capsys):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
-def test_disk_full_during_apply_leaves_nothing(tmp_path, packed):
+@pytest.mark.parametrize("writes", ["cached", "direct"])
+def test_disk_full_during_apply_leaves_nothing(tmp_path, packed, writes):
     """The apply runs in a child whose file-size limit is below the model size: writes fail
-    with EFBIG, as on a full disk."""
+    with EFBIG, as on a full disk (direct: in a worker's write-behind thread, handed back)."""
     base, _, patch = packed
     out = tmp_path / "out"
     code = (
@@ -142,7 +143,8 @@ def test_disk_full_during_apply_leaves_nothing(tmp_path, packed):
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
         "from rlsparse.cli.main import main\n"
-        f"sys.exit(main(['delta', 'apply', {str(base)!r}, {str(patch)!r}, '-o', {str(out)!r}, '--quiet']))\n")
+        f"sys.exit(main(['delta', 'apply', {str(base)!r}, {str(patch)!r}, '-o', {str(out)!r}, '--quiet',"
+        f" '--writes', {writes!r}]))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
