@@ -212,8 +212,19 @@ static PyObject *raw_layout(PyObject *self, PyObject *args)
     Py_ssize_t m = b[0].view.len, count[ALPHABET] = {0};
     int64_t nbytes = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < m; i++)
+    /* four histograms, summed after: a run of one symbol (most of a stream) does not make every
+     * increment wait for the one before it */
+    Py_ssize_t part[3][ALPHABET] = {{0}}, i = 0;
+    for (; i + 4 <= m; i += 4) {
         count[sym[i]]++;
+        part[0][sym[i + 1]]++;
+        part[1][sym[i + 2]]++;
+        part[2][sym[i + 3]]++;
+    }
+    for (; i < m; i++)
+        count[sym[i]]++;
+    for (int s = 0; s < ALPHABET; s++)
+        count[s] += part[0][s] + part[1][s] + part[2][s];
     int64_t per_k[65] = {0};
     for (int s = 0; s < ALPHABET; s++) {
         int k = sym_nbits[s];

@@ -552,14 +552,26 @@ def _symbols_and_raw(inp: _In, n: int, width_bits: int, version: int,
     """What :func:`_decode_uints` reads, undecoded: (symbols, the raw-bit bytes, the first bit of
     each raw-bit count's group), with the same checks; the layout by the C kernels (``compiled``:
     one call instead of a dozen numpy calls per stream)."""
+    direct = _all_direct(inp) if version >= 2 else False
     sym = _decode_symbols(inp, n, version)
     start = np.empty(65, dtype=np.int64)
+    if direct:  # every symbol below 16 is its own value: no raw bits, no pass to count them
+        start[:] = 0
+        return sym, np.empty(0, dtype=np.uint8), start
     nbytes = compiled.raw_layout(sym, _SYM_NBITS, width_bits, start)
     if nbytes < 0 or inp.pos + nbytes > len(inp.mv):
         raise inp._fail()
     raw = np.frombuffer(inp.mv[inp.pos:inp.pos + nbytes], dtype=np.uint8)
     inp.pos += nbytes
     return sym, raw, start
+
+
+def _all_direct(inp: _In) -> bool:
+    """Whether the version-2 symbol stream at the cursor holds only symbols below 16 (packed two
+    per byte, or one symbol repeated), read from its mode without moving the cursor."""
+    probe = _In(inp.mv[inp.pos:], inp.where)
+    mode = probe.varint()
+    return mode == _NIBBLES or (mode == _SAME and probe.varint() < _DIRECT)
 
 
 def _take_raw(inp: _In, counts: np.ndarray, width_bits: int) -> tuple[np.ndarray, np.ndarray]:
