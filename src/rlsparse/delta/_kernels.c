@@ -349,6 +349,96 @@ static int symbols_loop(const uint8_t *old, const uint8_t *new, Py_ssize_t n, in
     return 1;
 }
 
+/* The loop above for 2-byte elements (bf16, fp16, 16-bit ints: the common case), 1.4x faster
+ * on the dense synthetic pair's chunks: the bit length by a count of leading zeros instead of a
+ * table, the streams' arrays and the histograms in locals the compiler can keep in registers or
+ * on the stack (through the Stream structs, every byte store could alias them: each would be
+ * reloaded). Measured and not kept: four interleaved copies of each histogram (against the wait
+ * on a counter incremented again and again: 10% slower), appending the values with raw bits
+ * without a branch (30% slower where few have any). */
+#define FLUSH (1 << 30) /* changes counted before the 32-bit counters are added up (no overflow) */
+
+typedef struct {
+    uint32_t g[ALPHABET], d[ALPHABET], lo[256], hi[256];
+} Hist16;
+
+typedef struct {
+    uint8_t *restrict sym;
+    int64_t *restrict where;
+    uint8_t *restrict nbits;
+    uint32_t *restrict extra;
+    Py_ssize_t big;
+} Out16;
+
+/* Value ``v`` (< 2**32), the ``i``-th of its stream, as put_symbol codes it; returns its symbol
+ * (the caller counts it). */
+static inline __attribute__((always_inline)) unsigned put_symbol16(Out16 *s, uint64_t v, Py_ssize_t i)
+{
+    int big = v >= DIRECT;
+    int k = big ? 64 - __builtin_clzll(v) - 3 : 0;
+    unsigned sym = big ? DIRECT + (k - 2) * 4 + (unsigned)((v >> k) & 3) : (unsigned)v;
+    s->sym[i] = (uint8_t)sym;
+    if (!big)
+        return sym;
+    s->where[s->big] = i;
+    s->nbits[s->big] = (uint8_t)k;
+    s->extra[s->big] = (uint32_t)(v & ((UINT64_C(1) << k) - 1));
+    s->big++;
+    return sym;
+}
+
+static void flush16(Hist16 *h, Stream *g, Stream *d, int64_t *planes)
+{
+    for (int x = 0; x < 256; x++) {
+        g->counts[x] += h->g[x];
+        d->counts[x] += h->d[x];
+        planes[x] += h->lo[x];
+        planes[256 + x] += h->hi[x];
+    }
+    memset(h, 0, sizeof *h);
+}
+
+static int symbols_loop16(const uint16_t *restrict old, const uint16_t *restrict new, Py_ssize_t n,
+                          const int64_t *restrict idx, Py_ssize_t m, int is_float, Stream *g, Stream *d,
+                          uint16_t *restrict values, int64_t *planes)
+{
+    Hist16 h;
+    memset(&h, 0, sizeof h);
+    Out16 go = {g->sym, g->where, g->nbits, g->extra, 0}, dout = {d->sym, d->where, d->nbits, d->extra, 0};
+    /* onto the ordered line: negative flips every bit, else the sign bit is set */
+    const uint16_t flip_neg = is_float ? 0xFFFF : 0, flip_pos = is_float ? 0x8000 : 0;
+    int64_t prev = -1;
+    int ok = 1;
+    for (Py_ssize_t i0 = 0; i0 < m && ok; i0 += FLUSH) {
+        Py_ssize_t end = m - i0 < FLUSH ? m : i0 + FLUSH;
+        for (Py_ssize_t i = i0; i < end; i++) {
+            if (i + AHEAD < m && idx[i + AHEAD] >= 0 && idx[i + AHEAD] < n) { /* a hint: checked, never faults */
+                __builtin_prefetch(old + idx[i + AHEAD]);
+                __builtin_prefetch(new + idx[i + AHEAD]);
+            }
+            int64_t p = idx[i];
+            if (p <= prev || p >= n || p - prev - 1 > (int64_t)UINT32_MAX) {
+                ok = 0;
+                break;
+            }
+            h.g[put_symbol16(&go, (uint64_t)(p - prev - 1), i)]++;
+            prev = p;
+            uint16_t a = old[p], b = new[p];
+            values[i] = b;
+            h.lo[b & 255]++;
+            h.hi[b >> 8]++;
+            a ^= (a & 0x8000) ? flip_neg : flip_pos;
+            uint16_t diff = (uint16_t)((b ^ ((b & 0x8000) ? flip_neg : flip_pos)) - a);
+            uint16_t z = (uint16_t)((diff << 1) ^ ((diff & 0x8000) ? 0xFFFF : 0)); /* zigzag */
+            h.d[put_symbol16(&dout, z, i)]++;
+        }
+        flush16(&h, g, d, planes);
+    }
+    g->big = go.big;
+    d->big = dout.big;
+    return ok;
+}
+
 static const char symbols_doc[] =
     "sparse_delta_symbols(old, new, idx, bitlen16, width, is_float, gsym, gwhere, gnbits, gextra, gcounts,\n"
     "                     dsym, dwhere, dnbits, dextra, dcounts, values, planes)\n"
@@ -405,8 +495,12 @@ static PyObject *sparse_delta_symbols(PyObject *self, PyObject *args)
     Stream d = {b[9].view.buf, b[10].view.buf, b[11].view.buf, b[12].view.buf, b[13].view.buf, 0};
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = symbols_loop(b[0].view.buf, b[1].view.buf, n, size, b[2].view.buf, m, b[3].view.buf, is_float, &g, &d,
-                      b[14].view.buf, b[15].view.buf);
+    if (size == 2)
+        ok = symbols_loop16(b[0].view.buf, b[1].view.buf, n, b[2].view.buf, m, is_float, &g, &d, b[14].view.buf,
+                            b[15].view.buf);
+    else
+        ok = symbols_loop(b[0].view.buf, b[1].view.buf, n, size, b[2].view.buf, m, b[3].view.buf, is_float, &g, &d,
+                          b[14].view.buf, b[15].view.buf);
     Py_END_ALLOW_THREADS
     release(b, 16);
     if (!ok) {
