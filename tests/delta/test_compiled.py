@@ -27,7 +27,7 @@ def _dtypes_seen(monkeypatch) -> dict[str, list]:
     """Replace ``compiled.KERNELS`` by wrappers of the kernels that record, per kernel, the dtype
     of each call's array of elements."""
     arg = {"sparse_delta_apply": 0, "sparse_delta_symbols": 1, "changed_positions": 1, "pack_raw_bits": 1,
-           "raw_layout": 0}
+           "raw_layout": 0, "pack_nibbles": 0}
     used: dict[str, list] = {name: [] for name in arg}
 
     def spy(name):
@@ -242,7 +242,7 @@ def test_pack_with_the_c_encoder_writes_the_same_patch(tmp_path: Path, monkeypat
         assert {np.dtype(d) for d in used["sparse_delta_symbols"]} == {np.dtype(np.uint16), np.dtype(np.uint32),
                                                                         np.dtype(np.uint8)}
         assert np.dtype(np.uint64) in {np.dtype(d) for d in used["changed_positions"]}  # the I64 tensor too
-        assert used["pack_raw_bits"]
+        assert used["pack_raw_bits"] and used["pack_nibbles"]
     monkeypatch.setattr(compiled, "KERNELS", None)  # numpy only
     delta.pack(base, ft, tmp_path / "numpy.rlpatch", chunk_elements=8192, parallel=parallel, workers=2)
     assert (tmp_path / "c.rlpatch").read_bytes() == (tmp_path / "numpy.rlpatch").read_bytes()

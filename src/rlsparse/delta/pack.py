@@ -61,17 +61,20 @@ def chunk_digest(bits: np.ndarray) -> bytes:
     return h.digest()
 
 
-def changes_and_digests(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, tuple[bytes, bytes]]:
+def changes_and_digests(old: np.ndarray, new: np.ndarray,
+                        positions: np.ndarray | None = None) -> tuple[np.ndarray, tuple[bytes, bytes]]:
     """``(np.flatnonzero(old != new), (chunk_digest(old), chunk_digest(new)))`` in one pass over
     the memory: compared and hashed a block at a time, while the block is in the CPU cache
     (three passes over a page-cache view cost ~10% more CPU on a real pair). The positions are
     found by the C kernel where it was built (``changed_positions``: 2x less CPU than
-    numpy's compare and ``flatnonzero``), else by numpy."""
+    numpy's compare and ``flatnonzero``), else by numpy. ``positions``: an int64 array of at
+    least ``new.size`` elements for the kernel to write them into (the result is then a view of
+    it), reused by the caller chunk after chunk; None: a new one."""
     old, new = np.ascontiguousarray(old), np.ascontiguousarray(new)
     h_old, h_new = new_hasher(), new_hasher()
     find = None if compiled.KERNELS is None else compiled.KERNELS.changed_positions
     # the kernel writes every block's positions straight into one array (pages never written cost nothing)
-    idx = np.empty(new.size, dtype=np.int64) if find is not None else None
+    idx = None if find is None else np.empty(new.size, dtype=np.int64) if positions is None else positions
     count, parts = 0, []
     for a in range(0, new.size, _BLOCK_ELEMENTS):
         o, w = old[a:a + _BLOCK_ELEMENTS], new[a:a + _BLOCK_ELEMENTS]
@@ -127,7 +130,8 @@ class PackKernel:
         if old is None:
             idx, digests = None, (None, chunk_digest(new))
         else:
-            idx, digests = changes_and_digests(old, new)
+            # the positions live until this chunk is coded: one array per thread, reused
+            idx, digests = changes_and_digests(old, new, codec.scratch("positions", new.size, np.int64))
         enc, changed, data = codec.encode_chunk(old, new, is_float, changed=idx, compiled=self.compiled)
         hist = None
         if self.ulp_hist and old is not None and changed:
