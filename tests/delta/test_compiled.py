@@ -27,7 +27,7 @@ def _dtypes_seen(monkeypatch) -> dict[str, list]:
     """Replace ``compiled.KERNELS`` by wrappers of the kernels that record, per kernel, the dtype
     of each call's array of elements."""
     arg = {"sparse_delta_apply": 0, "sparse_delta_symbols": 1, "changed_positions": 1, "pack_raw_bits": 1,
-           "raw_layout": 0, "pack_nibbles": 0}
+           "raw_layout": 0, "pack_nibbles": 0, "scan_symbols16": 0}
     used: dict[str, list] = {name: [] for name in arg}
 
     def spy(name):
@@ -239,8 +239,9 @@ def test_pack_with_the_c_encoder_writes_the_same_patch(tmp_path: Path, monkeypat
     used = _dtypes_seen(monkeypatch)
     delta.pack(base, ft, tmp_path / "c.rlpatch", chunk_elements=8192, parallel=parallel, workers=2)
     if parallel == "threads":  # (forked workers count in their own memory)
-        assert {np.dtype(d) for d in used["sparse_delta_symbols"]} == {np.dtype(np.uint16), np.dtype(np.uint32),
-                                                                        np.dtype(np.uint8)}
+        # 2-byte elements are found and coded block by block (scan_symbols16), the others in two passes
+        assert {np.dtype(d) for d in used["sparse_delta_symbols"]} == {np.dtype(np.uint32), np.dtype(np.uint8)}
+        assert {np.dtype(d) for d in used["scan_symbols16"]} == {np.dtype(np.uint16)}
         assert np.dtype(np.uint64) in {np.dtype(d) for d in used["changed_positions"]}  # the I64 tensor too
         assert used["pack_raw_bits"] and used["pack_nibbles"]
     monkeypatch.setattr(compiled, "KERNELS", None)  # numpy only
@@ -253,12 +254,13 @@ def test_pack_with_the_c_encoder_writes_the_same_patch(tmp_path: Path, monkeypat
 def test_state_dict_pack_and_apply_use_the_c_kernels(monkeypatch):
     # weight sync codes in memory: the same kernels as files, the same bytes as numpy
     rng = np.random.default_rng(14)
-    a = random_bits(rng, "BF16", 40000, small=True)
-    base = {"w": bits_tensor(a, "BF16", (400, 100))}
-    ft = {"w": bits_tensor(change(rng, a, 0.05, ulps=True), "BF16", (400, 100))}
+    a, f = random_bits(rng, "BF16", 40000, small=True), random_bits(rng, "F32", 20000, small=True)
+    base = {"w": bits_tensor(a, "BF16", (400, 100)), "v": bits_tensor(f, "F32", (200, 100))}
+    ft = {"w": bits_tensor(change(rng, a, 0.05, ulps=True), "BF16", (400, 100)),
+          "v": bits_tensor(change(rng, f, 0.05, ulps=True), "F32", (200, 100))}
     used = _dtypes_seen(monkeypatch)
     by_c = delta.pack(base, ft, chunk_elements=8192).data
-    sd = {"w": base["w"].clone()}
+    sd = {name: t.clone() for name, t in base.items()}
     delta.apply_to_state_dict(sd, by_c)
     assert_bit_identical(sd, ft)
     assert all(used.values())

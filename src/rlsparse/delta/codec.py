@@ -616,13 +616,14 @@ def _decode_planes(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.
 
 def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
                  version: int = CODER_VERSION, changed: np.ndarray | None = None,
-                 compiled=None) -> tuple[int, int, bytes]:
+                 compiled=None, scan: SparseScan | None = None) -> tuple[int, int, bytes]:
     """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base), with the
     symbol coder of patch schema ``version``. ``changed``: the ascending indices where the two
     differ, if the caller found them already (``np.flatnonzero(old != new)`` otherwise).
     ``compiled``: the C kernels (``compiled.KERNELS``) to make the sparse encodings' symbols of
     dtypes up to 32 bits in one compiled pass and pack their raw bits (the same bytes), or None
-    for numpy throughout.
+    for numpy throughout. ``scan``: a :class:`SparseScan` that has seen the whole chunk (it found
+    the changes and made their symbols; ``changed`` is then not needed).
 
     Returns (encoding, changed elements, bytes); ``SAME`` chunks carry no bytes.
     """
@@ -631,14 +632,19 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
         out = _Out()
         _encode_planes(out, new, version, compiled)
         return DENSE_BITS, n, out.getvalue()
-    idx = np.flatnonzero(old != new) if changed is None else changed
-    k = idx.size
+    if scan is not None:
+        idx, k = None, scan.changed
+    else:
+        idx = np.flatnonzero(old != new) if changed is None else changed
+        k = idx.size
     if k == 0:
         return SAME, 0, b""
     candidates: dict[int, float] = {}
     streams: dict[int, tuple] = {}
     if k <= n // 2:
-        if compiled is not None and new.itemsize <= 4 and n < 1 << 32:
+        if scan is not None:
+            gaps, delta, w, planes_size = scan.symbols()
+        elif compiled is not None and new.itemsize <= 4 and n < 1 << 32:
             gaps, delta, w, planes_size = _sparse_symbols(compiled, old, new, idx, is_float)
         else:
             gaps = _symbolize((np.diff(idx, prepend=-1) - 1).astype(np.uint32 if n < 1 << 32 else np.uint64))
@@ -665,6 +671,44 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
     coded = [(_code(e, k, streams[e], version, compiled), e) for e in tries]
     data, best = min(coded, key=lambda c: len(c[0]))
     return best, k, data
+
+
+class SparseScan:
+    """The sparse encodings' streams of a chunk of 2-byte elements made while the chunk is compared,
+    a block at a time (the C kernels' ``scan_symbols16``): its changed positions are never written
+    down and read back, and each block is coded while the compare has it in the CPU cache. Feed
+    the chunk's blocks in order (:meth:`add`), then pass it to :func:`encode_chunk`: the same
+    bytes as ``encode_chunk(old, new, is_float, compiled=...)``. Its arrays are this thread's
+    (:func:`scratch`): one chunk at a time per thread."""
+
+    def __init__(self, compiled, n: int, is_float: bool):
+        self._kernel = compiled.scan_symbols16
+        self._is_float = is_float
+        self._limit = n // 2  # more changes than this: no sparse encoding, so only counted
+        k = self._limit
+        self._state = np.array([0, 0, 0, -1], dtype=np.int64)  # changes, raw values per stream, last position
+        self._streams = [(scratch(f"{s}sym", k, np.uint8), scratch(f"{s}where", k, np.intp),
+                          scratch(f"{s}nbits", k, np.uint8), scratch(f"{s}extra", k, np.uint32),
+                          np.zeros(_ALPHABET, np.int64)) for s in "gd"]
+        self._values = scratch("values", 2 * k, np.uint8).view(np.uint16)
+        self._planes = np.zeros((2, 256), np.int64)
+
+    def add(self, old: np.ndarray, new: np.ndarray, offset: int) -> None:
+        """The next block: ``old`` and ``new`` (uint16) from chunk position ``offset``."""
+        self._kernel(old, new, offset, self._limit, self._is_float, self._state, *self._streams[0],
+                     *self._streams[1], self._values, self._planes)
+
+    @property
+    def changed(self) -> int:
+        return int(self._state[0])
+
+    def symbols(self) -> tuple:
+        """What :func:`_sparse_symbols` returns, for a chunk with at most half its elements changed."""
+        k = self.changed
+        big = self._state[1:3]
+        out = [(sym[:k], (where[:m], nbits[:m], extra[:m]), counts)
+               for (sym, where, nbits, extra, counts), m in zip(self._streams, big)]
+        return out[0], out[1], self._values[:k], _entropy_bytes(self._planes[0]) + _entropy_bytes(self._planes[1])
 
 
 def _sparse_symbols(compiled, old: np.ndarray, new: np.ndarray, idx: np.ndarray, is_float: bool) -> tuple:
