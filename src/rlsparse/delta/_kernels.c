@@ -1,7 +1,11 @@
-/* rlsparse.delta._kernels: the sparse encodings' two compiled kernels, built at install.
+/* rlsparse.delta._kernels: the sparse encodings' compiled kernels, built at install.
  *
  * sparse_delta_apply   decodes a SPARSE_DELTA chunk over its base bits in one pass;
- * sparse_delta_symbols makes a sparse chunk's symbols, raw bits and histograms in one pass.
+ * raw_layout           says where a stream's raw bits lie (the decoder's layout checks);
+ * sparse_delta_symbols makes a sparse chunk's symbols, raw bits and histograms in one pass;
+ * pack_raw_bits        packs a stream's raw bits, pack_nibbles its symbols below 16;
+ * changed_positions    finds where two arrays differ;
+ * scan_symbols16       the last two in one pass for 2-byte elements, a block at a time.
  *
  * They compute exactly what the numpy paths of codec.py compute (the tests compare them on
  * random chunks); codec.py documents the format. Arrays arrive through the buffer protocol
