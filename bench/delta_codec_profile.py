@@ -27,6 +27,7 @@ from rlsparse.io.checkpoint import Checkpoint
 from rlsparse.io.reader import TensorReader
 
 CHUNK = 4 << 20
+SCAN_BLOCK = 128 * 1024  # pack's block (pack._BLOCK_ELEMENTS)
 
 
 def chunks(base: str, finetuned: str, match: list[str], budget: int):
@@ -62,6 +63,10 @@ def main() -> None:
                     help="code and decode sparse chunks with the compiled functions (the C kernels; numba before "
                          "the seventh round), as pack and apply do; without it numpy throughout")
     ap.add_argument("--decode-only", action="store_true", help="skip timing the encoder")
+    ap.add_argument("--no-scan", action="store_true",
+                    help="with --compiled: code 2-byte chunks from their changed positions (sparse_delta_symbols) "
+                         "instead of finding and coding the changes block by block (codec.SparseScan, as pack does "
+                         "from the eighth round on: the encode time then includes that compare)")
     args = ap.parse_args()
     fast = fast_encode = None
     if args.compiled:
@@ -73,6 +78,8 @@ def main() -> None:
             compiled.warm([np.uint8, np.uint16, np.uint32])
             fast = compiled.sparse_delta_apply
             fast_encode = getattr(compiled, "sparse_delta_symbols", None)  # older versions: numpy encodes
+    scan_ok = (fast_encode is not None and not args.no_scan and hasattr(codec, "SparseScan")
+               and hasattr(fast_encode, "scan_symbols16"))
     work = chunks(args.base, args.finetuned, [m for m in args.match.split(",") if m], args.budget_mb << 20)
     changes = [np.flatnonzero(old != new) for old, new, _ in work]  # pack finds them while hashing
     coded = [codec.encode_chunk(old, new, is_float, changed=idx) for (old, new, is_float), idx in zip(work, changes)]
@@ -92,6 +99,11 @@ def main() -> None:
                 if what == "encode":
                     if fast_encode is None:
                         codec.encode_chunk(old, new, is_float, changed=idx)
+                    elif scan_ok and new.itemsize == 2:
+                        scan = codec.SparseScan(fast_encode, new.size, is_float)
+                        for a in range(0, new.size, SCAN_BLOCK):
+                            scan.add(old[a:a + SCAN_BLOCK], new[a:a + SCAN_BLOCK], a)
+                        codec.encode_chunk(old, new, is_float, compiled=fast_encode, scan=scan)
                     else:
                         codec.encode_chunk(old, new, is_float, changed=idx, compiled=fast_encode)
                 else:  # apply decodes over its own copy of the base chunk

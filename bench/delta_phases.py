@@ -51,6 +51,8 @@ def instrument() -> collections.Counter:
     wrap(codec, "_encode_symbols", "of which ANS + header")
     wrap(codec, "_decode_symbols", "of which ANS + header")
     wrap(pk, "changes_and_digests", "compare + hash (blocked)")
+    # 2-byte chunks (eighth round on): the blocked pass also codes the changes' symbols
+    wrap(getattr(codec, "SparseScan", None), "add", "of which compare + symbols")
     wrap(pk, "chunk_digest", "hash (xxh3)")
     ap.chunk_digest = pk.chunk_digest
     wrap(reader.TensorReader, "read", "read (preadv copy)")

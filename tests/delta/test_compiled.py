@@ -27,7 +27,7 @@ def _dtypes_seen(monkeypatch) -> dict[str, list]:
     """Replace ``compiled.KERNELS`` by wrappers of the kernels that record, per kernel, the dtype
     of each call's array of elements."""
     arg = {"sparse_delta_apply": 0, "sparse_delta_symbols": 1, "changed_positions": 1, "pack_raw_bits": 1,
-           "raw_layout": 0}
+           "raw_layout": 0, "pack_nibbles": 0, "scan_symbols16": 0}
     used: dict[str, list] = {name: [] for name in arg}
 
     def spy(name):
@@ -239,10 +239,11 @@ def test_pack_with_the_c_encoder_writes_the_same_patch(tmp_path: Path, monkeypat
     used = _dtypes_seen(monkeypatch)
     delta.pack(base, ft, tmp_path / "c.rlpatch", chunk_elements=8192, parallel=parallel, workers=2)
     if parallel == "threads":  # (forked workers count in their own memory)
-        assert {np.dtype(d) for d in used["sparse_delta_symbols"]} == {np.dtype(np.uint16), np.dtype(np.uint32),
-                                                                        np.dtype(np.uint8)}
+        # 2-byte elements are found and coded block by block (scan_symbols16), the others in two passes
+        assert {np.dtype(d) for d in used["sparse_delta_symbols"]} == {np.dtype(np.uint32), np.dtype(np.uint8)}
+        assert {np.dtype(d) for d in used["scan_symbols16"]} == {np.dtype(np.uint16)}
         assert np.dtype(np.uint64) in {np.dtype(d) for d in used["changed_positions"]}  # the I64 tensor too
-        assert used["pack_raw_bits"]
+        assert used["pack_raw_bits"] and used["pack_nibbles"]
     monkeypatch.setattr(compiled, "KERNELS", None)  # numpy only
     delta.pack(base, ft, tmp_path / "numpy.rlpatch", chunk_elements=8192, parallel=parallel, workers=2)
     assert (tmp_path / "c.rlpatch").read_bytes() == (tmp_path / "numpy.rlpatch").read_bytes()
@@ -253,12 +254,13 @@ def test_pack_with_the_c_encoder_writes_the_same_patch(tmp_path: Path, monkeypat
 def test_state_dict_pack_and_apply_use_the_c_kernels(monkeypatch):
     # weight sync codes in memory: the same kernels as files, the same bytes as numpy
     rng = np.random.default_rng(14)
-    a = random_bits(rng, "BF16", 40000, small=True)
-    base = {"w": bits_tensor(a, "BF16", (400, 100))}
-    ft = {"w": bits_tensor(change(rng, a, 0.05, ulps=True), "BF16", (400, 100))}
+    a, f = random_bits(rng, "BF16", 40000, small=True), random_bits(rng, "F32", 20000, small=True)
+    base = {"w": bits_tensor(a, "BF16", (400, 100)), "v": bits_tensor(f, "F32", (200, 100))}
+    ft = {"w": bits_tensor(change(rng, a, 0.05, ulps=True), "BF16", (400, 100)),
+          "v": bits_tensor(change(rng, f, 0.05, ulps=True), "F32", (200, 100))}
     used = _dtypes_seen(monkeypatch)
     by_c = delta.pack(base, ft, chunk_elements=8192).data
-    sd = {"w": base["w"].clone()}
+    sd = {name: t.clone() for name, t in base.items()}
     delta.apply_to_state_dict(sd, by_c)
     assert_bit_identical(sd, ft)
     assert all(used.values())
@@ -341,3 +343,95 @@ def test_c_raw_layout_equals_numpy(m, top, width_bits, seed):
         assert nbytes == -1
     else:
         assert nbytes == raw.size and np.array_equal(start, first_byte * 8)
+
+
+def _per_value(stream, k: int) -> tuple:
+    """A stream as (symbols, raw-bit count and raw bits of every value, histogram), whichever way
+    its raw bits are listed (for every value, or only where a value has some)."""
+    sym, (where, nbits, extra), counts = stream
+    full_nbits, full_extra = np.zeros(k, np.uint8), np.zeros(k, np.uint64)
+    at = np.arange(k) if where is None else where
+    full_nbits[at], full_extra[at] = nbits, extra
+    return sym.tolist(), full_nbits.tolist(), full_extra.tolist(), counts.tolist()
+
+
+def _numpy_streams(old, new, is_float) -> tuple:
+    idx = np.flatnonzero(old != new)
+    gaps = codec._symbolize((np.diff(idx, prepend=-1) - 1).astype(np.uint32))
+    delta = codec._symbolize(codec.ulp_delta(old[idx], new[idx], is_float))
+    return idx.size, gaps, delta, new[idx], codec.estimate_planes(new[idx])
+
+
+@settings(max_examples=120, deadline=None)
+@given(n=st.integers(1, 20000), density=st.sampled_from([0.0005, 0.02, 0.2, 0.45, 0.7]),
+       steps=st.sampled_from([3, 300, 70000]), is_float=st.booleans(), new_bits=st.booleans(), readonly=st.booleans(),
+       block=st.sampled_from([1, 63, 64, 1000, 1 << 17]), seed=st.integers(0, 2**31 - 1))
+def test_c_2byte_symbols_and_scan_equal_numpy(n, density, steps, is_float, new_bits, readonly, block, seed):
+    # the 2-byte loop of sparse_delta_symbols and the block-by-block scan_symbols16 make numpy's
+    # streams (every symbol, every value's raw bits, the histograms), new bits and plane estimate
+    old, new = _chunk(np.random.default_rng(seed), np.uint16, n, density, steps, is_float, new_bits)
+    if readonly:
+        old.flags.writeable = False
+        new.flags.writeable = False
+    k, gaps, delta, values, planes = _numpy_streams(old, new, is_float)
+    scan = codec.SparseScan(kernels, n, is_float)
+    for a in range(0, n, block):  # blocks of any size, ending anywhere
+        scan.add(old[a:a + block], new[a:a + block], a)
+    assert scan.changed == k
+    by_c = [codec._sparse_symbols(kernels, old, new, np.flatnonzero(old != new), is_float)]
+    if k <= n // 2:  # more: no sparse encoding, so the scan only counts them
+        by_c.append(scan.symbols())
+    for c_gaps, c_delta, c_values, c_planes in by_c:
+        assert _per_value(c_gaps, k) == _per_value(gaps, k) and _per_value(c_delta, k) == _per_value(delta, k)
+        assert np.array_equal(c_values, values) and c_planes == pytest.approx(planes, rel=1e-12)
+    by_numpy = codec.encode_chunk(old, new, is_float)
+    assert codec.encode_chunk(old, new, is_float, compiled=kernels, scan=scan) == by_numpy
+
+
+def test_c_scan_refuses_wrong_arguments():
+    old = np.zeros(100, np.uint16)
+    new = old.copy()
+    new[[3, 50]] = 1
+    k = 50
+
+    def scan(o=old, w=new, offset=0, limit=k, state=None, values=None, gsym=None):
+        streams = [(np.empty(k, np.uint8), np.empty(k, np.intp), np.empty(k, np.uint8), np.empty(k, np.uint32),
+                    np.zeros(256, np.int64)) for _ in range(2)]
+        if gsym is not None:
+            streams[0] = (gsym, *streams[0][1:])
+        state = np.array([0, 0, 0, -1], np.int64) if state is None else np.array(state, np.int64)
+        values = np.empty(k, np.uint16) if values is None else values
+        kernels.scan_symbols16(o, w, offset, limit, True, state, *streams[0], *streams[1], values,
+                               np.zeros((2, 256), np.int64))
+        return state.tolist()
+
+    assert scan() == [2, 1, 0, 50]  # the gap 46 has raw bits; the steps of one ULP none
+    assert scan(limit=1) == [2, 0, 0, 50]  # the second change counted, not coded
+    assert scan(o=old[50:], w=new[50:], offset=50, state=[1, 0, 0, 3]) == [2, 1, 0, 50]  # a second block
+    for state, offset in (([0, 0, 0, 5], 5), ([1, 0, 0, -1], 0), ([2, 3, 0, 10], 20), ([-1, 0, 0, -1], 0),
+                          ([0, 0, 0, -1], -3), ([5, 0, 0, 2], 10)):
+        with pytest.raises(ValueError, match="state must be a chunk's"):
+            scan(state=state, offset=offset)
+    with pytest.raises(ValueError, match="gsym has elements of 1 bytes .* and 49 of them"):
+        scan(gsym=np.empty(49, np.uint8))
+    with pytest.raises(ValueError, match="values has elements of 4 bytes"):
+        scan(values=np.empty(k, np.uint32))
+    with pytest.raises(ValueError, match="old has 100 elements and new 99"):
+        scan(w=new[:99])
+    with pytest.raises(ValueError, match="old has elements of 4 bytes"):
+        scan(o=old.astype(np.uint32), w=new.astype(np.uint32))
+    with pytest.raises(ValueError, match="limit is -1"):
+        scan(limit=-1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(m=st.integers(0, 5000), seed=st.integers(0, 2**31 - 1))
+def test_c_nibble_packing_equals_numpy(m, seed):
+    sym = np.random.default_rng(seed).integers(0, 16, size=m).astype(np.uint8)
+    out_c, out_numpy = codec._Out(), codec._Out()
+    counts = np.bincount(sym, minlength=256)
+    codec._encode_symbols_zstd(out_c, sym, counts, kernels)
+    codec._encode_symbols_zstd(out_numpy, sym, counts)
+    assert out_c.getvalue() == out_numpy.getvalue()
+    padded = np.append(sym, np.uint8(0)) if m % 2 else sym
+    assert kernels.pack_nibbles(sym) == (padded[0::2] | (padded[1::2] << np.uint8(4))).tobytes()

@@ -55,6 +55,18 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
+def scratch(name: str, size: int, dtype) -> np.ndarray:
+    """``size`` elements of ``dtype`` from an array of this thread's that is reused call after
+    call (uninitialised): the encoder's per-chunk arrays (a few MB of a dense update's chunk),
+    allocated afresh, cost their page faults again for every chunk (~4% of a dense pack's CPU).
+    The array stays valid until the next call with the same name on this thread."""
+    bufs = _local.__dict__.setdefault("scratch", {})
+    got = bufs.get(name)
+    if got is None or got.size < size or got.dtype != dtype:
+        got = bufs[name] = np.empty(size, dtype)
+    return got[:size]
+
+
 def _constriction():
     return require("constriction", "delta")
 
@@ -387,9 +399,10 @@ def _group_order(nbits: np.ndarray, counts: np.ndarray, ks: np.ndarray) -> np.nd
     return np.argsort(nbits, kind="stable")[counts[0]:]  # many groups (gaps of sparse updates)
 
 
-def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None, version: int = CODER_VERSION) -> None:
+def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None, version: int = CODER_VERSION,
+                    compiled=None) -> None:
     if version >= 2:
-        _encode_symbols_zstd(out, sym, counts)
+        _encode_symbols_zstd(out, sym, counts, compiled)
         return
     if counts is None:
         counts = np.bincount(sym, minlength=_ALPHABET)
@@ -403,8 +416,9 @@ def _encode_symbols(out: _Out, sym: np.ndarray, counts: np.ndarray | None = None
     out.blob(coder.get_compressed().tobytes())
 
 
-def _encode_symbols_zstd(out: _Out, sym: np.ndarray, counts: np.ndarray | None) -> None:
-    """Version 2: mode, then the symbols packed two per byte (all < 16) or one per byte, zstd."""
+def _encode_symbols_zstd(out: _Out, sym: np.ndarray, counts: np.ndarray | None, compiled=None) -> None:
+    """Version 2: mode, then the symbols packed two per byte (all < 16) or one per byte, zstd
+    (``compiled``: the C kernels pack the nibbles in one pass, ~15x faster than numpy's three)."""
     if counts is not None:  # the histogram has the smallest and largest symbol: no pass over them
         used = np.flatnonzero(counts)
         low, top = (int(used[0]), int(used[-1])) if used.size else (0, 0)
@@ -414,7 +428,10 @@ def _encode_symbols_zstd(out: _Out, sym: np.ndarray, counts: np.ndarray | None) 
         out.parts.append(varints((_SAME, top)))
         return
     s8 = sym.astype(np.uint8, copy=False)
-    if top < 16:
+    if top < 16 and compiled is not None:
+        raw = compiled.pack_nibbles(s8)
+        out.varint(_NIBBLES)
+    elif top < 16:
         if s8.size % 2:
             s8 = np.append(s8, np.uint8(0))
         raw = s8[0::2] | (s8[1::2] << np.uint8(4))
@@ -422,7 +439,7 @@ def _encode_symbols_zstd(out: _Out, sym: np.ndarray, counts: np.ndarray | None) 
     else:
         raw = s8
         out.varint(_BYTES)
-    out.blob(_zstd()[0].compress(raw.data))
+    out.blob(_zstd()[0].compress(memoryview(raw)))
 
 
 def _decode_symbols(inp: _In, n: int, version: int = CODER_VERSION) -> np.ndarray:
@@ -482,7 +499,7 @@ def _decode_symbols_zstd(inp: _In, n: int) -> np.ndarray:
 
 def _encode_uints(out: _Out, v, version: int = CODER_VERSION, compiled=None) -> None:
     sym, (where, nbits, extra), sym_counts = _symbolize(v) if isinstance(v, np.ndarray) else v
-    _encode_symbols(out, sym, sym_counts, version)
+    _encode_symbols(out, sym, sym_counts, version, compiled)
     # the raw low bits of values with the same bit count, packed together (ascending count);
     # how many values have each count follows from the symbols' histogram
     counts = np.bincount(_SYM_NBITS, weights=sym_counts, minlength=65).astype(np.int64)
@@ -592,11 +609,11 @@ def _take_raw(inp: _In, counts: np.ndarray, width_bits: int) -> tuple[np.ndarray
     return raw, np.cumsum(group_bytes) - group_bytes
 
 
-def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION) -> None:
+def _encode_planes(out: _Out, bits: np.ndarray, version: int = CODER_VERSION, compiled=None) -> None:
     size = bits.dtype.itemsize
     planes = bits.view(np.uint8).reshape(-1, size)
     for i in range(size):
-        _encode_symbols(out, np.ascontiguousarray(planes[:, i]), version=version)
+        _encode_symbols(out, np.ascontiguousarray(planes[:, i]), version=version, compiled=compiled)
 
 
 def _decode_planes(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.ndarray:
@@ -611,29 +628,35 @@ def _decode_planes(inp: _In, n: int, dtype, version: int = CODER_VERSION) -> np.
 
 def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
                  version: int = CODER_VERSION, changed: np.ndarray | None = None,
-                 compiled=None) -> tuple[int, int, bytes]:
+                 compiled=None, scan: SparseScan | None = None) -> tuple[int, int, bytes]:
     """Code ``new`` against ``old`` (same length and unsigned dtype; None: no base), with the
     symbol coder of patch schema ``version``. ``changed``: the ascending indices where the two
     differ, if the caller found them already (``np.flatnonzero(old != new)`` otherwise).
     ``compiled``: the C kernels (``compiled.KERNELS``) to make the sparse encodings' symbols of
     dtypes up to 32 bits in one compiled pass and pack their raw bits (the same bytes), or None
-    for numpy throughout.
+    for numpy throughout. ``scan``: a :class:`SparseScan` that has seen the whole chunk (it found
+    the changes and made their symbols; ``changed`` is then not needed).
 
     Returns (encoding, changed elements, bytes); ``SAME`` chunks carry no bytes.
     """
     n = new.size
     if old is None:
         out = _Out()
-        _encode_planes(out, new, version)
+        _encode_planes(out, new, version, compiled)
         return DENSE_BITS, n, out.getvalue()
-    idx = np.flatnonzero(old != new) if changed is None else changed
-    k = idx.size
+    if scan is not None:
+        idx, k = None, scan.changed
+    else:
+        idx = np.flatnonzero(old != new) if changed is None else changed
+        k = idx.size
     if k == 0:
         return SAME, 0, b""
     candidates: dict[int, float] = {}
     streams: dict[int, tuple] = {}
     if k <= n // 2:
-        if compiled is not None and new.itemsize <= 4 and n < 1 << 32:
+        if scan is not None:
+            gaps, delta, w, planes_size = scan.symbols()
+        elif compiled is not None and new.itemsize <= 4 and n < 1 << 32:
             gaps, delta, w, planes_size = _sparse_symbols(compiled, old, new, idx, is_float)
         else:
             gaps = _symbolize((np.diff(idx, prepend=-1) - 1).astype(np.uint32 if n < 1 << 32 else np.uint64))
@@ -662,13 +685,52 @@ def encode_chunk(old: np.ndarray | None, new: np.ndarray, is_float: bool,
     return best, k, data
 
 
+class SparseScan:
+    """The sparse encodings' streams of a chunk of 2-byte elements made while the chunk is compared,
+    a block at a time (the C kernels' ``scan_symbols16``): its changed positions are never written
+    down and read back, and each block is coded while the compare has it in the CPU cache. Feed
+    the chunk's blocks in order (:meth:`add`), then pass it to :func:`encode_chunk`: the same
+    bytes as ``encode_chunk(old, new, is_float, compiled=...)``. Its arrays are this thread's
+    (:func:`scratch`): one chunk at a time per thread."""
+
+    def __init__(self, compiled, n: int, is_float: bool):
+        self._kernel = compiled.scan_symbols16
+        self._is_float = is_float
+        self._limit = n // 2  # more changes than this: no sparse encoding, so only counted
+        k = self._limit
+        self._state = np.array([0, 0, 0, -1], dtype=np.int64)  # changes, raw values per stream, last position
+        self._streams = [(scratch(f"{s}sym", k, np.uint8), scratch(f"{s}where", k, np.intp),
+                          scratch(f"{s}nbits", k, np.uint8), scratch(f"{s}extra", k, np.uint32),
+                          np.zeros(_ALPHABET, np.int64)) for s in "gd"]
+        self._values = scratch("values", 2 * k, np.uint8).view(np.uint16)
+        self._planes = np.zeros((2, 256), np.int64)
+
+    def add(self, old: np.ndarray, new: np.ndarray, offset: int) -> None:
+        """The next block: ``old`` and ``new`` (uint16) from chunk position ``offset``."""
+        self._kernel(old, new, offset, self._limit, self._is_float, self._state, *self._streams[0],
+                     *self._streams[1], self._values, self._planes)
+
+    @property
+    def changed(self) -> int:
+        return int(self._state[0])
+
+    def symbols(self) -> tuple:
+        """What :func:`_sparse_symbols` returns, for a chunk with at most half its elements changed."""
+        k = self.changed
+        big = self._state[1:3]
+        out = [(sym[:k], (where[:m], nbits[:m], extra[:m]), counts)
+               for (sym, where, nbits, extra, counts), m in zip(self._streams, big)]
+        return out[0], out[1], self._values[:k], _entropy_bytes(self._planes[0]) + _entropy_bytes(self._planes[1])
+
+
 def _sparse_symbols(compiled, old: np.ndarray, new: np.ndarray, idx: np.ndarray, is_float: bool) -> tuple:
     """(gaps, ULP differences, new bits, estimated size of the new bits' byte planes) at the
     changed positions ``idx``, the two streams as :func:`_symbolize` gives them, by the C kernels."""
     k = idx.size
-    streams = [(np.empty(k, np.uint8), np.empty(k, np.intp), np.empty(k, np.uint8), np.empty(k, np.uint32),
-                np.zeros(_ALPHABET, np.int64)) for _ in range(2)]  # symbols, raw bits: where, counts, bits; histogram
-    values = np.empty(k, new.dtype)
+    # symbols, raw bits (where, counts, bits), histogram; only used while this chunk is coded
+    streams = [(scratch(f"{s}sym", k, np.uint8), scratch(f"{s}where", k, np.intp), scratch(f"{s}nbits", k, np.uint8),
+                scratch(f"{s}extra", k, np.uint32), np.zeros(_ALPHABET, np.int64)) for s in "gd"]
+    values = scratch("values", k * new.itemsize, np.uint8).view(new.dtype)  # one array for every width
     planes = np.zeros((new.itemsize, 256), np.int64)
     big = compiled.sparse_delta_symbols(old, new, idx, _BITLEN16, 8 * new.itemsize, is_float, *streams[0], *streams[1],
                                         values, planes)
@@ -685,11 +747,11 @@ def _code(encoding: int, k: int, streams: tuple, version: int, compiled=None) ->
         if encoding == SPARSE_DELTA:
             _encode_uints(out, streams[1], version, compiled)
         else:
-            _encode_planes(out, streams[1], version)
+            _encode_planes(out, streams[1], version, compiled)
     elif encoding == DENSE_DELTA:
         _encode_uints(out, streams[0], version, compiled)
     else:
-        _encode_planes(out, streams[0], version)
+        _encode_planes(out, streams[0], version, compiled)
     return out.getvalue()
 
 

@@ -12,8 +12,12 @@ bits; ``codec`` passes it around as ``compiled``:
   (gaps, ULP differences) and the byte-plane histograms of its new bits, in one pass instead of
   ~20 numpy passes;
 - ``pack_raw_bits``: a stream's raw low bits in their groups (``codec._encode_uints``' layout);
+- ``pack_nibbles``: a stream of symbols below 16, two per byte (``codec._encode_symbols_zstd``);
 - ``changed_positions``: ``np.flatnonzero(old != new)`` in one pass (SSE2 compares, 64 elements
-  per test), for ``pack.changes_and_digests``.
+  per test), for ``pack.changes_and_digests``;
+- ``scan_symbols16``: for 2-byte elements (bf16, fp16), ``changed_positions`` and
+  ``sparse_delta_symbols`` in one pass a block at a time, the positions never written down
+  (``codec.SparseScan``: what ``pack`` uses for such chunks).
 
 They take numpy arrays (the buffer protocol), check every index and release the GIL. Being an
 extension module (``setup.py`` builds it at ``pip install``; in a source tree, ``python setup.py

@@ -61,22 +61,30 @@ def chunk_digest(bits: np.ndarray) -> bytes:
     return h.digest()
 
 
-def changes_and_digests(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, tuple[bytes, bytes]]:
+def changes_and_digests(old: np.ndarray, new: np.ndarray, positions: np.ndarray | None = None,
+                        scan: codec.SparseScan | None = None) -> tuple[np.ndarray | None, tuple[bytes, bytes]]:
     """``(np.flatnonzero(old != new), (chunk_digest(old), chunk_digest(new)))`` in one pass over
     the memory: compared and hashed a block at a time, while the block is in the CPU cache
     (three passes over a page-cache view cost ~10% more CPU on a real pair). The positions are
     found by the C kernel where it was built (``changed_positions``: 2x less CPU than
-    numpy's compare and ``flatnonzero``), else by numpy."""
+    numpy's compare and ``flatnonzero``), else by numpy. ``positions``: an int64 array of at
+    least ``new.size`` elements for the kernel to write them into (the result is then a view of
+    it), reused by the caller chunk after chunk; None: a new one. ``scan``: each block goes to
+    this :class:`codec.SparseScan` instead (2-byte elements: it finds the changes and codes them
+    while the block is in the cache); the positions are then None."""
     old, new = np.ascontiguousarray(old), np.ascontiguousarray(new)
     h_old, h_new = new_hasher(), new_hasher()
-    find = None if compiled.KERNELS is None else compiled.KERNELS.changed_positions
+    find = None if compiled.KERNELS is None or scan is not None else compiled.KERNELS.changed_positions
     # the kernel writes every block's positions straight into one array (pages never written cost nothing)
-    idx = np.empty(new.size, dtype=np.int64) if find is not None else None
+    idx = None if find is None else np.empty(new.size, dtype=np.int64) if positions is None else positions
     count, parts = 0, []
     for a in range(0, new.size, _BLOCK_ELEMENTS):
         o, w = old[a:a + _BLOCK_ELEMENTS], new[a:a + _BLOCK_ELEMENTS]
         h_old.update(memoryview(o).cast("B"))
         h_new.update(memoryview(w).cast("B"))
+        if scan is not None:
+            scan.add(o, w, a)
+            continue
         if find is not None:
             count += find(o, w, idx[count:], a)
             continue
@@ -84,6 +92,8 @@ def changes_and_digests(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, t
         if found.size:
             parts.append(found + a if a else found)
     digests = (h_old.digest(), h_new.digest())
+    if scan is not None:
+        return None, digests
     if find is not None:
         return idx[:count], digests
     if len(parts) == 1:
@@ -124,13 +134,21 @@ class PackKernel:
         is_float = chunk.item.infos[-1].dtype in dtypes.FLOAT_CODES
         new = chunk.raw[-1]
         old = chunk.raw[0] if len(chunk.raw) == 2 else None
+        scan = None
         if old is None:
             idx, digests = None, (None, chunk_digest(new))
+        elif self.compiled is not None and new.itemsize == 2 and new.size < 1 << 32:
+            # bf16 / fp16 (the common case): changes found and coded in one pass per block
+            scan = codec.SparseScan(self.compiled, new.size, is_float)
+            idx, digests = changes_and_digests(old, new, scan=scan)
         else:
-            idx, digests = changes_and_digests(old, new)
-        enc, changed, data = codec.encode_chunk(old, new, is_float, changed=idx, compiled=self.compiled)
+            # the positions live until this chunk is coded: one array per thread, reused
+            idx, digests = changes_and_digests(old, new, codec.scratch("positions", new.size, np.int64))
+        enc, changed, data = codec.encode_chunk(old, new, is_float, changed=idx, compiled=self.compiled, scan=scan)
         hist = None
         if self.ulp_hist and old is not None and changed:
+            if idx is None:
+                idx = np.flatnonzero(old != new)
             vals, counts = np.unique(codec.ulp_delta(old[idx], new[idx], is_float), return_counts=True)
             hist = dict(zip(vals.tolist(), counts.tolist()))
         return None, (enc, changed, data, digests, hist)
