@@ -187,6 +187,7 @@ def bench_pair(label: str, base: str, ft: str, tmp: Path, workers: int, with_ws:
                                               parallel=parallel)))
         warm([base, patch])
         shutil.rmtree(tmp / "out", ignore_errors=True)  # a new folder each time: no old one to replace
+        os.sync()  # the removal's own disk work (ext4 here discards freed blocks) done before the clock
         applies.append(run_child(APPLY.format(base=base, patch=str(patch), out=str(tmp / "out"), workers=workers,
                                                    parallel=parallel)))
     t_pack, rss_pack, timed = min(packs, key=lambda r: r[2]["seconds"])

@@ -35,7 +35,8 @@ import json, mmap, os, resource, shutil, sys, time
 import constriction, xxhash, zstandard  # imported before the clock
 import rlsparse.delta as d
 way, base, src, out = sys.argv[1:5]
-shutil.rmtree(out, ignore_errors=True)
+shutil.rmtree(out, ignore_errors=True)  # the last run's output, before the clock starts
+os.sync()
 s0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 t = time.perf_counter()
 if way.startswith("apply"):

@@ -25,13 +25,15 @@ import json, os, resource, shutil, sys, time
 import constriction, xxhash, zstandard  # imported before the clock, as in bench_delta
 import rlsparse.delta as d
 what, mode, base, other, out, workers = sys.argv[1:7]
+if what == "apply":  # the last run's output, removed before the clock starts (not part of an apply)
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
 s0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 t = time.perf_counter()
 if what == "pack":
     r = d.pack(base, other, out, files=False, parallel=mode, workers=int(workers))
     nbytes = r.manifest.stats["finetuned_bytes"]
 else:
-    shutil.rmtree(out, ignore_errors=True)
     r = d.apply(base, other, out, parallel=mode, workers=int(workers))
     nbytes = r.bytes_written
 wall = time.perf_counter() - t
