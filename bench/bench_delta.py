@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import warm  # noqa: E402  (bench/ on the path: its own helpers)
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 REAL_BASE = "/work/labcache/real-smollm2-135m-b179c9523d0e"
@@ -165,15 +168,6 @@ print(json.dumps({{"rss_MB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_max
 """
 
 
-def warm(paths) -> None:
-    for p in paths:
-        p = Path(p)
-        for f in ([p] if p.is_file() else sorted(p.rglob("*.safetensors"))):
-            with open(f, "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
-
-
 def bench_pair(label: str, base: str, ft: str, tmp: Path, workers: int, with_ws: bool, repeat: int = 1,
                parallel: str = "auto") -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
@@ -286,7 +280,6 @@ def main() -> None:
     tmp = Path(args.tmp)
     pairs = []
     if not args.no_synthetic:
-        sys.path.insert(0, str(HERE))
         from synthetic import write_pair
 
         root = tmp / f"synthetic-{args.synthetic:.0e}"

@@ -27,6 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import warm  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
@@ -88,13 +91,6 @@ print(json.dumps({"way": way, "wall_s": wall, "bytes": nbytes, "cpu_s": cpu, "rs
 WAYS = ("copy, cached", "copy, O_DIRECT", "apply, cached", "apply, O_DIRECT", "apply, auto")
 
 
-def warm(path: str) -> None:
-    for f in sorted(Path(path).rglob("*.safetensors")) if Path(path).is_dir() else [Path(path)]:
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base")
@@ -114,8 +110,7 @@ def main() -> None:
             rows = []
             for _ in range(args.repeat):
                 for way in WAYS:
-                    warm(base)
-                    warm(ft)
+                    warm([base, ft])
                     src = str(patch) if way.startswith("apply") else ft
                     proc = subprocess.run([sys.executable, "-c", ONE, way, base, src, str(out)], capture_output=True,
                                           text=True, env=env)

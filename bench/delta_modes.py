@@ -17,6 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import warm  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
@@ -52,13 +55,6 @@ print(compiled.name() if hasattr(compiled, "name") else "numba for large patches
 """
 
 
-def warm(path: str) -> None:
-    for f in sorted(Path(path).rglob("*.safetensors")) if Path(path).is_dir() else [Path(path)]:
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base")
@@ -85,8 +81,7 @@ def run(args, tmp: Path) -> None:
     for _ in range(args.repeat):
         for mode in ("threads", "processes"):
             for what, a, b, dest in (("pack", args.base, args.finetuned, patch), ("apply", args.base, str(patch), out)):
-                warm(a)
-                warm(b)
+                warm([a, b])
                 proc = subprocess.run([sys.executable, "-c", ONE, what, mode, a, b, str(dest), str(args.workers)],
                                       capture_output=True, text=True, env=env)
                 if proc.returncode:

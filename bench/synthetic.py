@@ -11,8 +11,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 
 
 def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -45,6 +43,9 @@ def config_for(target_params: float) -> dict:
 def write_pair(root: Path, target_params: float, density: float = 0.2, shard_bytes: int = 2 * 10**9,
                seed: int = 0) -> tuple[Path, Path, int]:
     """Write base/ and finetuned/ under ``root`` (reused when present); returns (base, ft, params)."""
+    import torch  # here, not at the top: the benches that only use ``warm`` / ``evict`` do not pay for it
+    from safetensors.torch import save_file
+
     cfg = config_for(target_params)
     shapes = llama_shapes(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"])
     numel = sum(torch.Size(s).numel() for s in shapes.values())
@@ -110,10 +111,11 @@ def evict(paths: list[Path]) -> None:
                     os.close(fd)
 
 
-def warm(paths: list[Path]) -> None:
-    """Read files once so the page cache holds them (warm-cache runs)."""
-    for p in paths:
-        for f in sorted(p.rglob("*.safetensors")):
+def warm(paths) -> None:
+    """Read files once so the page cache holds them (warm-cache runs): each path a file, or a
+    folder whose safetensors files are read."""
+    for p in map(Path, paths):
+        for f in ([p] if p.is_file() else sorted(p.rglob("*.safetensors"))):
             with open(f, "rb") as fh:
                 while fh.read(64 << 20):
                     pass
