@@ -115,3 +115,29 @@ def test_direct_writer_falls_back_to_the_page_cache_where_o_direct_is_refused(tm
         w.write_at("a", 12_000, data[6000:].tobytes())
     assert w.direct_bytes == 0
     assert load_file(str(path))["a"].tobytes() == data.tobytes()
+
+
+def test_direct_writes_refused_at_write_time_go_through_the_page_cache(tmp_path, monkeypatch):
+    """A device that takes the O_DIRECT open but refuses the writes (EINVAL: an alignment it
+    wants larger): that piece and every later one are written cached; the file is still right."""
+    import os
+
+    from rlsparse.io import safetensors_format
+
+    real_pwrite = os.pwrite
+    refused = []
+
+    def pwrite(fd, data, pos):
+        if fd == w._dfd:
+            refused.append(pos)
+            raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, pos)
+
+    data = np.arange(40_000, dtype=np.uint16)
+    path = tmp_path / "x.safetensors"
+    with StreamingSafetensorsWriter(path, [("a", "U16", (40_000,))], direct=True) as w:
+        monkeypatch.setattr(safetensors_format.os, "pwrite", pwrite)
+        w.write_at("a", 0, data[:30_000].tobytes())
+        w.write_at("a", 60_000, data[30_000:].tobytes())
+    assert len(refused) == 1 and w.direct_bytes == 0  # tried once, then cached
+    assert load_file(str(path))["a"].tobytes() == data.tobytes()

@@ -9,7 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from rlsparse.io.write_behind import PAGE, WriteBehind
+from rlsparse.io.memory import PAGE
+from rlsparse.io.write_behind import WriteBehind
 
 
 def test_writes_run_in_order_from_placed_buffers_that_are_reused(tmp_path):

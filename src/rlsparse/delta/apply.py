@@ -40,7 +40,8 @@ from rlsparse.diff import forked, stream
 from rlsparse.errors import MismatchError, OutputError, PatchError
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import Checkpoint
-from rlsparse.io.write_behind import PAGE, WriteBehind
+from rlsparse.io.memory import PAGE
+from rlsparse.io.write_behind import WriteBehind
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # Output from this size up is written with O_DIRECT (``direct=None``). Measured on this machine

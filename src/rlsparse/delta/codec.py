@@ -699,9 +699,7 @@ class SparseScan:
         self._limit = n // 2  # more changes than this: no sparse encoding, so only counted
         k = self._limit
         self._state = np.array([0, 0, 0, -1], dtype=np.int64)  # changes, raw values per stream, last position
-        self._streams = [(scratch(f"{s}sym", k, np.uint8), scratch(f"{s}where", k, np.intp),
-                          scratch(f"{s}nbits", k, np.uint8), scratch(f"{s}extra", k, np.uint32),
-                          np.zeros(_ALPHABET, np.int64)) for s in "gd"]
+        self._streams = _stream_arrays(k)
         self._values = scratch("values", 2 * k, np.uint8).view(np.uint16)
         self._planes = np.zeros((2, 256), np.int64)
 
@@ -723,13 +721,19 @@ class SparseScan:
         return out[0], out[1], self._values[:k], _entropy_bytes(self._planes[0]) + _entropy_bytes(self._planes[1])
 
 
+def _stream_arrays(k: int) -> list[tuple]:
+    """The arrays the C encoder fills for the gaps' and the ULP differences' streams of up to ``k``
+    changes: symbols, raw bits (where, counts, bits), histogram; this thread's (:func:`scratch`),
+    valid while one chunk is coded."""
+    return [(scratch(f"{s}sym", k, np.uint8), scratch(f"{s}where", k, np.intp), scratch(f"{s}nbits", k, np.uint8),
+             scratch(f"{s}extra", k, np.uint32), np.zeros(_ALPHABET, np.int64)) for s in "gd"]
+
+
 def _sparse_symbols(compiled, old: np.ndarray, new: np.ndarray, idx: np.ndarray, is_float: bool) -> tuple:
     """(gaps, ULP differences, new bits, estimated size of the new bits' byte planes) at the
     changed positions ``idx``, the two streams as :func:`_symbolize` gives them, by the C kernels."""
     k = idx.size
-    # symbols, raw bits (where, counts, bits), histogram; only used while this chunk is coded
-    streams = [(scratch(f"{s}sym", k, np.uint8), scratch(f"{s}where", k, np.intp), scratch(f"{s}nbits", k, np.uint8),
-                scratch(f"{s}extra", k, np.uint32), np.zeros(_ALPHABET, np.int64)) for s in "gd"]
+    streams = _stream_arrays(k)
     values = scratch("values", k * new.itemsize, np.uint8).view(new.dtype)  # one array for every width
     planes = np.zeros((new.itemsize, 256), np.int64)
     big = compiled.sparse_delta_symbols(old, new, idx, _BITLEN16, 8 * new.itemsize, is_float, *streams[0], *streams[1],

@@ -23,9 +23,10 @@ import numpy as np
 from rlsparse.errors import CheckpointError
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import TensorInfo, load_bin
+from rlsparse.io.memory import PAGE, aligned_empty  # noqa: F401  (aligned_empty: the buffers ``read`` wants)
 
 
-DIRECT_ALIGN = 4096  # O_DIRECT offset, length and address alignment (the page size covers every disk here)
+DIRECT_ALIGN = PAGE  # O_DIRECT offset, length and address alignment
 _DIRECT_OK = hasattr(os, "O_DIRECT") and hasattr(os, "RWF_NOWAIT")
 
 
@@ -262,14 +263,6 @@ def direct_size(nbytes: int) -> int:
 
 def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
-
-
-def aligned_empty(nbytes: int, alignment: int = 4096) -> np.ndarray:
-    """An uninitialised uint8 buffer of ``nbytes`` whose start is ``alignment``-aligned (page
-    alignment lets the kernel copy whole pages and allows ``O_DIRECT`` reads into it)."""
-    raw = np.empty(nbytes + alignment, dtype=np.uint8)
-    skip = (-raw.ctypes.data) % alignment
-    return raw[skip:skip + nbytes]
 
 
 def _int_dtype(size: int):

@@ -24,6 +24,7 @@ import numpy as np
 from rlsparse.errors import CheckpointError, OutputError
 from rlsparse.io import dtypes
 from rlsparse.io.atomic import check_writable, commit, create_temp, write_error
+from rlsparse.io.memory import PAGE, aligned_empty
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
@@ -159,7 +160,6 @@ def _entry(path, name: str, spec, data_start: int) -> RawEntry:
     return RawEntry(name, code, tuple(shape), data_start + begin, end - begin)
 
 
-DIRECT_ALIGN = 4096  # O_DIRECT file offset, length and memory alignment (a page: every disk here)
 _local = threading.local()
 
 
@@ -177,9 +177,7 @@ def _staging(nbytes: int) -> np.ndarray:
     """This thread's page-aligned buffer of ``nbytes`` (kept and grown: one per writer thread)."""
     buf = getattr(_local, "staging", None)
     if buf is None or buf.size < nbytes:
-        raw = np.empty(nbytes + DIRECT_ALIGN, dtype=np.uint8)
-        skip = (-raw.ctypes.data) % DIRECT_ALIGN
-        buf = _local.staging = raw[skip:skip + nbytes]
+        buf = _local.staging = aligned_empty(nbytes)
     return buf[:nbytes]
 
 
@@ -233,6 +231,7 @@ class StreamingSafetensorsWriter:
         self.direct = direct
         self._dfd: int | None = None  # the temporary file opened again with O_DIRECT (``direct``)
         self.direct_bytes = 0  # bytes this process wrote with O_DIRECT (for benchmarks and tests)
+        self._refused = False  # O_DIRECT writes failed with EINVAL: the rest go through the cache
         self.metadata: dict[str, str] = {}
         self._layout = layout
         self._reserve = reserve_metadata
@@ -317,7 +316,7 @@ class StreamingSafetensorsWriter:
             self._positional += mv.nbytes
         pos = 8 + self._hlen + begin + start
         try:
-            if self._dfd is not None:
+            if self._dfd is not None and not self._refused:
                 self._write_direct(mv, pos)
             else:
                 _pwrite_all(self._fh.fileno(), mv, pos)
@@ -327,20 +326,20 @@ class StreamingSafetensorsWriter:
 
     def data_offset(self, name: str, start: int) -> int:
         """File offset of byte ``start`` of tensor ``name``'s data (valid once entered): a caller
-        that places its chunk at this offset's phase in memory (modulo ``DIRECT_ALIGN``) lets
+        that places its chunk at this offset's phase in memory (modulo ``PAGE``) lets
         ``write_at`` send it with O_DIRECT without copying it first."""
         return 8 + self._hlen + self._tensor_header[name]["data_offsets"][0] + start
 
     def _write_direct(self, mv: memoryview, pos: int) -> None:
-        """The whole pages of ``mv`` (file offsets aligned to ``DIRECT_ALIGN``) with O_DIRECT, the
+        """The whole pages of ``mv`` (file offsets aligned to ``PAGE``) with O_DIRECT, the
         partial pages at either end through the page cache. A page is therefore written one way
         only: its chunk's pages directly, the pages two chunks (or the header) share, cached."""
         end = pos + mv.nbytes
-        a = min(-(-pos // DIRECT_ALIGN) * DIRECT_ALIGN, end)
-        b = max(a, end // DIRECT_ALIGN * DIRECT_ALIGN)
+        a = min(-(-pos // PAGE) * PAGE, end)
+        b = max(a, end // PAGE * PAGE)
         if b > a:
             body = mv[a - pos:b - pos]
-            if _address(body) % DIRECT_ALIGN:  # not placed at its file phase: through an aligned copy
+            if _address(body) % PAGE:  # not placed at its file phase: through an aligned copy
                 staged = _staging(body.nbytes)
                 staged[:] = body
                 body = staged.data
@@ -352,8 +351,8 @@ class StreamingSafetensorsWriter:
                 if exc.errno != errno.EINVAL:
                     raise
                 # refused at write time (an unusual device alignment): this and later writes cached
-                os.close(self._dfd)
-                self._dfd = None
+                # (the descriptor stays open until exit: another thread may be writing through it)
+                self._refused = True
                 _pwrite_all(self._fh.fileno(), body, a)
         if a > pos:
             _pwrite_all(self._fh.fileno(), mv[:a - pos], pos)

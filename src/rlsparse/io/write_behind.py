@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-PAGE = 4096
+from rlsparse.io.memory import PAGE, aligned_empty, placed
 
 
 class WriteBehind:
@@ -52,11 +52,9 @@ class WriteBehind:
         part of it that lands on whole pages of the output can go out with O_DIRECT uncopied).
         Waits while every buffer is still being written."""
         self._raise()
-        raw = self._free.get()
-        if raw.size < nbytes + phase + PAGE:  # grown once to the largest chunk, then reused
-            raw = np.empty(nbytes + phase + 2 * PAGE, dtype=np.uint8)
-        skip = (-raw.ctypes.data) % PAGE + phase
-        view = raw[skip:skip + nbytes]
+        view = placed(self._free.get(), nbytes, phase)
+        if view is None:  # grown once to the largest chunk (at any phase), then reused
+            view = aligned_empty(nbytes + PAGE)[phase:phase + nbytes]
         return view
 
     def submit(self, write: Callable[..., None], *args, buffer: np.ndarray) -> None:
@@ -105,7 +103,5 @@ class WriteBehind:
 
 
 def _root(view: np.ndarray) -> np.ndarray:
-    """The ring buffer a view was cut from."""
-    while view.base is not None and isinstance(view.base, np.ndarray):
-        view = view.base
-    return view
+    """The allocation a buffer was cut from (numpy keeps the owner as every view's ``base``)."""
+    return view if view.base is None else view.base
