@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from rlsparse.io.checkpoint import Checkpoint
-from rlsparse.io.reader import TensorReader, aligned_empty, direct_size
+from rlsparse.io.memory import aligned_empty
+from rlsparse.io.reader import TensorReader, direct_size
 
 
 def _evict(path) -> None:

@@ -428,13 +428,13 @@ def _encode_symbols_zstd(out: _Out, sym: np.ndarray, counts: np.ndarray | None, 
         out.parts.append(varints((_SAME, top)))
         return
     s8 = sym.astype(np.uint8, copy=False)
-    if top < 16 and compiled is not None:
-        raw = compiled.pack_nibbles(s8)
-        out.varint(_NIBBLES)
-    elif top < 16:
-        if s8.size % 2:
-            s8 = np.append(s8, np.uint8(0))
-        raw = s8[0::2] | (s8[1::2] << np.uint8(4))
+    if top < 16:
+        if compiled is not None:
+            raw = compiled.pack_nibbles(s8)
+        else:
+            if s8.size % 2:
+                s8 = np.append(s8, np.uint8(0))
+            raw = s8[0::2] | (s8[1::2] << np.uint8(4))
         out.varint(_NIBBLES)
     else:
         raw = s8

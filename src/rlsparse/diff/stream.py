@@ -56,8 +56,8 @@ import numpy as np
 
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import TensorInfo
-from rlsparse.io.memory import reuse_freed_buffers
-from rlsparse.io.reader import MappedFiles, TensorReader, aligned_empty, direct_size
+from rlsparse.io.memory import aligned_empty, reuse_freed_buffers
+from rlsparse.io.reader import MappedFiles, TensorReader, direct_size
 
 FP8_BLOCK = dtypes.FP8_BLOCK
 # 1M elements (2 MB per bf16 source): chunk temporaries stay small and cache-friendly; CPU time per GB

@@ -23,7 +23,7 @@ import numpy as np
 from rlsparse.errors import CheckpointError
 from rlsparse.io import dtypes
 from rlsparse.io.checkpoint import TensorInfo, load_bin
-from rlsparse.io.memory import PAGE, aligned_empty  # noqa: F401  (aligned_empty: the buffers ``read`` wants)
+from rlsparse.io.memory import PAGE
 
 
 DIRECT_ALIGN = PAGE  # O_DIRECT offset, length and address alignment
@@ -95,7 +95,7 @@ class TensorReader:
 
         ``out`` (uint8, at least ``count * itemsize`` bytes) is filled and a view of it returned;
         in direct mode give ``direct_size(count * itemsize)`` bytes, page-aligned
-        (``aligned_empty``), and use the returned view: it may start a little into ``out``.
+        (``io.memory.aligned_empty``), and use the returned view: it may start a little into ``out``.
         """
         size = dtypes.itemsize(info.dtype)
         nbytes = count * size
